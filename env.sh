@@ -1,0 +1,35 @@
+# Source this file (bash) to use mixclf_ros on a machine set up by `make setup`:
+#   source env.sh
+# It activates .venv (Python 3.11 with ROS 2 Kilted wheels) and the colcon install/ space.
+# On a robot with ROS 2 from apt, source /opt/ros/<distro>/setup.bash and your workspace instead,
+# and set the DDS variables below yourself (see README, "Large images and Fast DDS").
+_mixclf_root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+if [ ! -x "$_mixclf_root/.venv/bin/python" ]; then
+  echo "mixclf_ros: .venv missing; run 'make setup' first" >&2
+  return 1 2>/dev/null || exit 1
+fi
+# shellcheck disable=SC1091
+VIRTUAL_ENV_DISABLE_PROMPT=1 source "$_mixclf_root/.venv/bin/activate"
+
+# The wheels install ROS 2 into the venv prefix; CMake/ament find packages there.
+export AMENT_PREFIX_PATH="$VIRTUAL_ENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH}"
+export CMAKE_PREFIX_PATH="$VIRTUAL_ENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
+_mixclf_ros_libs=$(ls -d "$VIRTUAL_ENV"/lib/python3.11/site-packages/ros_*.libs 2>/dev/null | tr '\n' ':')
+export LD_LIBRARY_PATH="$VIRTUAL_ENV/lib:${_mixclf_ros_libs}${LD_LIBRARY_PATH:-}"
+
+export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
+# Discovery stays on this host.
+export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
+# Fast DDS silently drops best-effort messages over ~512 KB between processes with its default
+# shared-memory transport (ros2/rmw_fastrtps#739); a 640x480 rgb8 frame is 900 KB.
+export FASTDDS_BUILTIN_TRANSPORTS="${FASTDDS_BUILTIN_TRANSPORTS:-LARGE_DATA}"
+# Small models, one frame at a time: waking torch's thread pool costs more than it saves
+# (measured in bench/; override for big models).
+export MIXCLF_TORCH_THREADS="${MIXCLF_TORCH_THREADS:-1}"
+
+if [ "${1:-}" != "--no-install" ] && [ -f "$_mixclf_root/install/setup.bash" ]; then
+  # shellcheck disable=SC1091
+  source "$_mixclf_root/install/setup.bash"
+fi
+unset _mixclf_root _mixclf_ros_libs
