@@ -1,0 +1,197 @@
+"""Certified radii of the mixed classifier (paper section "Certified robustness", FORMULAS.md §3).
+
+All radii are in the attack norm, in [0,1]-pixel units at the model input (the models take [0,1]
+pixels and normalise internally). A radius `r > 0` for sample x means: for every perturbation
+`||delta|| <= r` (strictly: `< r` at the boundary) the mixture `h_alpha` (eq. 4) predicts the
+robust model's class `argmax h(x)` (Lemma 1). Radius 0 means "no certificate".
+
+Soundness conventions (all functions):
+- arithmetic in float64 arranged to avoid cancellation (`1 - alpha` is exact for alpha in
+  [1/2, 1]), the float64 radius shrunk by a relative `ROUNDING_MARGIN` (covers the few-ulp
+  rounding of the arithmetic and of `ndtri`), then converted back to the input's floating dtype
+  rounding towards zero, so no step enlarges a radius;
+- NaN anywhere in a sample's inputs gives radius 0 for that sample;
+- alpha < 1/2 gives radius 0 (Lemma 1: nothing can be certified);
+- ties give radius 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mixclf_ros.mixing import Alpha, validate_alpha
+
+NORMS = ("l2", "linf")
+
+ROUNDING_MARGIN = 1e-12
+"""Relative amount by which every float64 radius is shrunk before it is returned."""
+
+
+def _check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return norm
+
+
+def softmax_lipschitz_factor(norm: str) -> float:
+    """Lipschitz constant of one softmax probability `p_i(z)` w.r.t. the logits z, in `norm`.
+
+    The gradient is `grad_z p_i = p_i (e_i - p)`, so
+      - l2:   `||grad p_i||_2^2 = p_i^2 ((1 - p_i)^2 + sum_{j!=i} p_j^2)
+                                <= p_i^2 ((1 - p_i)^2 + (1 - p_i)^2)`
+              (since `sum_{j!=i} p_j^2 <= (sum_{j!=i} p_j)^2 = (1 - p_i)^2`), hence
+              `||grad p_i||_2 <= sqrt(2) p_i (1 - p_i) <= sqrt(2)/4`;
+      - linf: logits measured in `||.||_inf`, the Lipschitz constant is the dual (l1) norm of the
+              gradient: `||grad p_i||_1 = p_i (1 - p_i) + p_i sum_{j!=i} p_j = 2 p_i (1 - p_i)
+              <= 1/2` (maximum at p_i = 1/2, attained in the limit, so 1/2 is tight).
+
+    Combined with an operator-norm bound `L` of the logits (`norm` -> `norm`, see
+    `lipschitz.logit_lipschitz_bound`), `factor * L` is the per-class constant `Lip_p(h_i)` of the
+    probability outputs used by Theorem 1.
+    """
+    _check_norm(norm)
+    return math.sqrt(2.0) / 4.0 if norm == "l2" else 0.5
+
+
+def smoothed_lipschitz_constant(sigma: float) -> float:
+    """l2 Lipschitz constant `sqrt(2 / (pi sigma^2))` of each output of a Gaussian-smoothed model.
+
+    For `h(x) = E[hbar(x + xi)]`, `xi ~ N(0, sigma^2 I)` and `hbar` valued in [0, 1] (FORMULAS.md
+    §3, after Theorem 1). Units: per unit of l2 distance in [0,1]-pixel space. Lets Theorem 1 be
+    applied to a smoothed robust model (with sound bounds on `h`, see `smoothing.Smooth`).
+    """
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be positive and finite, got {sigma}")
+    return math.sqrt(2.0 / (math.pi * sigma * sigma))
+
+
+def _alpha_tensor(alpha: Alpha, batch: int, device: torch.device) -> torch.Tensor:
+    alpha = validate_alpha(alpha)
+    if isinstance(alpha, torch.Tensor):
+        alpha64 = alpha.detach().to(device=device, dtype=torch.float64)
+        if alpha64.dim() == 0:
+            return alpha64.expand(batch)
+        if alpha64.shape != (batch,):
+            raise ValueError(f"per-sample alpha must have shape ({batch},), got {tuple(alpha64.shape)}")
+        return alpha64
+    return torch.full((batch,), alpha, dtype=torch.float64, device=device)
+
+
+def _output_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    for tensor in tensors:
+        if tensor.dtype.is_floating_point:
+            return tensor.dtype
+    return torch.float32
+
+
+def _finish_radius(radius: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Zero where invalid/NaN/non-positive; convert to `dtype` rounding towards zero."""
+    radius = torch.where(valid & (radius > 0), radius * (1.0 - ROUNDING_MARGIN), torch.zeros_like(radius))
+    radius = torch.nan_to_num(radius, nan=0.0, posinf=math.inf, neginf=0.0)
+    converted = radius.to(dtype)
+    if dtype != torch.float64:
+        too_big = converted.to(torch.float64) > radius
+        converted = torch.where(too_big, torch.nextafter(converted, torch.zeros_like(converted)), converted)
+    return converted
+
+
+def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alpha: Alpha) -> torch.Tensor:
+    """Certified radius of the mixture for a Lipschitz robust model, Theorem 1.
+
+        r = min_{i != y} [alpha (h_y - h_i) + alpha - 1] / [alpha (Lip(h_y) + Lip(h_i))],
+        y = argmax_i h_i(x),
+
+    clipped at 0 (non-positive = no certificate; alpha < 1/2 always gives 0).
+
+    Args:
+        probs_h: (N, C) probability outputs of the robust model h at x.
+        lipschitz: Lipschitz constant(s) of the probability outputs w.r.t. the model input, in the
+            attack norm (l2 or linf, [0,1]-pixel units): a number for all classes, or a (C,)
+            tensor `Lip(h_i)`. E.g. `lipschitz.probability_lipschitz_bound(...)`, or
+            `smoothed_lipschitz_constant(sigma)` for a smoothed model (l2).
+        alpha: weight of h in the mixture, a number or an (N,) tensor.
+
+    Returns:
+        (N,) radii in the same norm as `lipschitz`, [0,1]-pixel units, dtype of `probs_h`.
+        `inf` where the margin is positive and both constants are 0 (a constant model).
+
+    Caveat: `probs_h` is taken as exact; floating-point error of the forward pass that produced it
+    is not accounted for.
+    """
+    if probs_h.dim() != 2 or probs_h.shape[1] < 2:
+        raise ValueError(f"probs_h must have shape (N, C) with C >= 2, got {tuple(probs_h.shape)}")
+    num_samples, num_classes = probs_h.shape
+    device = probs_h.device
+    probs = probs_h.detach().to(torch.float64)
+    lip = torch.as_tensor(lipschitz.detach() if isinstance(lipschitz, torch.Tensor) else lipschitz,
+                          dtype=torch.float64, device=device)
+    if lip.dim() == 0:
+        lip = lip.expand(num_classes)
+    if lip.shape != (num_classes,):
+        raise ValueError(f"lipschitz must be a number or a ({num_classes},) tensor, got {tuple(lip.shape)}")
+    if bool((lip < 0).any()) or bool(torch.isnan(lip).any()):
+        raise ValueError("Lipschitz constants must be non-negative")
+    alpha = _alpha_tensor(alpha, num_samples, device)
+
+    top = probs.argmax(dim=1)
+    p_top = probs.gather(1, top[:, None])
+    lip_top = lip[top][:, None]
+    a = alpha[:, None]
+    numerator = a * (p_top - probs) - (1.0 - a)
+    denominator = a * (lip_top + lip[None, :])
+    with torch.no_grad():
+        per_class = numerator / denominator
+        # 0/0 (zero margin at alpha = 1 with zero constants) certifies nothing.
+        per_class = torch.where(torch.isnan(per_class), torch.full_like(per_class, -math.inf), per_class)
+        per_class.scatter_(1, top[:, None], math.inf)
+        radius = per_class.min(dim=1).values
+    valid = (alpha >= 0.5) & torch.isfinite(probs).all(dim=1)
+    return _finish_radius(radius, valid, _output_dtype(probs_h))
+
+
+def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float | torch.Tensor,
+                     alpha: Alpha) -> torch.Tensor:
+    """Certified l2 radius of the mixture for a randomized-smoothing robust model, Theorem 2.
+
+        r = (sigma / 2) (Phi^-1(alpha p_lower) - Phi^-1(alpha p_upper + 1 - alpha))
+
+    with `p_lower <= h_y(x)` a lower bound of the top class's smoothed probability and
+    `p_upper >= max_{i != y} h_i(x)` an upper bound of the other classes'. Sound because
+    `Phi^-1(alpha h_y(.))` and `Phi^-1(alpha h_i(.) + 1 - alpha)` are smoothings of [0,1]-valued
+    functions and hence `1/sigma`-Lipschitz in l2, and `Phi^-1` is increasing. Clipped at 0;
+    alpha < 1/2 gives 0.
+
+    Args:
+        p_lower: (N,) lower confidence bounds of `h_y(x)`.
+        p_upper: (N,) upper confidence bounds of `max_{i != y} h_i(x)`.
+        sigma: noise standard deviation in [0,1]-pixel units (number or (N,) tensor), > 0.
+        alpha: weight of h in the mixture, a number or an (N,) tensor.
+
+    Returns:
+        (N,) l2 radii in [0,1]-pixel units at the model input, dtype of `p_lower`. With
+        confidence bounds valid with probability 1 - beta, the radius holds with that probability.
+    """
+    if p_lower.dim() != 1 or p_upper.shape != p_lower.shape:
+        raise ValueError(f"p_lower and p_upper must both have shape (N,), got {tuple(p_lower.shape)} "
+                         f"and {tuple(p_upper.shape)}")
+    num_samples = p_lower.shape[0]
+    device = p_lower.device
+    sigma64 = torch.as_tensor(sigma.detach() if isinstance(sigma, torch.Tensor) else sigma,
+                              dtype=torch.float64, device=device)
+    if bool((sigma64 <= 0).any()) or not bool(torch.isfinite(sigma64).all()):
+        raise ValueError("sigma must be positive and finite")
+    alpha = _alpha_tensor(alpha, num_samples, device)
+    lower = p_lower.detach().to(torch.float64).clamp(max=1.0)
+    upper = p_upper.detach().to(torch.float64).clamp(min=0.0)
+    with torch.no_grad():
+        # Written as alpha p + (1 - alpha), never (alpha p + 1) - alpha, which would cancel a tiny
+        # p_upper to 0 (and an infinite radius). One ulp outwards covers the rounding of each
+        # argument. ndtri(<=0) = -inf, ndtri(>=1) = +inf: both give a non-positive radius, i.e. 0.
+        lower_arg = torch.nextafter(alpha * lower, torch.zeros_like(lower)).clamp(min=0.0)
+        upper_arg = torch.nextafter(alpha * upper + (1.0 - alpha), torch.full_like(upper, 2.0)).clamp(max=1.0)
+        gap = torch.special.ndtri(lower_arg) - torch.special.ndtri(upper_arg)
+        radius = 0.5 * sigma64 * gap
+    valid = (alpha >= 0.5) & ~torch.isnan(p_lower) & ~torch.isnan(p_upper)
+    return _finish_radius(radius, valid, _output_dtype(p_lower, p_upper))

@@ -1,0 +1,251 @@
+"""Tests of the attacks, and the end-to-end check that certified radii (Theorem 1 with the computed
+Lipschitz bounds) survive strong attacks on the mixed classifier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mixclf_ros import attacks, certify, lipschitz
+from mixclf_ros.layers import Normalize, Residual
+from mixclf_ros.mixing import MixedClassifier
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = (a - b).flatten(1).double()
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+def two_class_linear(w: torch.Tensor, b: float, extra_classes: int = 0) -> nn.Module:
+    """Logits (s, -s) with s = w.x + b: p_0 = sigmoid(2 s). Its Lipschitz bound is tight.
+    `extra_classes` adds classes with constant logit -20 that never win (APGD-T needs 4)."""
+    layer = nn.Linear(w.numel(), 2 + extra_classes)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:2] = torch.stack([w, -w])
+        layer.bias.fill_(-20.0)
+        layer.bias[:2] = torch.tensor([b, -b])
+    return nn.Sequential(nn.Flatten(), layer).eval()
+
+
+# ----------------------------------------------------------------------------- PGD basics
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_stays_in_the_ball_and_the_box(norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.rand(30, 1, 4, 4)
+    x[:5] = 0.0
+    x[5:10] = 1.0
+    y = torch.randint(0, 5, (30,))
+    eps = torch.linspace(0.01, 0.5, 30)
+    for epsilon in (0.3, eps):
+        generator = torch.Generator().manual_seed(1)
+        x_adv = attacks.pgd(model, x, y, epsilon, norm, steps=10, restarts=2, generator=generator)
+        assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+        assert (x_adv >= 0).all() and (x_adv <= 1).all()
+        assert (distance(x_adv, x, norm) <= torch.as_tensor(epsilon).double()).all()  # exactly
+    assert torch.equal(attacks.pgd(model, x, y, 0.0, norm, steps=5), x)
+    with pytest.raises(ValueError):
+        attacks.pgd(model, x, y, 0.1, "l1", steps=5)
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        attacks.pgd(model, x, y, 0.1, norm, steps=5)
+
+
+def test_pgd_is_seedable_and_does_not_touch_parameter_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.Tanh(), nn.Linear(5, 3)).eval()
+    x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+    first = attacks.pgd(model, x, y, 0.1, "l2", steps=5, generator=torch.Generator().manual_seed(3))
+    second = attacks.pgd(model, x, y, 0.1, "l2", steps=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_finds_the_minimal_adversarial_example_of_a_linear_model(norm):
+    """For logits (s, -s), s = w.x + b, the closest adversarial example is at |s| / ||w||_dual."""
+    generator = torch.Generator().manual_seed(4)
+    w = torch.randn(16, generator=generator)
+    x = 0.4 + 0.2 * torch.rand(200, 1, 4, 4, generator=generator)
+    b = -float((x.flatten(1) @ w).mean())
+    model = two_class_linear(w, b)
+    s = (x.flatten(1) @ w + b).double()
+    minimal = s.abs() / w.double().norm(p=1 if norm == "linf" else 2)
+    keep = minimal < 0.1  # the box [0, 1] does not bind
+    x, minimal = x[keep], minimal[keep]
+    y = model(x).argmax(1)
+    assert len(x) > 50
+    x_adv = attacks.pgd(model, x, y, (minimal * 1.05).float(), norm, steps=20, generator=generator)
+    assert (model(x_adv).argmax(1) != y).float().mean() >= 0.99
+    x_adv = attacks.pgd(model, x, y, (minimal * 0.95).float(), norm, steps=20, generator=generator)
+    assert (model(x_adv).argmax(1) == y).all()
+
+
+def test_targeted_pgd_reaches_the_target():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = torch.rand(40, 1, 4, 4)
+    target = (model(x).argmax(1) + 1) % 4
+    x_adv = attacks.pgd(model, x, target, 1.0, "linf", steps=30, targeted=True)
+    assert (model(x_adv).argmax(1) == target).float().mean() >= 0.95
+
+
+# ----------------------------------------------------------------------------- certified radii vs attacks
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_theorem1_radius_is_tight_and_unbreakable_for_a_two_class_linear_model(norm):
+    """Here the Lipschitz bound is exact and, near p = 1/2, so is the radius: PGD must fail at
+    0.999 r and succeed at 1.1 r. This checks the radius, the bound and the attack together."""
+    generator = torch.Generator().manual_seed(6)
+    w = torch.randn(16, generator=generator, dtype=torch.float64)
+    x = 0.4 + 0.2 * torch.rand(400, 1, 4, 4, generator=generator, dtype=torch.float64)
+    b = -float((x.flatten(1) @ w).mean())
+    h = two_class_linear(w, b).double()  # float64: the certificate is for exact arithmetic
+    probability_lipschitz = lipschitz.probability_lipschitz_bound(h, norm, (1, 4, 4))
+    dual = w.double().norm(p=1 if norm == "linf" else 2)
+    # p_0 = sigmoid(2 s) has gradient norm at most 2 * 1/4 * ||w||_dual: the bound is exact.
+    assert probability_lipschitz == pytest.approx(float(dual) / 2, rel=1e-6)
+    with torch.no_grad():
+        probs = torch.softmax(h(x), 1)
+    radius = certify.lipschitz_radius(probs, probability_lipschitz, 1.0)
+    margin = (probs.max(1).values - 0.5).double()
+    keep = (radius > 0) & (margin < 0.05) & (radius < 0.1)
+    x, radius = x[keep], radius[keep]
+    y = h(x).argmax(1)
+    assert len(x) > 30
+    x_adv = attacks.pgd(h, x, y, radius * 0.999, norm, steps=30, restarts=2, generator=generator)
+    assert (h(x_adv).argmax(1) == y).all()
+    x_adv = attacks.pgd(h, x, y, radius * 1.1, norm, steps=30, generator=generator)
+    assert (h(x_adv).argmax(1) != y).float().mean() >= 0.95
+
+
+def mlp(scale: float) -> nn.Module:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        net[3].weight.mul_(scale)
+        net[3].bias.mul_(scale)
+    return net.eval()
+
+
+def cnn(scale: float) -> nn.Module:
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.1, 0.1)
+    net = nn.Sequential(
+        Normalize([0.5], [0.5]), nn.Conv2d(1, 4, 3, stride=2, padding=1), bn, nn.ReLU(),
+        Residual(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())),
+        nn.AvgPool2d(3, stride=1, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 10))
+    with torch.no_grad():
+        net[-1].weight.mul_(scale)
+        net[-1].bias.mul_(scale)
+    return net.eval()
+
+
+ROBUSTNESS_CASES = [("mlp", mlp, (1, 8, 8)), ("cnn", cnn, (1, 12, 12))]
+
+
+@pytest.mark.parametrize("name, builder, shape", ROBUSTNESS_CASES)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_strong_pgd_never_changes_a_certified_mixed_prediction(name, builder, shape, norm):
+    torch.manual_seed(7)
+    # float64 throughout: the certificate is for exact arithmetic, float32 rounding of the forward
+    # pass is not what this test is about.
+    robust = builder(30.0).double()  # scaled logits: confident, so radii exist for alpha < 1 too
+    standard = builder(20.0).double()  # an unrelated, confident g that the attack can exploit
+    probability_lipschitz = lipschitz.probability_lipschitz_bound(robust, norm, shape)
+    generator = torch.Generator().manual_seed(8)
+    x = torch.rand(200, *shape, generator=generator, dtype=torch.float64)
+    for alpha in (0.6, 0.8, 1.0):
+        mixed = MixedClassifier(standard, robust, alpha)
+        with torch.no_grad():
+            _, logits_h, log_probs = mixed.forward_all(x)
+        radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), probability_lipschitz, alpha)
+        certified = (radius > 0).nonzero().flatten()
+        assert len(certified) >= 40, f"{name} alpha={alpha}: only {len(certified)} certified"
+        prediction = log_probs.argmax(1)
+        # Lemma 1 at delta = 0.
+        assert torch.equal(prediction[certified], logits_h.argmax(1)[certified])
+        xc, yc, rc = x[certified], prediction[certified], radius[certified] * 0.999
+        for attacked in (mixed, robust):
+            x_adv = attacks.pgd(attacked, xc, yc, rc, norm, steps=40, restarts=2, generator=generator)
+            assert (distance(x_adv, xc, norm) <= rc).all()
+            with torch.no_grad():
+                broken = mixed(x_adv).argmax(1) != yc
+            assert not broken.any(), f"{name} {norm} alpha={alpha}: certificate broken"
+
+
+def test_the_attack_harness_catches_an_underestimated_lipschitz_constant():
+    """Negative control for the test above: with a constant 16 times too small, PGD breaks the
+    resulting (unsound) radii of the MLP."""
+    torch.manual_seed(7)
+    robust, standard = mlp(30.0), mlp(20.0)
+    too_small = lipschitz.probability_lipschitz_bound(robust, "l2", (1, 8, 8)) / 16
+    x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    mixed = MixedClassifier(standard, robust, 1.0)
+    with torch.no_grad():
+        _, logits_h, log_probs = mixed.forward_all(x)
+    radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), too_small, 1.0)
+    x_adv = attacks.pgd(mixed, x, log_probs.argmax(1), radius * 0.999, "l2", steps=40, restarts=2)
+    with torch.no_grad():
+        assert (mixed(x_adv).argmax(1) != log_probs.argmax(1)).float().mean() > 0.5
+
+
+# ----------------------------------------------------------------------------- torchattacks wrappers
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_apgd_and_square(norm):
+    generator = torch.Generator().manual_seed(9)
+    w = torch.randn(64, generator=generator)
+    x = 0.45 + 0.1 * torch.rand(60, 1, 8, 8, generator=generator)  # Square l2 needs H, W >= 5
+    b = -float((x.flatten(1) @ w).mean())
+    model = two_class_linear(w, b, extra_classes=2)
+    s = (x.flatten(1) @ w + b).double()
+    minimal = s.abs() / w.double().norm(p=1 if norm == "linf" else 2)
+    keep = minimal < 0.05
+    x, minimal = x[keep], minimal[keep]
+    y = model(x).argmax(1)
+    eps = 0.06
+    state = torch.get_rng_state()
+    results = attacks.apgd_and_square(model, x, y, eps, norm, n_iter=20, seed=0)
+    assert torch.equal(state, torch.get_rng_state())  # torchattacks reseeds; we fork the RNG
+    assert set(results) == {"apgd-ce", "apgd-t", "square"}
+    for name, x_adv in results.items():
+        assert x_adv.shape == x.shape and (x_adv >= 0).all() and (x_adv <= 1).all()
+        assert (distance(x_adv, x, norm) <= eps * (1 + 1e-5) + 1e-6).all(), name
+    with torch.no_grad():
+        assert (model(results["apgd-ce"]).argmax(1) != y).float().mean() >= 0.95
+        assert (model(results["apgd-t"]).argmax(1) != y).float().mean() >= 0.95
+
+
+def test_apgd_and_square_never_break_a_certified_mixture():
+    torch.manual_seed(7)
+    robust, standard = mlp(30.0), mlp(20.0)
+    probability_lipschitz = lipschitz.probability_lipschitz_bound(robust, "l2", (1, 8, 8))
+    x = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(10))
+    mixed = MixedClassifier(standard, robust, 0.8)
+    with torch.no_grad():
+        _, logits_h, log_probs = mixed.forward_all(x)
+    radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), probability_lipschitz, 0.8)
+    certified = radius > 0
+    eps = float(radius[certified].min()) * 0.999
+    xc, yc = x[certified], log_probs.argmax(1)[certified]
+    results = attacks.apgd_and_square(mixed, xc, yc, eps, "l2", n_iter=20, n_target_classes=3)
+    with torch.no_grad():
+        for x_adv in results.values():
+            assert torch.equal(mixed(x_adv).argmax(1), yc)
