@@ -1,0 +1,512 @@
+"""`make bench`: speed and memory of the node, measured side by side in one run.
+
+    python -m bench [--only latency,naive,cameras,smoothing,certify,soak] [--soak-seconds 60]
+
+Every figure is a ratio against a baseline measured in the same run (this machine is shared and
+noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BENCHMARKS.md.
+
+- latency:   image published -> result received (ping-pong, one frame in flight, 640x480 rgb8) for
+             the mixclf node and for a bare relay node; bare forward passes of both models on the
+             preprocessed input; overhead = node / (relay + forward). Also with torchvision
+             resnet18 at 224x224 (random weights), where compute dominates.
+- naive:     our node against the common way (bench/naive_node.py) at 30 Hz input.
+- cameras:   throughput with 1, 2, 4, 8 cameras into one node against as many separate nodes.
+- smoothing: certified frames/s for n = 100, 1 000, 10 000; noisy samples/s against the bare
+             batched forward pass of the same base model.
+- certify:   certificate arithmetic against one forward pass (bench/bench_certify.py).
+- soak:      resident memory of the node at 30 Hz over --soak-seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "test"))
+os.environ.setdefault("ROS_DOMAIN_ID", "57")
+os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+
+from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
+
+CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
+RESULTS = REPO_ROOT / "bench" / "results"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def demo_frames(count: int = 10) -> list[np.ndarray]:
+    from mixclf_ros.data import load_fashion_mnist
+    from mixclf_ros.image import embed_article
+
+    images, _ = load_fashion_mnist("test")
+    return [embed_article(images[i]) for i in range(count)]
+
+
+class Session:
+    """An rclpy context plus a client node for one measurement."""
+
+    def __init__(self, name: str):
+        import rclpy
+
+        self.context = rclpy.context.Context()
+        rclpy.init(context=self.context)
+        self.client = RosClient(self.context, name=name)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.client.close()
+        rclpy.try_shutdown(context=self.context)
+
+
+def wait_for_first_result(client: RosClient, frame: np.ndarray, timeout: float = 120.0) -> None:
+    """Sends frames until one comes back (node up and warm, DDS discovery done)."""
+    deadline = time.monotonic() + timeout
+    index = 0
+    while time.monotonic() < deadline:
+        frame_id = f"warm-{index}"
+        client.image_publisher.publish(image_message(frame, frame_id, client.node))
+        if client.wait_for({frame_id}, timeout=0.5):
+            return
+        index += 1
+    raise RuntimeError("no result from the node")
+
+
+def ping_pong(client: RosClient, frames: list[np.ndarray], count: int) -> list[float]:
+    """Latency in ms of `count` frames sent one at a time, each after the previous result."""
+    wait_for_first_result(client, frames[0])
+    for index in range(10):  # warm-up of the measured path
+        client.image_publisher.publish(image_message(frames[index % len(frames)], f"w{index}", client.node))
+        client.wait_for({f"w{index}"}, timeout=5)
+    latencies = []
+    for index in range(count):
+        frame_id = f"ping-{index}"
+        message = image_message(frames[index % len(frames)], frame_id, client.node)
+        start = time.perf_counter()
+        client.image_publisher.publish(message)
+        if client.wait_for({frame_id}, timeout=5):
+            latencies.append(1e3 * (time.perf_counter() - start))
+    return latencies
+
+
+def stream(client: RosClient, frames: list[np.ndarray], rate: float, seconds: float, topic_publishers=None):
+    """Publishes at `rate` Hz on each publisher; returns (sent ids, per-result latency ms, results/s)."""
+    publishers = topic_publishers or [client.image_publisher]
+    client.clear()
+    sent = []
+    start = time.monotonic()
+    total = int(rate * seconds)
+    for index in range(total):
+        for camera, publisher in enumerate(publishers):
+            frame_id = f"s{camera}-{index}"
+            message = image_message(frames[index % len(frames)], frame_id, client.node)
+            publisher.publish(message)
+            sent.append(frame_id)
+        time.sleep(max(0.0, start + (index + 1) / rate - time.monotonic()))
+    time.sleep(1.0)
+    now_ns = client.node.get_clock().now().nanoseconds
+    results = client.results_for(set(sent))
+    del now_ns
+    latencies = [r.inference_ms for r in results.values()]
+    return sent, results, latencies, len(results) / seconds
+
+
+def received_latency(client: RosClient) -> None:
+    """Stamp the arrival time of every result, so latency = arrival - header stamp."""
+    original = client._on_result
+
+    def on_result(message):
+        message._arrival_ns = client.node.get_clock().now().nanoseconds
+        original(message)
+
+    client._on_result = on_result
+    # re-create the subscription with the wrapped callback
+    from mixclf_ros.msg import CertifiedClassification
+
+    client.node.create_subscription(CertifiedClassification, "certified_classification", on_result, 100)
+
+
+def stamp_latencies(results: dict) -> list[float]:
+    values = []
+    for result in results.values():
+        arrival = getattr(result, "_arrival_ns", None)
+        if arrival is not None:
+            stamp = result.header.stamp.sec * 10**9 + result.header.stamp.nanosec
+            values.append((arrival - stamp) * 1e-6)
+    return values
+
+
+def bare_forward_ms(standard, robust, shape: tuple[int, ...], repeats: int = 200) -> float:
+    x = torch.rand(1, *shape)
+    with torch.inference_mode():
+        for _ in range(20):
+            standard(x), robust(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            standard(x)
+            robust(x)
+            times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def bench_latency(work: Path, count: int) -> dict:
+    from mixclf_ros.models import load_model, zoo_config
+
+    torch.set_num_threads(1)
+    frames = demo_frames()
+    out = {}
+    session = Session("bench_latency")
+    try:
+        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+                          log_path=work / "node.log"):
+            node_ms = ping_pong(session.client, frames, count)
+        relay = [sys.executable, str(REPO_ROOT / "bench" / "relay_node.py")]
+        with subprocess_node(relay, work / "relay.log"):
+            relay_ms = ping_pong(session.client, frames, count)
+    finally:
+        session.close()
+    forward_ms = bare_forward_ms(load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz")),
+                                 (1, 28, 28))
+    out["demo_models_640x480_rgb8"] = summarize_overhead(node_ms, relay_ms, forward_ms)
+
+    # a model large enough that compute dominates: torchvision resnet18 at 224x224, both models
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = work / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    model_args = []
+    for prefix in ("standard_model", "robust_model"):
+        for key, value in {"architecture": "torchvision:resnet18", "weights": str(weights), "sha256": "''",
+                           "input_channels": 3, "input_height": 224, "input_width": 224,
+                           "mean": "[0.485, 0.456, 0.406]", "std": "[0.229, 0.224, 0.225]"}.items():
+            model_args += ["-p", f"{prefix}.{key}:={value}"]
+    model_args += ["-p", "robust_model.kind:=lipschitz", "-p", "robust_model.lipschitz_constant:=1000.0",
+                   "-p", "standard_model.kind:=standard", "-p", "crop_height:=0", "-p", "crop_width:=0",
+                   "-p", "resize:=bilinear", "-p", "max_image_age:=0.0", "-p", "class_names:=['']"]
+    session = Session("bench_latency_resnet")
+    try:
+        with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, log_path=work / "resnet.log"):
+            node_ms = ping_pong(session.client, frames, max(20, count // 4))
+        with subprocess_node(relay, work / "relay2.log"):
+            relay_ms = ping_pong(session.client, frames, max(20, count // 4))
+    finally:
+        session.close()
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    forward_ms = bare_forward_ms(model, model, (3, 224, 224), repeats=20)
+    out["resnet18_224_640x480_rgb8"] = summarize_overhead(node_ms, relay_ms, forward_ms)
+    out["target_overhead_ratio"] = 1.15
+    return out
+
+
+def summarize_overhead(node_ms: list[float], relay_ms: list[float], forward_ms: float) -> dict:
+    node_p50, relay_p50 = percentile(node_ms, 50), percentile(relay_ms, 50)
+    return {
+        "frames": len(node_ms),
+        "node_latency_ms": {"p50": node_p50, "p99": percentile(node_ms, 99)},
+        "relay_latency_ms": {"p50": relay_p50, "p99": percentile(relay_ms, 99)},
+        "bare_forward_both_models_ms": forward_ms,
+        "overhead_ratio_p50": node_p50 / (relay_p50 + forward_ms),
+        "overhead_ratio_p99": percentile(node_ms, 99) / (percentile(relay_ms, 99) + forward_ms),
+    }
+
+
+class subprocess_node:  # noqa: N801 - used like node_process
+    def __init__(self, command: list[str], log_path: Path):
+        self.command, self.log_path = command, log_path
+
+    def __enter__(self):
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
+        return self.process
+
+    def __exit__(self, *exc):
+        self.process.send_signal(2)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def bench_naive(work: Path, seconds: float) -> dict:
+    frames = demo_frames()
+    out = {}
+    for name, starter in (
+        ("mixclf_node", lambda: node_process("mixclf_node", "--params-file", str(CONFIG),
+                                             "-p", "max_image_age:=0.0", log_path=work / "node_naive.log")),
+        ("naive_node", lambda: subprocess_node([sys.executable, str(REPO_ROOT / "bench" / "naive_node.py")],
+                                               work / "naive.log")),
+    ):
+        session = Session(f"bench_{name}")
+        try:
+            received_latency(session.client)
+            with starter():
+                wait_for_first_result(session.client, frames[0])
+                sent, results, _, _ = stream(session.client, frames, 30.0, seconds)
+                # results that arrive late still count for the naive node's queue: wait them out
+                time.sleep(3.0)
+                results = session.client.results_for(set(sent))
+        finally:
+            session.close()
+        latencies = stamp_latencies(results)
+        out[name] = {"sent": len(sent), "received": len(results), "throughput_hz": len(results) / seconds,
+                     "latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}}
+    out["latency_ratio_p50_naive_over_ours"] = (
+        out["naive_node"]["latency_ms"]["p50"] / out["mixclf_node"]["latency_ms"]["p50"])
+    out["throughput_ratio_ours_over_naive"] = (
+        out["mixclf_node"]["throughput_hz"] / max(out["naive_node"]["throughput_hz"], 1e-9))
+    return out
+
+
+def bench_cameras(work: Path, seconds: float, counts=(1, 2, 4, 8)) -> dict:
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    frames = demo_frames()
+    out = {}
+    for cameras in counts:
+        topics = [f"cam{i}/image" for i in range(cameras)]
+        for layout in ("one_node", "separate_nodes"):
+            session = Session(f"bench_cameras_{cameras}_{layout}")
+            qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+            publishers = [session.client.node.create_publisher(Image, topic, qos) for topic in topics]
+            try:
+                with _camera_nodes(work, topics, layout):
+                    _wait_all_cameras(session.client, publishers, frames[0])
+                    _, _, _, throughput = stream(session.client, frames, 30.0, seconds, publishers)
+            finally:
+                session.close()
+            out.setdefault(str(cameras), {})[layout] = {"results_per_s": throughput}
+        entry = out[str(cameras)]
+        entry["ratio_one_node_over_separate"] = (
+            entry["one_node"]["results_per_s"] / max(entry["separate_nodes"]["results_per_s"], 1e-9))
+    return out
+
+
+class _camera_nodes:  # noqa: N801
+    def __init__(self, work: Path, topics: list[str], layout: str):
+        self.contexts = []
+        base = ["--params-file", str(CONFIG), "-p", "max_image_age:=0.0"]
+        if layout == "one_node":
+            listing = "[" + ",".join(f"'{t}'" for t in topics) + "]"
+            self.specs = [(base + ["-p", f"image_topics:={listing}"], work / "cams_one.log")]
+        else:
+            self.specs = [(base + ["-p", f"image_topics:=['{t}']", "-r", f"__node:=mixclf_{i}"],
+                           work / f"cams_sep_{i}.log") for i, t in enumerate(topics)]
+
+    def __enter__(self):
+        for args, log in self.specs:
+            context = node_process("mixclf_node", *args, log_path=log)
+            context.__enter__()
+            self.contexts.append(context)
+        return self
+
+    def __exit__(self, *exc):
+        for context in self.contexts:
+            context.__exit__(None, None, None)
+
+
+def _wait_all_cameras(client: RosClient, publishers, frame, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(range(len(publishers)))
+    index = 0
+    while pending and time.monotonic() < deadline:
+        for camera in list(pending):
+            frame_id = f"warm{camera}-{index}"
+            publishers[camera].publish(image_message(frame, frame_id, client.node))
+            if client.wait_for({frame_id}, timeout=0.3):
+                pending.discard(camera)
+        index += 1
+    if pending:
+        raise RuntimeError(f"cameras {sorted(pending)} never answered")
+
+
+def bench_smoothing() -> dict:
+    from mixclf_ros.models import load_model, zoo_config
+    from mixclf_ros.smoothing import Smooth
+
+    torch.set_num_threads(2)
+    base = load_model(zoo_config("robust_smoothing"))
+    smooth = Smooth(base, base.num_classes, base.sigma)
+    x = torch.rand(1, *base.input_shape)
+    out = {}
+    for n in (100, 1_000, 10_000):
+        frames = 20 if n <= 1000 else 3
+        generator = torch.Generator().manual_seed(0)
+        smooth.certify(x, n0=64, n=n, beta=0.001, batch_size=1000, generator=generator)
+        start = time.perf_counter()
+        for _ in range(frames):
+            smooth.certify(x, n0=64, n=n, beta=0.001, batch_size=1000, generator=generator)
+        out[f"certified_frames_per_s_n{n}"] = frames / (time.perf_counter() - start)
+    batch = torch.rand(1000, *base.input_shape)
+    with torch.inference_mode():
+        base(batch)
+        start = time.perf_counter()
+        for _ in range(10):
+            base(batch)
+        bare = 10_000 / (time.perf_counter() - start)
+        smooth.predict_probs(x, n=1000, batch_size=1000)
+        start = time.perf_counter()
+        for _ in range(10):
+            smooth.predict_probs(x, n=1000, batch_size=1000)
+        smoothing = 10_000 / (time.perf_counter() - start)
+    out["bare_forward_samples_per_s"] = bare
+    out["smoothing_samples_per_s"] = smoothing
+    out["smoothing_over_bare_ratio"] = smoothing / bare
+    out["target_ratio"] = 0.9
+    return out
+
+
+def bench_certify() -> dict:
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_certify.py")],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        return {"error": result.stderr[-2000:]}
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def bench_soak(work: Path, seconds: float) -> dict:
+    frames = demo_frames()
+    session = Session("bench_soak")
+    samples = []
+    try:
+        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+                          log_path=work / "soak.log") as process:
+            wait_for_first_result(session.client, frames[0])
+            stop = threading.Event()
+
+            def sample():
+                start = time.monotonic()
+                while not stop.wait(max(1.0, seconds / 30)):
+                    samples.append((time.monotonic() - start, rss_mb(process.pid)))
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            try:
+                _, _, _, throughput = stream(session.client, frames, 30.0, seconds)
+            finally:
+                stop.set()
+                sampler.join()
+    finally:
+        session.close()
+    times, rss = np.array([s[0] for s in samples]), np.array([s[1] for s in samples])
+    half = len(rss) // 2
+    return {"seconds": seconds, "results_per_s": throughput, "rss_mb_first": float(rss[0]),
+            "rss_mb_last": float(rss[-1]), "rss_mb_max": float(rss.max()),
+            "rss_growth_mb_second_half": float(rss[half:].max() - rss[half:].min()) if half else float("nan"),
+            "rss_slope_mb_per_min": float(np.polyfit(times, rss, 1)[0] * 60) if len(rss) > 2 else float("nan")}
+
+
+def write_markdown(report: dict, command: str) -> None:
+    lines = ["# Benchmarks", "", f"Generated by `{command}` on {report['machine']} at {report['date']}.",
+             "All ratios are measured side by side in the same run. Raw figures: `bench/results/latest.json`.", ""]
+    latency = report.get("latency")
+    if latency:
+        lines += ["## End-to-end latency (one frame in flight, 640x480 rgb8)", "",
+                  "| models | node p50 / p99 ms | relay p50 / p99 ms | bare forward ms "
+                  "| overhead p50 (target <= 1.15) |",
+                  "|---|---|---|---|---|"]
+        for name in ("demo_models_640x480_rgb8", "resnet18_224_640x480_rgb8"):
+            if name in latency:
+                r = latency[name]
+                ratio = r["overhead_ratio_p50"]
+                lines.append(f"| {name} | {r['node_latency_ms']['p50']:.2f} / {r['node_latency_ms']['p99']:.2f} | "
+                             f"{r['relay_latency_ms']['p50']:.2f} / {r['relay_latency_ms']['p99']:.2f} | "
+                             f"{r['bare_forward_both_models_ms']:.2f} | {ratio:.2f} "
+                             f"({'met' if ratio <= 1.15 else 'missed'}) |")
+        lines.append("")
+    naive = report.get("naive")
+    if naive:
+        lines += ["## Against the common way (30 Hz input)", "",
+                  "| node | received / sent | results/s | latency p50 / p99 ms (stamp -> result) |",
+                  "|---|---|---|---|"]
+        for name in ("mixclf_node", "naive_node"):
+            r = naive[name]
+            lines.append(f"| {name} | {r['received']} / {r['sent']} | {r['throughput_hz']:.1f} | "
+                         f"{r['latency_ms']['p50']:.1f} / {r['latency_ms']['p99']:.1f} |")
+        lines += ["", f"Latency ratio naive / ours (p50): {naive['latency_ratio_p50_naive_over_ours']:.2f}; "
+                  f"throughput ratio ours / naive: {naive['throughput_ratio_ours_over_naive']:.2f}.", ""]
+    cameras = report.get("cameras")
+    if cameras:
+        lines += ["## Multi-camera batching (30 Hz per camera)", "",
+                  "| cameras | one node results/s | separate nodes results/s | ratio |", "|---|---|---|---|"]
+        for count, r in cameras.items():
+            lines.append(f"| {count} | {r['one_node']['results_per_s']:.1f} | "
+                         f"{r['separate_nodes']['results_per_s']:.1f} | {r['ratio_one_node_over_separate']:.2f} |")
+        lines.append("")
+    smoothing = report.get("smoothing")
+    if smoothing:
+        lines += ["## Randomized smoothing", "", "| n | certified frames/s |", "|---|---|"]
+        for n in (100, 1000, 10000):
+            lines.append(f"| {n} | {smoothing[f'certified_frames_per_s_n{n}']:.2f} |")
+        lines += ["", f"Noisy samples/s over bare batched forward: {smoothing['smoothing_over_bare_ratio']:.3f} "
+                  f"(target >= 0.9: {'met' if smoothing['smoothing_over_bare_ratio'] >= 0.9 else 'missed'}).", ""]
+    certify = report.get("certify")
+    if certify:
+        lines += ["## Certificate arithmetic", "", "```json", json.dumps(certify, indent=1), "```", ""]
+    soak = report.get("soak")
+    if soak:
+        lines += ["## Memory soak at 30 Hz", "",
+                  f"{soak['seconds']:.0f} s, {soak['results_per_s']:.1f} results/s; "
+                  f"RSS first {soak['rss_mb_first']:.0f} MiB, "
+                  f"last {soak['rss_mb_last']:.0f} MiB, max {soak['rss_mb_max']:.0f} MiB, slope "
+                  f"{soak['rss_slope_mb_per_min']:.2f} MiB/min.", ""]
+    notes = REPO_ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    (REPO_ROOT / "docs" / "BENCHMARKS.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,soak")
+    parser.add_argument("--pings", type=int, default=100)
+    parser.add_argument("--stream-seconds", type=float, default=8.0)
+    parser.add_argument("--soak-seconds", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    selected = args.only.split(",")
+    work = Path(tempfile.mkdtemp(prefix="mixclf_bench_"))
+    report = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"torch {torch.__version__}, cuda {'yes' if torch.cuda.is_available() else 'no'}",
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    steps = {
+        "latency": lambda: bench_latency(work, args.pings),
+        "naive": lambda: bench_naive(work, args.stream_seconds),
+        "cameras": lambda: bench_cameras(work, args.stream_seconds),
+        "smoothing": bench_smoothing,
+        "certify": bench_certify,
+        "soak": lambda: bench_soak(work, args.soak_seconds),
+    }
+    for name in selected:
+        start = time.monotonic()
+        print(f"bench: {name} ...", flush=True)
+        report[name] = steps[name]()
+        print(json.dumps(report[name], indent=1), flush=True)
+        print(f"bench: {name} took {time.monotonic() - start:.0f} s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, "make bench" + (f" ARGS='{' '.join(argv)}'" if argv else ""))
+    print(f"bench: logs in {work}; summary in docs/BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

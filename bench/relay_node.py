@@ -1,0 +1,31 @@
+"""The floor for end-to-end latency: an rclpy node that receives the same image over the same
+QoS and publishes a CertifiedClassification with its header, doing no work at all."""
+
+import rclpy
+from mixclf_ros.msg import CertifiedClassification
+from rclpy.executors import ExternalShutdownException
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+
+
+def main() -> int:
+    rclpy.init()
+    node = rclpy.create_node("relay")
+    publisher = node.create_publisher(CertifiedClassification, "certified_classification", 10)
+
+    def relay(image: Image) -> None:
+        publisher.publish(CertifiedClassification(header=image.header))
+
+    node.create_subscription(Image, "image", relay, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

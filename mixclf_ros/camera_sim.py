@@ -1,0 +1,136 @@
+"""Demo camera (`mixclf_camera_sim`): Fashion-MNIST test articles as a real camera would send them.
+
+Publishes `sensor_msgs/Image` rgb8 frames (640x480 by default) on `image`, each 28x28 article
+upscaled by an integer factor into the centre of the frame, so that the node's default
+preprocessing (centre crop of article size, grey, area resize) recovers the article exactly.
+Optionally `CompressedImage` (PNG, lossless) on `image/compressed`.
+
+Perturbations, measured in the published image's pixels scaled to [0, 1]:
+- `noise_std`: Gaussian noise;
+- `attack_eps` > 0: a PGD perturbation aimed at the STANDARD model within `attack_eps` in
+  `attack_norm`. It is computed on the 28x28 article and rendered like the article, so its size in
+  the frame is exactly known: in l2 the frame perturbation is `scale * sqrt(3)` times the article's
+  (each article pixel covers scale x scale pixels in three channels); in linf they are equal.
+  Quantisation to uint8 rounds towards the clean value, so the budget is never exceeded.
+
+The true label of every frame is published as JSON on `ground_truth` (std_msgs/String), keyed by
+the frame's stamp, for the monitor.
+"""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import rclpy
+import torch
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
+
+from mixclf_ros.attacks import pgd
+from mixclf_ros.data import load_fashion_mnist
+from mixclf_ros.image import article_budget, embed_article, quantize_towards
+from mixclf_ros.models import load_model, zoo_config
+
+
+class CameraSimulator(Node):
+    def __init__(self):
+        super().__init__("camera_sim")
+        declare = self.declare_parameter
+        self.rate = declare("rate", 5.0).value
+        self.frames = declare("frames", 0).value  # 0: until stopped
+        self.start_index = declare("start_index", 0).value
+        self.width, self.height = declare("width", 640).value, declare("height", 480).value
+        self.scale = declare("scale", 17).value
+        self.frame_id = declare("frame_id", "camera").value
+        self.publish_compressed = declare("publish_compressed", False).value
+        self.noise_std = declare("noise_std", 0.0).value
+        self.attack_eps = declare("attack_eps", 0.0).value
+        self.attack_norm = declare("attack_norm", "l2").value
+        self.attack_steps = declare("attack_steps", 20).value
+        self.rng = np.random.default_rng(declare("seed", 0).value)
+        if self.attack_norm not in ("l2", "linf"):
+            raise ValueError("attack_norm must be l2 or linf")
+
+        self.images, self.labels = load_fashion_mnist("test")
+        self.standard = load_model(zoo_config("standard")) if self.attack_eps > 0 else None
+        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+        self.image_publisher = self.create_publisher(Image, "image", qos)
+        self.compressed_publisher = self.create_publisher(CompressedImage, "image/compressed", qos)
+        self.truth_publisher = self.create_publisher(String, "ground_truth", 100)
+        self.sent = 0
+        self.timer = self.create_timer(1.0 / self.rate, self._publish_next)
+        self.get_logger().info(
+            f"publishing {self.width}x{self.height} rgb8 at {self.rate} Hz"
+            + (f", PGD-{self.attack_steps} on the standard model, {self.attack_norm} eps {self.attack_eps}"
+               " (frame pixels in [0,1])" if self.attack_eps > 0 else "")
+            + (f", noise std {self.noise_std}" if self.noise_std > 0 else ""))
+
+    @property
+    def done(self) -> bool:
+        return 0 < self.frames <= self.sent
+
+    def _perturbed_article(self, index: int) -> np.ndarray:
+        clean = self.images[index]
+        article = clean.astype(np.float64) / 255.0
+        if self.attack_eps > 0:
+            x = torch.from_numpy(article).float()[None, None]
+            y = torch.tensor([int(self.labels[index])])
+            budget = article_budget(self.attack_eps, self.attack_norm, self.scale)
+            generator = torch.Generator().manual_seed(index)
+            x_adv = pgd(self.standard, x, y, eps=budget, norm=self.attack_norm, steps=self.attack_steps,
+                        generator=generator)
+            article = x_adv[0, 0].detach().double().numpy()
+        return quantize_towards(clean, article)
+
+    def _publish_next(self) -> None:
+        if self.done:
+            return
+        index = (self.start_index + self.sent) % len(self.images)
+        article = self._perturbed_article(index)
+        frame = embed_article(article, self.height, self.width, self.scale)
+        if self.noise_std > 0:
+            noise = self.rng.normal(0.0, self.noise_std * 255.0, frame.shape)
+            frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
+        stamp = self.get_clock().now().to_msg()
+        message = Image(height=self.height, width=self.width, encoding="rgb8", step=self.width * 3,
+                        data=frame.tobytes())
+        message.header.stamp, message.header.frame_id = stamp, self.frame_id
+        truth = {"sec": stamp.sec, "nanosec": stamp.nanosec, "index": int(index),
+                 "label": int(self.labels[index]), "attack_eps": self.attack_eps,
+                 "attack_norm": self.attack_norm, "noise_std": self.noise_std}
+        self.truth_publisher.publish(String(data=json.dumps(truth)))
+        self.image_publisher.publish(message)
+        if self.publish_compressed:
+            _, png = cv2.imencode(".png", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            compressed = CompressedImage(format="png", data=png.tobytes())
+            compressed.header = message.header
+            self.compressed_publisher.publish(compressed)
+        self.sent += 1
+
+
+def main(args: list[str] | None = None) -> int:
+    rclpy.init(args=args)
+    torch.set_num_threads(1)
+    node = CameraSimulator()
+    try:
+        while rclpy.ok() and not node.done:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        # keep serving discovery a moment so the last frames reach late subscribers
+        end = node.get_clock().now().nanoseconds + 500_000_000
+        while rclpy.ok() and node.get_clock().now().nanoseconds < end:
+            rclpy.spin_once(node, timeout_sec=0.05)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

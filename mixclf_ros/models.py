@@ -1,0 +1,283 @@
+"""Loading models from a small config, safely; the shipped zoo's configs.
+
+A model config (the same keys in the node's parameters file, under `standard_model.` and
+`robust_model.`, and in the evaluation CLI):
+
+    architecture        project builder name (mixclf_ros.architectures), 'torchvision:<name>',
+                        or 'package.module:Callable' (called with num_classes=...)
+    weights             'zoo:<file>' (shipped in mixclf_ros/zoo/) or a path: a state_dict (.pt/.pth,
+                        read with torch.load(weights_only=True), never unpickling objects) or a
+                        TorchScript file (.ts/.jit/.torchscript)
+    sha256              optional; must match the weights file when set
+    num_classes, input_channels, input_height, input_width
+    mean, std           per-channel normalisation of [0,1] pixels, applied INSIDE the loaded model,
+                        so certificates are stated on [0,1] pixels. Project architectures take
+                        them as builder arguments (their first layer is Normalize); other
+                        architectures are wrapped with a Normalize layer.
+    kind                standard | empirical | lipschitz | smoothing
+    norm                lipschitz kind: certificate norm, l2 | linf
+    lipschitz_constant  lipschitz kind: > 0 declares the probability outputs' constant (reported
+                        as declared); 0 computes a sound bound with mixclf_ros.lipschitz
+    sigma, n0, n, beta  smoothing kind: noise std ([0,1] pixels), selection and estimation samples,
+                        failure probability
+    class_names         optional list (or class_names_file: a text file, one name per line)
+
+Every mistake raises one `ModelConfigError` naming the key and the file, before any frame.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixclf_ros import lipschitz
+from mixclf_ros.architectures import ARCHITECTURES
+from mixclf_ros.data import FASHION_MNIST_CLASSES
+from mixclf_ros.layers import Normalize
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+KINDS = ("standard", "empirical", "lipschitz", "smoothing")
+TORCHSCRIPT_SUFFIXES = (".ts", ".jit", ".torchscript")
+
+DEFAULTS: dict[str, Any] = {
+    "architecture": "", "weights": "", "sha256": "", "num_classes": 10, "input_channels": 1,
+    "input_height": 28, "input_width": 28, "mean": [0.0], "std": [1.0], "kind": "standard", "norm": "l2",
+    "lipschitz_constant": 0.0, "sigma": 0.25, "n0": 64, "n": 1000, "beta": 0.001, "class_names": [],
+    "class_names_file": "",
+}
+
+_ZOO: dict[str, dict[str, Any]] = {
+    "standard": {"architecture": "fmnist_cnn", "mean": [0.2860], "std": [0.3530], "kind": "standard"},
+    "robust_at": {"architecture": "fmnist_small_cnn", "mean": [0.2860], "std": [0.3530], "kind": "empirical",
+                  "norm": "linf"},
+    "robust_lipschitz": {"architecture": "fmnist_lipschitz_cnn", "mean": [0.0], "std": [1.0],
+                         "kind": "lipschitz", "norm": "l2"},
+    "robust_smoothing": {"architecture": "fmnist_small_cnn", "mean": [0.2860], "std": [0.3530],
+                         "kind": "smoothing", "sigma": 0.25, "n0": 64, "n": 1000, "beta": 0.001},
+}
+
+
+class ModelConfigError(ValueError):
+    """A model config mistake; the message names the key and, where there is one, the file."""
+
+
+def zoo_config(name: str) -> dict[str, Any]:
+    """Config of a shipped model: standard, robust_at, robust_lipschitz or robust_smoothing."""
+    if name not in _ZOO:
+        raise ModelConfigError(f"unknown zoo model '{name}' (shipped: {', '.join(_ZOO)})")
+    config = {**DEFAULTS, **copy.deepcopy(_ZOO[name]), "weights": f"zoo:{name}.pt",
+              "class_names": list(FASHION_MNIST_CLASSES)}
+    card = ZOO_DIR / f"{name}.json"
+    if card.exists():
+        config["sha256"] = json.loads(card.read_text())["sha256"]
+    return config
+
+
+def resolve_weights(weights: str) -> Path:
+    if weights.startswith("zoo:"):
+        return ZOO_DIR / weights[len("zoo:"):]
+    return Path(weights).expanduser()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Returns the config with defaults filled in and types checked."""
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ModelConfigError(f"unknown model config key(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+    merged = {**DEFAULTS, **config}
+
+    def fail(key: str, why: str) -> None:
+        raise ModelConfigError(f"model config key '{key}' = {merged[key]!r}: {why}")
+
+    for key in ("num_classes", "input_channels", "input_height", "input_width", "n0", "n"):
+        if isinstance(merged[key], bool) or not isinstance(merged[key], int) or merged[key] <= 0:
+            fail(key, "must be a positive integer")
+    for key in ("lipschitz_constant", "sigma", "beta"):
+        if isinstance(merged[key], bool) or not isinstance(merged[key], (int, float)) or not math.isfinite(merged[key]):
+            fail(key, "must be a finite number")
+    if not merged["architecture"]:
+        fail("architecture", "is required")
+    if not merged["weights"]:
+        fail("weights", "is required")
+    if merged["kind"] not in KINDS:
+        fail("kind", f"must be one of {KINDS}")
+    if merged["norm"] not in ("l2", "linf"):
+        fail("norm", "must be l2 or linf")
+    if merged["kind"] == "smoothing" and merged["norm"] != "l2":
+        fail("norm", "randomized smoothing certifies l2 only")
+    if merged["lipschitz_constant"] < 0:
+        fail("lipschitz_constant", "must be >= 0 (0 = compute)")
+    if merged["kind"] == "smoothing" and merged["sigma"] <= 0:
+        fail("sigma", "must be > 0")
+    if not 0 < merged["beta"] < 1:
+        fail("beta", "must be in (0, 1)")
+    for key in ("mean", "std"):
+        values = merged[key]
+        if not isinstance(values, (list, tuple)) or len(values) not in (1, merged["input_channels"]):
+            fail(key, f"must be a list of 1 or input_channels ({merged['input_channels']}) numbers")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            fail(key, "must hold finite numbers")
+    if any(v <= 0 for v in merged["std"]):
+        fail("std", "must be > 0")
+    if merged["input_channels"] not in (1, 3):
+        fail("input_channels", "must be 1 or 3")
+    merged["mean"] = [float(v) for v in merged["mean"]] * (merged["input_channels"] if len(merged["mean"]) == 1 else 1)
+    merged["std"] = [float(v) for v in merged["std"]] * (merged["input_channels"] if len(merged["std"]) == 1 else 1)
+    return merged
+
+
+def _class_names(config: dict[str, Any]) -> list[str]:
+    names = [str(name) for name in config["class_names"] if str(name)]
+    if config["class_names_file"]:
+        path = Path(config["class_names_file"]).expanduser()
+        if not path.exists():
+            raise ModelConfigError(f"model config key 'class_names_file': {path} not found")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if names and len(names) != config["num_classes"]:
+        raise ModelConfigError(f"model config key 'class_names': {len(names)} names for "
+                               f"num_classes = {config['num_classes']}")
+    return names
+
+
+def _build_architecture(config: dict[str, Any]) -> tuple[nn.Module, bool]:
+    """Returns (module, normalises_inside)."""
+    name, num_classes = config["architecture"], config["num_classes"]
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name](num_classes=num_classes, mean=config["mean"], std=config["std"]), True
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        builder = getattr(torchvision.models, name.split(":", 1)[1], None)
+        if builder is None or not callable(builder):
+            raise ModelConfigError(f"model config key 'architecture': torchvision has no model '{name}'")
+        return builder(weights=None, num_classes=num_classes), False
+    module_name, _, attribute = name.partition(":")
+    if not attribute:
+        raise ModelConfigError(f"model config key 'architecture' = '{name}': not a project architecture "
+                               f"({', '.join(ARCHITECTURES)}), 'torchvision:<name>' or 'package.module:Callable'")
+    try:
+        builder = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ModelConfigError(f"model config key 'architecture' = '{name}': cannot import ({error})") from error
+    accepts_classes = "num_classes" in inspect.signature(builder).parameters
+    return (builder(num_classes=num_classes) if accepts_classes else builder()), False
+
+
+class LoadedModel(nn.Module):
+    """A loaded model in eval mode: [0,1] pixels (N, C, H, W) -> logits (N, num_classes).
+
+    Attributes: config (validated), num_classes, input_shape (C, H, W), kind, norm, class_names,
+    weights_path, sha256, and for kind lipschitz `lipschitz_constant` (of the probability outputs,
+    in `norm`) with `lipschitz_source` ('computed' or 'declared'); for kind smoothing sigma, n0,
+    n, beta. `network` is the bare chain (what the Lipschitz walker bounds)."""
+
+    def __init__(self, network: nn.Module, config: dict[str, Any], weights_path: Path, sha256: str):
+        super().__init__()
+        self.network = network.eval()
+        self.config = config
+        self.num_classes = config["num_classes"]
+        self.input_shape = (config["input_channels"], config["input_height"], config["input_width"])
+        self.kind = config["kind"]
+        self.norm = config["norm"]
+        self.class_names = _class_names(config)
+        self.weights_path = weights_path
+        self.sha256 = sha256
+        self.sigma, self.n0, self.n, self.beta = config["sigma"], config["n0"], config["n"], config["beta"]
+        self.lipschitz_constant = 0.0
+        self.lipschitz_source = ""
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+    def train(self, mode: bool = True) -> LoadedModel:
+        return super().train(False)  # loaded models stay in eval mode (certificates assume it)
+
+
+def load_model(config: dict[str, Any]) -> LoadedModel:
+    """Builds, loads and checks a model described by `config` (see the module docstring)."""
+    config = validate_config(config)
+    path = resolve_weights(config["weights"])
+    if not path.is_file():
+        raise ModelConfigError(f"model config key 'weights': file {path} not found")
+    digest = sha256_of(path)
+    if config["sha256"] and config["sha256"].lower() != digest:
+        raise ModelConfigError(f"model config key 'sha256': {path} has sha256 {digest}, expected {config['sha256']}")
+    if path.suffix in TORCHSCRIPT_SUFFIXES:
+        try:
+            network = torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:
+            raise ModelConfigError(f"model config key 'weights': {path} is not a TorchScript file ({error})") from error
+        normalises = False
+    else:
+        network, normalises = _build_architecture(config)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # includes pickles with payloads, refused by weights_only
+            raise ModelConfigError(f"model config key 'weights': {path} is not a plain state_dict "
+                                   f"(loaded with weights_only=True): {error}") from error
+        if not isinstance(state, dict):
+            raise ModelConfigError(f"model config key 'weights': {path} holds a {type(state).__name__}, "
+                                   "not a state_dict")
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as error:
+            raise ModelConfigError(f"model config key 'architecture' = '{config['architecture']}' does not match "
+                                   f"the weights in {path}: {str(error).splitlines()[0]} ...") from error
+    if not normalises:
+        network = nn.Sequential(Normalize(config["mean"], config["std"]), network)
+    network.eval()
+    with torch.no_grad():
+        try:
+            output = network(torch.zeros(1, *(config["input_channels"], config["input_height"], config["input_width"])))
+        except Exception as error:
+            raise ModelConfigError(f"model config keys 'input_*': the model in {path} fails on an input of shape "
+                                   f"(1, {config['input_channels']}, {config['input_height']}, "
+                                   f"{config['input_width']}): {error}") from error
+    if output.shape != (1, config["num_classes"]):
+        raise ModelConfigError(f"model config key 'num_classes' = {config['num_classes']}: the model in {path} "
+                               f"returns shape {tuple(output.shape)}")
+    model = LoadedModel(network, config, path, digest)
+    if model.kind == "lipschitz":
+        if config["lipschitz_constant"] > 0:
+            model.lipschitz_constant, model.lipschitz_source = float(config["lipschitz_constant"]), "declared"
+        else:
+            try:
+                model.lipschitz_constant = lipschitz.probability_lipschitz_bound(network, model.norm, model.input_shape)
+            except lipschitz.UnsupportedLayerError as error:
+                raise ModelConfigError(f"model config key 'lipschitz_constant' = 0 (compute): cannot bound the model "
+                                       f"in {path}: {error}; declare a constant if it is Lipschitz by construction") \
+                    from error
+            model.lipschitz_source = "computed"
+    return model
+
+
+def check_compatible(standard: LoadedModel, robust: LoadedModel) -> None:
+    """The mixture needs the same classes and the same input."""
+    if standard.num_classes != robust.num_classes:
+        raise ModelConfigError(f"key 'num_classes': the standard model ({standard.weights_path}) has "
+                               f"{standard.num_classes} classes, the robust model ({robust.weights_path}) "
+                               f"{robust.num_classes}")
+    if standard.input_shape != robust.input_shape:
+        raise ModelConfigError(f"keys 'input_*': the standard model ({standard.weights_path}) takes "
+                               f"{standard.input_shape}, the robust model ({robust.weights_path}) {robust.input_shape}")
+    if robust.kind not in ("lipschitz", "smoothing", "empirical"):
+        raise ModelConfigError(f"key 'kind' of the robust model ({robust.weights_path}): '{robust.kind}' gives no "
+                               "certificate; use lipschitz, smoothing or empirical")

@@ -1,0 +1,322 @@
+"""From decoded camera frames to certified classifications, with no ROS in sight.
+
+`CertifiedClassifier` is what the node runs on every batch of frames: preprocessing on the
+device, both forward passes, the mixture (eq. 4), the certificate of the configured robust model
+(Theorem 1 or Theorem 2) and the `safe` decision. The node only decodes messages, checks their
+age and copies `FrameResult` fields into `CertifiedClassification` messages.
+
+Radii are in the certificate's norm, in pixel intensities scaled to [0, 1]: `certified_radius` at
+the model input, `image_radius` in the source image (through the preprocessing's operator norm).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from enum import IntEnum
+
+import torch
+
+from mixclf_ros import certify
+from mixclf_ros.image import (
+    BadImageError,
+    DecodedImage,
+    PreprocessConfig,
+    Preprocessor,
+    image_radius,
+    preprocessing_operator_norm,
+)
+from mixclf_ros.mixing import MixedClassifier, mix_log_probs
+from mixclf_ros.smoothing import Smooth
+
+
+class Status(IntEnum):
+    """Mirrors the STATUS_* constants of `CertifiedClassification.msg` (checked by a test)."""
+
+    OK = 0
+    NOT_READY = 1
+    BAD_INPUT = 2
+    STALE = 3
+    MODEL_ERROR = 4
+
+
+class CertificateMethod(IntEnum):
+    """Mirrors the CERTIFICATE_* constants of `CertifiedClassification.msg`."""
+
+    NONE = 0
+    LIPSCHITZ = 1
+    RANDOMIZED_SMOOTHING = 2
+
+
+NORM_CODES = {"l2": 2, "linf": 255}
+"""Values of the message's NORM_* constants."""
+
+
+def is_safe(
+    status: Status,
+    certificate_method: CertificateMethod,
+    certified_radius: float,
+    safe_radius: float,
+    class_id: int,
+    certified_class_id: int,
+) -> bool:
+    """The message contract's `safe` rule, in one place.
+
+    True only if the frame was classified (OK), a certificate exists, its radius is positive and at
+    least `safe_radius`, and the published class is the certified one (Lemma 1: a positive radius
+    implies the mixture predicts the robust model's class; any numerical disagreement is doubt).
+    """
+    return bool(
+        status == Status.OK
+        and certificate_method != CertificateMethod.NONE
+        and math.isfinite(certified_radius)
+        and certified_radius > 0.0
+        and certified_radius >= safe_radius
+        and class_id >= 0
+        and class_id == certified_class_id
+    )
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """Settings that may change between frames (ROS parameters changed live). Swapped atomically."""
+
+    alpha: float
+    safe_radius: float
+    confidence: float = 0.999
+    """Only for randomized smoothing: the certificate holds with this probability (1 - beta)."""
+
+
+@dataclass
+class FrameResult:
+    """Everything the node publishes for one frame, except the header and class name."""
+
+    status: Status
+    status_message: str = ""
+    class_id: int = -1
+    probability: float = 0.0
+    alpha: float = 0.0
+    certificate_method: CertificateMethod = CertificateMethod.NONE
+    norm: str = "l2"
+    certified_radius: float = 0.0
+    image_radius: float = 0.0
+    confidence: float = 0.0
+    safe_radius: float = 0.0
+    safe: bool = False
+    robust_class_id: int = -1
+    robust_margin: float = 0.0
+    standard_class_id: int = -1
+    inference_ms: float = 0.0
+
+    @classmethod
+    def failure(cls, status: Status, message: str, settings: LiveSettings, norm: str = "l2") -> FrameResult:
+        """A result for a frame that could not be certified: `safe` is false by construction."""
+        return cls(status=status, status_message=message, alpha=settings.alpha,
+                   safe_radius=settings.safe_radius, norm=norm)
+
+
+def select_device(requested: str) -> torch.device:
+    """`auto`: the first CUDA device if there is one, else the CPU; or `cpu`, `cuda`, `cuda:N`."""
+    if requested == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{requested}' requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device '{requested}' (use auto, cpu or cuda:N)")
+    return device
+
+
+_PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class _CastInput(torch.nn.Module):
+    """Runs a model in a lower precision and returns float32 logits."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+class CertifiedClassifier:
+    """Mixed classification with a certificate for a batch of camera frames.
+
+    Args:
+        standard: accurate model g, taking [0,1] pixels (N, C, H, W) and returning logits.
+        robust: robust model h (a `models.LoadedModel`), with `kind` in {lipschitz, smoothing,
+            empirical}; lipschitz models carry `lipschitz_constant` (probability outputs, in
+            `norm`), smoothing models `sigma`, `n0`, `n`.
+        preprocess: how frames become model inputs.
+        device: where preprocessing, both models and the certificate run.
+        standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
+            does not depend on g). The robust model and certificate stay in float32.
+        seed: seed of the smoothing noise.
+    """
+
+    def __init__(
+        self,
+        standard: torch.nn.Module,
+        robust: torch.nn.Module,
+        preprocess: PreprocessConfig,
+        device: torch.device,
+        standard_precision: str = "float32",
+        seed: int = 0,
+    ):
+        if standard_precision not in _PRECISIONS:
+            raise ValueError(f"standard_precision must be one of {sorted(_PRECISIONS)}")
+        if standard_precision != "float32" and device.type != "cuda":
+            # Half-precision convolutions on the CPU are slower than float32, not faster.
+            standard_precision = "float32"
+        self.standard_precision = standard_precision
+        self.device = device
+        self.kind = robust.kind
+        self.norm = robust.norm if robust.kind == "lipschitz" else "l2"
+        self.num_classes = robust.num_classes
+        standard = standard.to(device).eval()
+        if standard_precision != "float32":
+            standard = _CastInput(standard, _PRECISIONS[standard_precision])
+        self.robust = robust.to(device).eval()
+        self.mixed = MixedClassifier(standard, self.robust, alpha=1.0)
+        self.preprocess_config = replace(preprocess, device=str(device))
+        self.preprocess = Preprocessor(self.preprocess_config)
+        self.smooth = None
+        if self.kind == "smoothing":
+            self.smooth = Smooth(self.robust, self.num_classes, robust.sigma)
+            self.smoothing_samples = (int(robust.n0), int(robust.n))
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @property
+    def certificate_method(self) -> CertificateMethod:
+        return {
+            "lipschitz": CertificateMethod.LIPSCHITZ,
+            "smoothing": CertificateMethod.RANDOMIZED_SMOOTHING,
+        }.get(self.kind, CertificateMethod.NONE)
+
+    def warm_up(self, settings: LiveSettings, repeats: int = 3) -> float:
+        """Runs the full path on blank frames; returns the time of the first pass in ms."""
+        config = self.preprocess_config
+        channels = config.output_channels
+        height, width = max(64, config.crop_height), max(64, config.crop_width)
+        order = "mono" if channels == 1 else "rgb"
+        blank = DecodedImage(torch.zeros(height, width, channels, dtype=torch.uint8).numpy(), order, 1 / 255)
+        first_ms = 0.0
+        for index in range(repeats):
+            start = time.perf_counter()
+            results = self.classify([blank], settings)
+            if index == 0:
+                first_ms = (time.perf_counter() - start) * 1e3
+            if results[0].status != Status.OK:
+                raise RuntimeError(f"warm-up failed: {results[0].status_message}")
+        return first_ms
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def classify(self, images: list[DecodedImage], settings: LiveSettings) -> list[FrameResult]:
+        """Classifies and certifies a batch of frames. Never raises for a bad frame or a model
+        failure: those frames get BAD_INPUT or MODEL_ERROR results with `safe = false`."""
+        start = time.perf_counter()
+        results: list[FrameResult | None] = [None] * len(images)
+        inputs, kept = [], []
+        for index, decoded in enumerate(images):
+            try:
+                inputs.append(self.preprocess([decoded]))
+                kept.append(index)
+            except BadImageError as error:
+                results[index] = FrameResult.failure(Status.BAD_INPUT, str(error), settings, self.norm)
+        if kept:
+            try:
+                batch_results = self._classify_batch(torch.cat(inputs), [images[i] for i in kept], settings)
+            except Exception as error:  # a model failure must not take the node down
+                message = f"model error: {type(error).__name__}: {error}"
+                batch_results = [FrameResult.failure(Status.MODEL_ERROR, message, settings, self.norm)
+                                 for _ in kept]
+            self._synchronize()
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            for index, result in zip(kept, batch_results):
+                result.inference_ms = elapsed_ms
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _classify_batch(
+        self, x: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
+    ) -> list[FrameResult]:
+        alpha = settings.alpha
+        with torch.inference_mode():
+            if self.smooth is None:
+                logits_g, logits_h, _ = self.mixed.forward_all(x)
+                probs_h = torch.softmax(logits_h.float(), dim=1)
+                robust_finite = torch.isfinite(logits_h).all(dim=1)
+                log_probs_h = torch.log_softmax(logits_h.float(), dim=1)
+            else:
+                logits_g = self.mixed.standard(x)
+                n0, n = self.smoothing_samples
+                certificate = self.smooth.certify(
+                    x, n0=n0, n=n, beta=1.0 - settings.confidence, batch_size=max(n0, 1000),
+                    alpha=alpha, generator=self.generator,
+                )
+                probs_h = certificate.probs.float()
+                robust_finite = torch.isfinite(probs_h).all(dim=1)
+                log_probs_h = probs_h.clamp_min(torch.finfo(torch.float32).tiny).log()
+            finite = torch.isfinite(logits_g).all(dim=1) & robust_finite
+            mixed = mix_log_probs(logits_g.float(), log_probs_h, alpha).exp()
+            mixed_probability, class_ids = mixed.max(dim=1)
+            top2 = probs_h.topk(2, dim=1).values
+            robust_margin = top2[:, 0] - top2[:, 1]
+            robust_class = probs_h.argmax(dim=1)
+            standard_class = logits_g.argmax(dim=1)
+
+            method = self.certificate_method
+            if method == CertificateMethod.LIPSCHITZ:
+                radius = certify.lipschitz_radius(probs_h, self.robust.lipschitz_constant, alpha)
+                certified_class = robust_class
+                confidence = 1.0
+            elif method == CertificateMethod.RANDOMIZED_SMOOTHING:
+                radius = certificate.radius
+                certified_class = certificate.predicted_class
+                confidence = settings.confidence
+            else:
+                radius = torch.zeros(len(x), device=x.device)
+                certified_class = torch.full((len(x),), -1, device=x.device)
+                confidence = 0.0
+
+        rows = zip(
+            finite.tolist(), class_ids.tolist(), mixed_probability.tolist(), radius.tolist(),
+            certified_class.tolist(), robust_class.tolist(), robust_margin.tolist(),
+            standard_class.tolist(), images,
+        )
+        results = []
+        for ok, class_id, probability, certified_radius, cert_class, h_class, margin, g_class, decoded in rows:
+            if not ok:
+                results.append(FrameResult.failure(
+                    Status.MODEL_ERROR, "non-finite model output", settings, self.norm))
+                continue
+            if not math.isfinite(certified_radius) or certified_radius < 0.0:
+                certified_radius = 0.0
+            operator_norm = preprocessing_operator_norm(
+                decoded.pixels.shape[0], decoded.pixels.shape[1], decoded.channel_order,
+                self.preprocess_config, self.norm)
+            has_certificate = method != CertificateMethod.NONE and certified_radius > 0.0
+            results.append(FrameResult(
+                status=Status.OK,
+                class_id=int(class_id),
+                probability=float(probability),
+                alpha=alpha,
+                certificate_method=method,
+                norm=self.norm,
+                certified_radius=float(certified_radius),
+                image_radius=float(image_radius(certified_radius, operator_norm)) if has_certificate else 0.0,
+                confidence=confidence if has_certificate else 0.0,
+                safe_radius=settings.safe_radius,
+                safe=is_safe(Status.OK, method, certified_radius, settings.safe_radius, class_id, cert_class),
+                robust_class_id=int(h_class),
+                robust_margin=float(margin),
+                standard_class_id=int(g_class),
+            ))
+        return results

@@ -1,0 +1,172 @@
+"""Test helpers: start the installed node as a process, and talk to it over real DDS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from conftest import REPO_ROOT
+
+
+@contextmanager
+def node_process(executable: str, *ros_args: str, log_path: Path, env: dict | None = None):
+    """Runs `install/mixclf_ros/lib/mixclf_ros/<executable> --ros-args <ros_args>`; on exit sends
+    SIGINT and checks that the process ends by itself."""
+    path = REPO_ROOT / "install" / "mixclf_ros" / "lib" / "mixclf_ros" / executable
+    log = open(log_path, "w")
+    process = subprocess.Popen([str(path), "--ros-args", *ros_args], stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise AssertionError(f"{executable} did not stop on SIGINT; log: {log_path}") from None
+        log.close()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class RosClient:
+    """A test-side rclpy node spun in a background thread: publishes frames, collects results,
+    sets parameters through the SetParameters service (what `ros2 param set` does)."""
+
+    def __init__(self, context, name: str = "test_client", node_name: str = "mixclf"):
+        import rclpy
+        from mixclf_ros.msg import CertifiedClassification
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.parameter_client import AsyncParameterClient
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import CompressedImage, Image
+
+        self.node = rclpy.create_node(name, context=context)
+        self.results: list[CertifiedClassification] = []
+        self.lock = threading.Lock()
+        best_effort = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
+        self.image_publisher = self.node.create_publisher(Image, "image", best_effort)
+        self.compressed_publisher = self.node.create_publisher(CompressedImage, "image/compressed", best_effort)
+        self.node.create_subscription(CertifiedClassification, "certified_classification", self._on_result, 100)
+        self.parameters = AsyncParameterClient(self.node, node_name)
+        self.executor = MultiThreadedExecutor(num_threads=2, context=context)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def _on_result(self, message) -> None:
+        with self.lock:
+            self.results.append(message)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+    def clear(self) -> None:
+        with self.lock:
+            self.results.clear()
+
+    def results_for(self, frame_ids: set[str]) -> dict:
+        with self.lock:
+            return {r.header.frame_id: r for r in self.results if r.header.frame_id in frame_ids}
+
+    def wait_for(self, frame_ids: set[str], timeout: float = 20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.results_for(frame_ids)
+            if len(found) == len(frame_ids):
+                return found
+            time.sleep(0.02)
+        return self.results_for(frame_ids)
+
+    def wait_until_ready(self, timeout: float = 90.0) -> None:
+        """Publishes a probe frame until a result with status OK comes back."""
+        from mixclf_ros.msg import CertifiedClassification as Msg
+
+        deadline = time.monotonic() + timeout
+        index = 0
+        while time.monotonic() < deadline:
+            frame_id = f"probe-{index}"
+            self.image_publisher.publish(image_message(np.zeros((480, 640, 3), np.uint8), frame_id, self.node))
+            found = self.wait_for({frame_id}, timeout=0.5)
+            if found and found[frame_id].status == Msg.STATUS_OK:
+                return
+            index += 1
+        raise AssertionError("node did not become ready")
+
+    def set_parameters(self, **values):
+        """`ros2 param set`: a SetParameters service call; returns the per-parameter results."""
+        from rclpy.parameter import Parameter
+
+        assert self.parameters.wait_for_services(timeout_sec=20.0), "parameter services not available"
+        future = self.parameters.set_parameters([Parameter(name, value=value) for name, value in values.items()])
+        deadline = time.monotonic() + 20
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert future.done(), "SetParameters did not answer"
+        return future.result().results
+
+    def set_raw_parameter(self, name: str, parameter_value):
+        """SetParameters with a hand-built rcl_interfaces ParameterValue (any type)."""
+        from rcl_interfaces.msg import Parameter as ParameterMsg
+        from rcl_interfaces.srv import SetParameters
+
+        client = self.node.create_client(SetParameters, f"/{self.parameters._remote_node_name}/set_parameters")
+        assert client.wait_for_service(timeout_sec=20.0)
+        future = client.call_async(SetParameters.Request(parameters=[ParameterMsg(name=name, value=parameter_value)]))
+        deadline = time.monotonic() + 20
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.node.destroy_client(client)
+        return future.result().results[0]
+
+    def get_parameters(self, *names: str) -> list:
+        assert self.parameters.wait_for_services(timeout_sec=20.0)
+        future = self.parameters.get_parameters(list(names))
+        deadline = time.monotonic() + 20
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return future.result().values
+
+    def list_parameters(self) -> list[str]:
+        assert self.parameters.wait_for_services(timeout_sec=20.0)
+        future = self.parameters.list_parameters()
+        deadline = time.monotonic() + 20
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(future.result().result.names)
+
+
+def image_message(pixels: np.ndarray, frame_id: str, node, encoding: str | None = None, stamp=None):
+    """A sensor_msgs/Image from an HxW or HxWxC array, stamped now (or `stamp`)."""
+    from sensor_msgs.msg import Image
+
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    channels = pixels.shape[2]
+    if encoding is None:
+        encoding = {1: "mono8", 3: "rgb8", 4: "rgba8"}[channels]
+    message = Image()
+    message.header.frame_id = frame_id
+    message.header.stamp = stamp if stamp is not None else node.get_clock().now().to_msg()
+    message.height, message.width = pixels.shape[:2]
+    message.encoding = encoding
+    message.is_bigendian = 0
+    message.step = pixels.shape[1] * channels * pixels.dtype.itemsize
+    message.data = np.ascontiguousarray(pixels).tobytes()
+    return message

@@ -1,0 +1,224 @@
+"""Issue 5: the installed node over real DDS, started with the shipped parameters file."""
+
+from __future__ import annotations
+
+import ast
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from rosutil import RosClient, image_message, node_process, rss_mb
+
+CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
+
+
+def demo_frame(article: np.ndarray) -> np.ndarray:
+    from mixclf_ros.image import embed_article
+
+    return embed_article(article)
+
+
+@pytest.fixture(scope="module")
+def fashion_test():
+    from mixclf_ros.data import load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    return images[:40], labels[:40]
+
+
+@pytest.fixture(scope="module")
+def running_node(tmp_path_factory, installed_prefix):
+    import rclpy
+
+    log = tmp_path_factory.mktemp("node") / "mixclf_node.log"
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "enable_compressed:=true",
+                      log_path=log) as process:
+        client = RosClient(context)
+        try:
+            client.wait_until_ready()
+            yield client, process, log
+        finally:
+            client.close()
+            rclpy.try_shutdown(context=context)
+    assert process.returncode == 0, f"node exit code {process.returncode}; log {log}"
+
+
+def publish_and_collect(client: RosClient, frames: dict[str, np.ndarray], period: float = 0.05, **kwargs) -> dict:
+    for frame_id, pixels in frames.items():
+        client.image_publisher.publish(image_message(pixels, frame_id, client.node, **kwargs))
+        time.sleep(period)
+    return client.wait_for(set(frames))
+
+
+def test_classifies_real_frames_with_certificates(running_node, fashion_test):
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    client, _, _ = running_node
+    images, labels = fashion_test
+    frames = {f"cam-{i}": demo_frame(images[i]) for i in range(20)}
+    stamps = {}
+    for frame_id, pixels in frames.items():
+        message = image_message(pixels, frame_id, client.node)
+        stamps[frame_id] = (message.header.stamp.sec, message.header.stamp.nanosec)
+        client.image_publisher.publish(message)
+        time.sleep(0.1)  # slower than inference: every frame is processed
+    results = client.wait_for(set(frames))
+    assert len(results) == 20, f"only {len(results)} of 20 results"
+    correct = 0
+    for frame_id, result in results.items():
+        assert (result.header.stamp.sec, result.header.stamp.nanosec) == stamps[frame_id]  # never restamped
+        assert result.status == Msg.STATUS_OK, result.status_message
+        assert result.certificate_method == Msg.CERTIFICATE_LIPSCHITZ and result.norm == Msg.NORM_L2
+        assert result.alpha == pytest.approx(0.6)
+        assert 0.0 <= result.probability <= 1.0 and result.class_name
+        assert result.confidence == (1.0 if result.certified_radius > 0 else 0.0)
+        if result.certified_radius > 0:
+            assert result.class_id == result.robust_class_id  # Lemma 1
+            # the preprocessing (crop, grey, 17x area resize) shrinks perturbations: l2 gain 0.6686/17
+            assert result.image_radius == pytest.approx(result.certified_radius * 17 / 0.66863, rel=1e-3)
+        assert result.safe == (result.certified_radius > 0 and result.certified_radius >= result.safe_radius)
+        correct += int(result.class_id == labels[int(frame_id.split("-")[1])])
+    assert correct >= 15, f"{correct}/20 correct"
+
+
+def test_alpha_set_live_and_invalid_values_rejected(running_node, fashion_test):
+    from rcl_interfaces.msg import ParameterType, ParameterValue
+
+    client, _, _ = running_node
+    images, _ = fashion_test
+    results = client.set_parameters(alpha=0.8)
+    assert results[0].successful, results[0].reason
+    got = publish_and_collect(client, {"alpha-0": demo_frame(images[0])})
+    assert got["alpha-0"].alpha == pytest.approx(0.8)
+
+    for bad in (1.5, -0.1, math.nan):
+        result = client.set_parameters(alpha=bad)[0]
+        assert not result.successful and result.reason, bad
+    wrong_type = client.set_raw_parameter(
+        "alpha", ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="high"))
+    assert not wrong_type.successful and wrong_type.reason
+    read_only = client.set_parameters(device="cpu")[0]
+    assert not read_only.successful
+    assert client.get_parameters("alpha")[0].double_value == pytest.approx(0.8)
+    got = publish_and_collect(client, {"alpha-1": demo_frame(images[1])})
+    assert got["alpha-1"].alpha == pytest.approx(0.8)
+
+    # below 1/2 nothing can be certified: every frame unsafe
+    assert client.set_parameters(alpha=0.3)[0].successful
+    got = publish_and_collect(client, {f"low-{i}": demo_frame(images[i]) for i in range(8)})
+    assert len(got) == 8
+    assert all(not r.safe and r.certified_radius == 0.0 and r.alpha == pytest.approx(0.3) for r in got.values())
+    assert client.set_parameters(alpha=0.6)[0].successful
+
+
+def test_bad_inputs_get_bad_input_and_node_keeps_serving(running_node, fashion_test):
+    from mixclf_ros.msg import CertifiedClassification as Msg
+    from sensor_msgs.msg import CompressedImage, Image
+
+    client, process, _ = running_node
+    now = client.node.get_clock().now().to_msg()
+
+    def raw(frame_id, encoding, height, width, step, data):
+        message = Image(encoding=encoding, height=height, width=width, step=step, data=data)
+        message.header.frame_id, message.header.stamp = frame_id, now
+        return message
+
+    bad = {
+        "bad-encoding": raw("bad-encoding", "yuv422_weird", 4, 4, 8, bytes(32)),
+        "bad-step": raw("bad-step", "rgb8", 4, 4, 5, bytes(20)),
+        "bad-length": raw("bad-length", "rgb8", 4, 4, 12, bytes(47)),
+        "bad-empty": raw("bad-empty", "rgb8", 0, 0, 0, b""),
+        "bad-nan": raw("bad-nan", "32FC1", 4, 4, 16, np.full((4, 4), np.nan, np.float32).tobytes()),
+    }
+    for message in bad.values():
+        client.image_publisher.publish(message)
+        time.sleep(0.05)
+    garbage = CompressedImage(format="jpeg", data=b"\xff\xd8 definitely not a jpeg")
+    garbage.header.frame_id, garbage.header.stamp = "bad-compressed", now
+    client.compressed_publisher.publish(garbage)
+    bad["bad-compressed"] = garbage
+    results = client.wait_for(set(bad))
+    assert set(results) == set(bad)
+    for frame_id, result in results.items():
+        assert result.status == Msg.STATUS_BAD_INPUT and not result.safe and result.class_id == -1, frame_id
+        assert result.status_message, frame_id
+    images, _ = fashion_test
+    good = publish_and_collect(client, {"after-bad": demo_frame(images[2])})
+    assert good["after-bad"].status == Msg.STATUS_OK
+    assert process.poll() is None
+
+
+def test_stale_frame_is_stale(running_node, fashion_test):
+    from builtin_interfaces.msg import Time
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    client, _, _ = running_node
+    images, _ = fashion_test
+    old = client.node.get_clock().now().nanoseconds - int(5e9)  # max_image_age is 1 s
+    stamp = Time(sec=old // 10**9, nanosec=old % 10**9)
+    got = publish_and_collect(client, {"stale-0": demo_frame(images[3])}, stamp=stamp)
+    assert got["stale-0"].status == Msg.STATUS_STALE and not got["stale-0"].safe
+    assert (got["stale-0"].header.stamp.sec, got["stale-0"].header.stamp.nanosec) == (stamp.sec, stamp.nanosec)
+
+
+def test_30hz_input_keeps_latency_and_memory_bounded(running_node, fashion_test):
+    client, process, _ = running_node
+    images, _ = fashion_test
+    frames = [demo_frame(images[i % len(images)]) for i in range(10)]
+    client.clear()
+    rss = []
+    sent_ids = []
+    start = time.monotonic()
+    for index in range(240):  # 8 s at 30 Hz
+        frame_id = f"rate-{index}"
+        client.image_publisher.publish(image_message(frames[index % 10], frame_id, client.node))
+        sent_ids.append(frame_id)
+        if index % 30 == 0:
+            rss.append(rss_mb(process.pid))
+        time.sleep(max(0.0, start + (index + 1) / 30 - time.monotonic()))
+    time.sleep(1.0)
+    results = client.results_for(set(sent_ids))
+    assert len(results) > 60, f"only {len(results)} of 240 frames processed at 30 Hz"
+    # latency: the newest frames are processed promptly, not after a growing queue
+    latencies = [r.inference_ms for r in results.values()]
+    assert np.median(latencies) < 200
+    late = [int(frame_id.split("-")[1]) for frame_id in results]
+    assert max(late) >= 230, "the last frames were not processed: a queue is building up"
+    assert rss[-1] - rss[1] < 60, f"memory grew from {rss[1]:.0f} to {rss[-1]:.0f} MiB"
+
+
+def test_launch_file_and_parameters_file_are_consistent(running_node, installed_prefix: Path):
+    client, _, _ = running_node
+    source = (REPO_ROOT / "launch" / "mixclf.launch.py").read_text()
+    tree = ast.parse(source)
+    calls = {node.func.id: node for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    node_call = calls["Node"]
+    keywords = {k.arg: k.value for k in node_call.keywords}
+    assert ast.literal_eval(keywords["package"]) == "mixclf_ros"
+    executable = ast.literal_eval(keywords["executable"])
+    assert (installed_prefix / "lib" / "mixclf_ros" / executable).exists()
+    arguments = {ast.literal_eval(call.args[0]) for call in ast.walk(tree)
+                 if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument"}
+    assert {"namespace", "params_file", "image_topic", "device", "alpha"} <= arguments
+    assert '"config", "mixclf.yaml"' in source
+    assert (installed_prefix / "share" / "mixclf_ros" / "config" / "mixclf.yaml").exists()
+
+    parameters = yaml.safe_load(CONFIG.read_text())["/**"]["ros__parameters"]
+
+    def flatten(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    declared = set(client.list_parameters())
+    undeclared = set(flatten(parameters)) - declared
+    assert not undeclared, f"parameters file sets undeclared parameters: {undeclared}"

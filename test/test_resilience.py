@@ -1,0 +1,273 @@
+"""Issue 8, resilience: fuzzed frames, misbehaving models, bursts, quiet cameras, parameter storms.
+
+Everything runs against the real installed node over DDS, except the fuzzing of the decode and
+classify path, which calls the node's own decode function and the pipeline in-process so that
+hypothesis can try thousands of messages.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rosutil import RosClient, image_message, node_process, rss_mb
+
+ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "32FC1", "8UC1", "8UC3", "16UC1",
+             "yuv422", "bayer_rggb8", "64FC1", "", "RGB8", "rgb16"]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    from mixclf_ros.image import PreprocessConfig
+    from mixclf_ros.models import load_model, zoo_config
+    from mixclf_ros.pipeline import CertifiedClassifier
+
+    torch.set_num_threads(1)
+    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
+    config = PreprocessConfig(output_channels=1, output_height=28, output_width=28)
+    return CertifiedClassifier(standard, robust, config, torch.device("cpu"))
+
+
+@st.composite
+def image_messages(draw):
+    from sensor_msgs.msg import Image
+
+    height, width = draw(st.integers(0, 40)), draw(st.integers(0, 40))
+    step = draw(st.one_of(st.integers(0, 200), st.just(width * 3), st.just(width)))
+    length = draw(st.one_of(st.just(step * height), st.integers(0, 6000)))
+    data = draw(st.binary(min_size=min(length, 6000), max_size=min(length, 6000)))
+    return Image(height=height, width=width, step=step, encoding=draw(st.sampled_from(ENCODINGS)),
+                 is_bigendian=draw(st.integers(0, 1)), data=data)
+
+
+@st.composite
+def compressed_messages(draw):
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    if draw(st.booleans()):
+        data = draw(st.binary(max_size=2000))
+    else:  # a real PNG/JPEG, possibly truncated
+        pixels = np.frombuffer(draw(st.binary(min_size=48, max_size=48)), np.uint8).reshape(4, 4, 3)
+        extension = draw(st.sampled_from([".png", ".jpg"]))
+        data = cv2.imencode(extension, pixels)[1].tobytes()
+        data = data[: draw(st.integers(0, len(data)))]
+    return CompressedImage(format=draw(st.sampled_from(["png", "jpeg", "rgb8; png", ""])), data=data)
+
+
+def check_decode_and_classify(classifier, message) -> None:
+    from mixclf_ros.image import BadImageError
+    from mixclf_ros.node import MixclfNode
+    from mixclf_ros.pipeline import LiveSettings, Status
+
+    try:
+        decoded = MixclfNode._decode(message)
+    except BadImageError as error:
+        assert str(error)
+        return
+    [result] = classifier.classify([decoded], LiveSettings(alpha=0.6, safe_radius=0.0))
+    assert result.status in (Status.OK, Status.BAD_INPUT), result.status_message
+    if result.status == Status.OK:
+        assert 0 <= result.class_id < 10 and 0.0 <= result.probability <= 1.0
+        assert math.isfinite(result.certified_radius) and result.certified_radius >= 0
+    else:
+        assert not result.safe and result.status_message
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(message=image_messages())
+def test_fuzzed_images_never_raise(classifier, message):
+    check_decode_and_classify(classifier, message)
+
+
+@settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(message=compressed_messages())
+def test_fuzzed_compressed_images_never_raise(classifier, message):
+    check_decode_and_classify(classifier, message)
+
+
+# ------------------------------------------------------------------------------ over DDS
+@pytest.fixture(scope="module")
+def faulty_node(tmp_path_factory, installed_prefix):
+    """The node with the zoo's standard model and a robust model that misbehaves on cue."""
+    import faulty_models
+    import rclpy
+
+    directory = tmp_path_factory.mktemp("faulty")
+    torch.manual_seed(0)
+    weights = directory / "tripwire.pt"
+    torch.save(faulty_models.tripwire().state_dict(), weights)
+    log = directory / "mixclf_node.log"
+    overrides = {
+        "robust_model.architecture": "faulty_models:tripwire", "robust_model.weights": str(weights),
+        "robust_model.sha256": "''", "robust_model.kind": "lipschitz", "robust_model.lipschitz_constant": 0.05,
+        "robust_model.mean": "[0.0]", "robust_model.std": "[1.0]", "camera_timeout": 1.0,
+        "diagnostics_period": 0.25, "max_image_age": 5.0,
+    }
+    args = ["--params-file", str(REPO_ROOT / "config" / "mixclf.yaml")]
+    for name, value in overrides.items():
+        args += ["-p", f"{name}:={value}"]
+    env = {"PYTHONPATH": f"{REPO_ROOT / 'test'}:" + __import__("os").environ.get("PYTHONPATH", "")}
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    with node_process("mixclf_node", *args, log_path=log, env=env) as process:
+        client = RosClient(context, name="fault_client")
+        try:
+            client.wait_until_ready()
+            yield client, process, log
+        finally:
+            client.close()
+            rclpy.try_shutdown(context=context)
+    assert process.returncode == 0, log.read_text()[-3000:]
+
+
+def grey_frame(value: int) -> np.ndarray:
+    return np.full((56, 56, 3), value, np.uint8)
+
+
+def send(client: RosClient, frames: dict[str, np.ndarray], period: float = 0.05, timeout: float = 20.0) -> dict:
+    for frame_id, pixels in frames.items():
+        client.image_publisher.publish(image_message(pixels, frame_id, client.node))
+        time.sleep(period)
+    return client.wait_for(set(frames), timeout=timeout)
+
+
+def test_model_exception_and_nan_give_model_error_and_node_recovers(faulty_node):
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    client, process, _ = faulty_node
+    got = send(client, {"raise": grey_frame(255), "nan": grey_frame(217), "fine": grey_frame(60)}, period=0.3)
+    assert got["raise"].status == Msg.STATUS_MODEL_ERROR and "tripwire" in got["raise"].status_message
+    assert got["nan"].status == Msg.STATUS_MODEL_ERROR and "non-finite" in got["nan"].status_message
+    assert not got["raise"].safe and not got["nan"].safe and got["raise"].class_id == -1
+    assert got["fine"].status == Msg.STATUS_OK
+    assert process.poll() is None
+
+
+def test_stalling_model_then_latency_recovers(faulty_node):
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    client, _, _ = faulty_node
+    client.image_publisher.publish(image_message(grey_frame(191), "stall", client.node))
+    time.sleep(0.2)
+    during = {f"during-{i}": grey_frame(60) for i in range(10)}  # arrive while the model stalls
+    send(client, during, period=0.1, timeout=5.0)
+    stalled = client.wait_for({"stall"}, timeout=10)
+    assert stalled["stall"].status == Msg.STATUS_OK
+    processed_during = client.results_for(set(during))
+    assert len(processed_during) < len(during), "frames queued behind a stalled model instead of being dropped"
+    time.sleep(0.5)
+    start = time.monotonic()
+    after = send(client, {"after-stall": grey_frame(60)}, period=0.0, timeout=5.0)
+    assert after["after-stall"].status == Msg.STATUS_OK
+    assert time.monotonic() - start < 1.0, "latency did not recover after the stall"
+
+
+def test_burst_of_200_frames(faulty_node):
+    client, process, _ = faulty_node
+    rss_before = rss_mb(process.pid)
+    burst = {f"burst-{i}": grey_frame(40 + i % 20) for i in range(200)}
+    for frame_id, pixels in burst.items():
+        client.image_publisher.publish(image_message(pixels, frame_id, client.node))
+    time.sleep(2.0)
+    got = client.results_for(set(burst))
+    assert got, "no result for a burst of 200 frames"
+    assert all(not r.safe or r.certified_radius >= r.safe_radius for r in got.values())
+    after = send(client, {"after-burst": grey_frame(60)}, period=0.0, timeout=3.0)
+    assert "after-burst" in after
+    assert rss_mb(process.pid) - rss_before < 50
+
+
+def test_quiet_camera_is_reported_in_diagnostics(faulty_node):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+    client, _, _ = faulty_node
+    arrays: list[DiagnosticArray] = []
+    subscription = client.node.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 10)
+    try:
+        time.sleep(2.5)  # no frames for longer than camera_timeout (1 s)
+        statuses = [s for a in arrays for s in a.status if "camera" in s.name]
+        assert statuses, "no camera diagnostics"
+        latest = statuses[-1]
+        assert latest.level == DiagnosticStatus.WARN and "quiet" in latest.message
+        values = {kv.key: kv.value for kv in latest.values}
+        assert int(values["frames_received"]) > 0 and "frames_dropped_newer_arrived" in values
+    finally:
+        client.node.destroy_subscription(subscription)
+
+
+def test_parameter_storm_while_streaming(faulty_node):
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    client, process, _ = faulty_node
+    stop = threading.Event()
+
+    def stream():
+        index = 0
+        while not stop.is_set():
+            client.image_publisher.publish(image_message(grey_frame(60), f"storm-{index}", client.node))
+            index += 1
+            time.sleep(1 / 30)
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    rng = random.Random(0)
+    answers = []
+    try:
+        futures = []
+        for _ in range(60):
+            value = rng.choice([rng.uniform(0.5, 1.0), rng.uniform(-2, 3), math.nan, math.inf])
+            futures.append((value, client.parameters.set_parameters(
+                [__import__("rclpy").parameter.Parameter("alpha", value=value)])))
+        deadline = time.monotonic() + 30
+        while not all(f.done() for _, f in futures) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answers = [(value, f.result().results[0]) for value, f in futures if f.done()]
+    finally:
+        stop.set()
+        streamer.join()
+    assert len(answers) == 60, "some SetParameters calls were never answered"
+    for value, result in answers:
+        assert result.successful == (0.0 <= value <= 1.0), (value, result.reason)
+    assert client.set_parameters(alpha=0.6)[0].successful
+    got = send(client, {"post-storm": grey_frame(60)}, period=0.0, timeout=5.0)
+    assert got["post-storm"].status == Msg.STATUS_OK and got["post-storm"].alpha == pytest.approx(0.6)
+    assert process.poll() is None
+
+
+def test_parameter_fuzzing_every_declared_parameter(faulty_node):
+    from rcl_interfaces.msg import ParameterType, ParameterValue
+
+    client, process, _ = faulty_node
+    names = [n for n in client.list_parameters() if not n.startswith("qos_overrides")]
+    rng = random.Random(1)
+    candidates = [
+        ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=True),
+        ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=-7),
+        ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float("nan")),
+        ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=0.75),
+        ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=1e30),
+        ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="\x00garbage"),
+        ParameterValue(type=ParameterType.PARAMETER_STRING_ARRAY, string_array_value=["a", "b"]),
+        ParameterValue(type=ParameterType.PARAMETER_DOUBLE_ARRAY, double_array_value=[1.0, -1.0]),
+        ParameterValue(type=ParameterType.PARAMETER_NOT_SET),
+    ]
+    for name in names:
+        for value in rng.sample(candidates, 4):
+            result = client.set_raw_parameter(name, value)
+            assert result.successful or result.reason, (name, value)
+    assert process.poll() is None
+    # the live parameters still hold valid values
+    alpha, safe_radius = client.get_parameters("alpha", "safe_radius")
+    assert 0.0 <= alpha.double_value <= 1.0 and safe_radius.double_value >= 0.0
+    assert client.set_parameters(alpha=0.6, safe_radius=0.0)[0].successful
