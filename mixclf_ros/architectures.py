@@ -41,15 +41,14 @@ def fmnist_small_cnn(num_classes: int = 10, mean: Sequence[float] = FASHION_MNIS
 
 def fmnist_lipschitz_cnn(num_classes: int = 10, mean: Sequence[float] = (0.0,),
                          std: Sequence[float] = (1.0,)) -> nn.Sequential:
-    """Lipschitz-bounded CNN (no BatchNorm, no normalisation gain): convolutions 1-32 (3x3),
-    32-64 (4x4, stride 2), 64-64 (4x4, stride 2), then 3136-128-num_classes; the last layer's
-    scale includes the temperature chosen after training. Its l2 bound is computed by
-    `mixclf_ros.lipschitz` (exact FFT spectral norms of the convolutions)."""
+    """Lipschitz-bounded CNN: no BatchNorm, no normalisation gain, stride-1 convolutions (whose l2
+    norm `mixclf_ros.lipschitz` computes exactly from their FFT) and non-overlapping 2x2 average
+    pooling (l2 norm exactly 1/2): convolutions 1-32, 32-64 (3x3), then 3136-128-num_classes. The
+    last layer's scale includes the temperature chosen after training."""
     return nn.Sequential(
         Normalize(mean, std),
-        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 64, 4, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
         nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, num_classes),
     )
 

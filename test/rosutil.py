@@ -48,7 +48,7 @@ class RosClient:
     """A test-side rclpy node spun in a background thread: publishes frames, collects results,
     sets parameters through the SetParameters service (what `ros2 param set` does)."""
 
-    def __init__(self, context, name: str = "test_client", node_name: str = "mixclf"):
+    def __init__(self, context, name: str = "test_client", node_name: str = "mixclf", reliable: bool = False):
         import rclpy
         from mixclf_ros.msg import CertifiedClassification
         from rclpy.executors import MultiThreadedExecutor
@@ -59,11 +59,14 @@ class RosClient:
         self.node = rclpy.create_node(name, context=context)
         self.results: list[CertifiedClassification] = []
         self.lock = threading.Lock()
-        best_effort = QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
-        self.image_publisher = self.node.create_publisher(Image, "image", best_effort)
-        self.compressed_publisher = self.node.create_publisher(CompressedImage, "image/compressed", best_effort)
+        frames_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
+                                else ReliabilityPolicy.BEST_EFFORT)
+        self.image_publisher = self.node.create_publisher(Image, "image", frames_qos)
+        self.compressed_publisher = self.node.create_publisher(CompressedImage, "image/compressed", frames_qos)
         self.node.create_subscription(CertifiedClassification, "certified_classification", self._on_result, 100)
-        self.parameters = AsyncParameterClient(self.node, node_name)
+        self.target_node = node_name
+        # deep response queue: a storm of concurrent requests must not overflow the client side
+        self.parameters = AsyncParameterClient(self.node, node_name, qos_profile=QoSProfile(depth=1000))
         self.executor = MultiThreadedExecutor(num_threads=2, context=context)
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -126,7 +129,7 @@ class RosClient:
         from rcl_interfaces.msg import Parameter as ParameterMsg
         from rcl_interfaces.srv import SetParameters
 
-        client = self.node.create_client(SetParameters, f"/{self.parameters._remote_node_name}/set_parameters")
+        client = self.node.create_client(SetParameters, f"/{self.target_node}/set_parameters")
         assert client.wait_for_service(timeout_sec=20.0)
         future = client.call_async(SetParameters.Request(parameters=[ParameterMsg(name=name, value=parameter_value)]))
         deadline = time.monotonic() + 20

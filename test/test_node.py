@@ -37,9 +37,13 @@ def running_node(tmp_path_factory, installed_prefix):
     log = tmp_path_factory.mktemp("node") / "mixclf_node.log"
     context = rclpy.context.Context()
     rclpy.init(context=context)
-    with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "enable_compressed:=true",
+    # Reliable frames: Fast DDS loses best-effort 900 KB frames between processes here (see README);
+    # these tests check every frame's result. Best-effort delivery is tested in test_resilience.
+    reliable = ["-p", "qos_overrides./image.subscription.reliability:=reliable",
+                "-p", "qos_overrides./image/compressed.subscription.reliability:=reliable"]
+    with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "enable_compressed:=true", *reliable,
                       log_path=log) as process:
-        client = RosClient(context)
+        client = RosClient(context, reliable=True)
         try:
             client.wait_until_ready()
             yield client, process, log

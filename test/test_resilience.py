@@ -112,7 +112,7 @@ def faulty_node(tmp_path_factory, installed_prefix):
         "robust_model.architecture": "faulty_models:tripwire", "robust_model.weights": str(weights),
         "robust_model.sha256": "''", "robust_model.kind": "lipschitz", "robust_model.lipschitz_constant": 0.05,
         "robust_model.mean": "[0.0]", "robust_model.std": "[1.0]", "camera_timeout": 1.0,
-        "diagnostics_period": 0.25, "max_image_age": 5.0,
+        "diagnostics_period": 0.25, "max_image_age": 5.0, "crop_height": 0, "crop_width": 0,
     }
     args = ["--params-file", str(REPO_ROOT / "config" / "mixclf.yaml")]
     for name, value in overrides.items():
@@ -140,6 +140,13 @@ def send(client: RosClient, frames: dict[str, np.ndarray], period: float = 0.05,
         client.image_publisher.publish(image_message(pixels, frame_id, client.node))
         time.sleep(period)
     return client.wait_for(set(frames), timeout=timeout)
+
+
+def test_best_effort_publisher_is_received(faulty_node):
+    """The node's default subscription (sensor-data QoS) takes best-effort frames."""
+    client, _, _ = faulty_node
+    got = send(client, {f"best-effort-{i}": grey_frame(60) for i in range(5)}, period=0.1, timeout=5.0)
+    assert got, "no best-effort frame got a result"
 
 
 def test_model_exception_and_nan_give_model_error_and_node_recovers(faulty_node):

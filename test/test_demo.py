@@ -1,0 +1,97 @@
+"""Issue 7: `make demo`'s command runs end to end over DDS, and its figures are right."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FRAMES = 12
+ATTACK_EPS = 30.0  # l2 in frame pixels in [0, 1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, installed_prefix) -> dict:
+    summary_file = tmp_path_factory.mktemp("demo") / "summary.json"
+    command = [sys.executable, "-m", "mixclf_ros.demo", "--frames", str(FRAMES), "--rate", "4",
+               "--attack-eps", str(ATTACK_EPS), "--alpha-schedule", "6:0.8", "--summary-file", str(summary_file),
+               "--start-index", "100"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return {"stdout": result.stdout, "summary": json.loads(summary_file.read_text())}
+
+
+def test_demo_exits_cleanly_with_a_result_for_every_frame(demo_run):
+    summary = demo_run["summary"]
+    assert summary["total"]["results"] == FRAMES
+    assert len(summary["records"]) == FRAMES
+    assert sorted(r["index"] for r in summary["records"]) == list(range(100, 100 + FRAMES))
+    assert all(r["status"] == 0 for r in summary["records"])
+    assert "== summary" in demo_run["stdout"]
+    # the alpha schedule was applied live: results before and after the change
+    alphas = [round(r["alpha"], 2) for r in summary["records"]]
+    assert alphas[0] == 0.6 and alphas[-1] == 0.8
+    leftover = subprocess.run(["pgrep", "-f", "mixclf_ros.(node|camera_sim|monitor)"], capture_output=True)
+    assert leftover.returncode == 1, f"orphaned processes: {leftover.stdout}"
+
+
+def test_the_attack_fools_the_standard_model(demo_run):
+    records = demo_run["summary"]["records"]
+    fooled = sum(r["standard"] != r["label"] for r in records)
+    assert fooled >= 0.6 * len(records), f"standard model fooled on only {fooled}/{len(records)} frames"
+
+
+def test_monitor_figures_agree_with_a_direct_computation(demo_run):
+    """Re-renders the same frames (same images, same seeded attack) and classifies them with the
+    library directly: the node's predictions, radii and the monitor's counts must agree."""
+    from mixclf_ros.attacks import pgd
+    from mixclf_ros.data import load_fashion_mnist
+    from mixclf_ros.image import PreprocessConfig, article_budget, decode_image, embed_article, quantize_towards
+    from mixclf_ros.models import load_model, zoo_config
+    from mixclf_ros.pipeline import CertifiedClassifier, LiveSettings
+
+    torch.set_num_threads(1)
+    images, labels = load_fashion_mnist("test")
+    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
+    classifier = CertifiedClassifier(standard, robust, PreprocessConfig(crop_height=476, crop_width=476),
+                                     torch.device("cpu"))
+    budget = article_budget(ATTACK_EPS, "l2", scale=17)
+    records = demo_run["summary"]["records"]
+    correct = {"standard": 0, "robust": 0, "mixed": 0}
+    for record in records:
+        index = record["index"]
+        x = torch.from_numpy(images[index]).float()[None, None] / 255
+        x_adv = pgd(standard, x, torch.tensor([int(labels[index])]), eps=budget, norm="l2", steps=20,
+                    generator=torch.Generator().manual_seed(index))
+        article = quantize_towards(images[index], x_adv[0, 0].detach().double().numpy())
+        frame = embed_article(article)
+        decoded = decode_image("rgb8", 480, 640, 640 * 3, frame.tobytes())
+        [result] = classifier.classify([decoded], LiveSettings(alpha=record["alpha"], safe_radius=budget))
+        assert result.class_id == record["mixed"] and result.standard_class_id == record["standard"]
+        assert result.robust_class_id == record["robust"] and result.safe == record["safe"]
+        assert result.certified_radius == pytest.approx(record["certified_radius"], rel=1e-4, abs=1e-6)
+        for name, predicted in (("standard", record["standard"]), ("robust", record["robust"]),
+                                ("mixed", record["mixed"])):
+            correct[name] += int(predicted == labels[index])
+    assert demo_run["summary"]["total"]["correct"] == correct
+    safe = sum(r["safe"] for r in records)
+    assert demo_run["summary"]["total"]["safe"] == safe
+    assert np.isclose(100 * correct["mixed"] / len(records),
+                      float(demo_run["stdout"].split("== summary")[1].split("mixed")[1].split("%")[0]), atol=0.051)
+
+
+def test_demo_launch_file_declares_the_demo_options():
+    import ast
+
+    source = (Path(__file__).resolve().parents[1] / "launch" / "demo.launch.py").read_text()
+    tree = ast.parse(source)
+    executables = {ast.literal_eval(k.value) for node in ast.walk(tree) if isinstance(node, ast.Call)
+                   for k in node.keywords if k.arg == "executable"}
+    assert executables == {"mixclf_node", "mixclf_camera_sim", "mixclf_monitor"}
+    for option in ("rate", "attack_eps", "alpha_schedule", "frames", "noise_std", "compressed"):
+        assert f'"{option}"' in source, option
