@@ -1,6 +1,6 @@
 """The demo with separate nodes on a ROS 2 install: camera simulator -> mixclf -> monitor.
 
-    ros2 launch mixclf_ros demo.launch.py rate:=5 attack_eps:=30 alpha_schedule:=20:0.3,40:0.8
+    ros2 launch mixclf_ros demo.launch.py rate:=5 attack_eps:=15 alpha_schedule:=20:0.3,40:1.0
 
 Same options as `make demo ARGS=...`. safe_radius defaults to the attack's size at the model input
 (attack_eps / (17 * sqrt(3)) for the default 17x upscaling in three channels).
@@ -23,11 +23,11 @@ def generate_launch_description() -> LaunchDescription:
         "params_file": (default_params, "parameters file of the mixclf node"),
         "frames": ("0", "frames to publish (0: until stopped)"),
         "rate": ("5.0", "camera rate in Hz"),
-        "attack_eps": ("30.0", "PGD on the standard model, l2 in frame pixels in [0,1] (0: off)"),
+        "attack_eps": ("15.0", "PGD on the standard model, l2 in frame pixels in [0,1] (0: off)"),
         "attack_steps": ("20", "PGD steps"),
         "noise_std": ("0.0", "Gaussian noise std in [0,1] pixels"),
         "alpha": ("0.6", "initial alpha"),
-        "alpha_schedule": ("20:0.3,40:0.8", "result index:alpha pairs set live by the monitor"),
+        "alpha_schedule": ("20:0.3,40:1.0", "result index:alpha pairs set live by the monitor"),
         "compressed": ("false", "also publish and classify PNG frames"),
         "device": ("auto", "auto | cpu | cuda:N"),
     }

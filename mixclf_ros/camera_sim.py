@@ -20,6 +20,7 @@ the frame's stamp, for the monitor.
 from __future__ import annotations
 
 import json
+import time
 
 import cv2
 import numpy as np
@@ -52,23 +53,39 @@ class CameraSimulator(Node):
         self.attack_eps = declare("attack_eps", 0.0).value
         self.attack_norm = declare("attack_norm", "l2").value
         self.attack_steps = declare("attack_steps", 20).value
+        # Real cameras publish best effort; the demo publishes reliably so that every frame is
+        # accounted for (Fast DDS drops best-effort 900 KB frames between processes, see README).
+        reliability = declare("reliability", "reliable").value
         self.rng = np.random.default_rng(declare("seed", 0).value)
         if self.attack_norm not in ("l2", "linf"):
             raise ValueError("attack_norm must be l2 or linf")
 
         self.images, self.labels = load_fashion_mnist("test")
         self.standard = load_model(zoo_config("standard")) if self.attack_eps > 0 else None
-        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable"
+                         else ReliabilityPolicy.BEST_EFFORT)
         self.image_publisher = self.create_publisher(Image, "image", qos)
         self.compressed_publisher = self.create_publisher(CompressedImage, "image/compressed", qos)
         self.truth_publisher = self.create_publisher(String, "ground_truth", 100)
         self.sent = 0
+        wait_s = declare("wait_for_subscribers", 10.0).value
+        if wait_s > 0 and not self.wait_for_subscribers(wait_s):
+            self.get_logger().warn(f"no subscriber on image and ground_truth after {wait_s} s; publishing anyway")
         self.timer = self.create_timer(1.0 / self.rate, self._publish_next)
         self.get_logger().info(
             f"publishing {self.width}x{self.height} rgb8 at {self.rate} Hz"
             + (f", PGD-{self.attack_steps} on the standard model, {self.attack_norm} eps {self.attack_eps}"
                " (frame pixels in [0,1])" if self.attack_eps > 0 else "")
             + (f", noise std {self.noise_std}" if self.noise_std > 0 else ""))
+
+    def wait_for_subscribers(self, timeout: float) -> bool:
+        """Waits until the classifier and the monitor are matched, so no frame goes to nobody."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.image_publisher.get_subscription_count() and self.truth_publisher.get_subscription_count():
+                return True
+            rclpy.spin_once(self, timeout_sec=0.1)
+        return False
 
     @property
     def done(self) -> bool:

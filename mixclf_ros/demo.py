@@ -41,13 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=60, help="frames to classify (0: until Ctrl-C)")
     parser.add_argument("--rate", type=float, default=5.0, help="camera rate in Hz")
-    parser.add_argument("--attack-eps", type=float, default=30.0,
+    parser.add_argument("--attack-eps", type=float, default=15.0,
                         help="PGD on the standard model, l2 radius in frame pixels in [0,1] (0: no attack)")
     parser.add_argument("--attack-steps", type=int, default=20)
     parser.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise std, [0,1] pixels")
     parser.add_argument("--alpha", type=float, default=0.6, help="initial alpha")
-    parser.add_argument("--alpha-schedule", default="20:0.3,40:0.8",
-                        help="result index:alpha pairs applied live, e.g. 20:0.3,40:0.8 ('' for none)")
+    parser.add_argument("--alpha-schedule", default="20:0.3,40:1.0",
+                        help="result index:alpha pairs applied live, e.g. 20:0.3,40:1.0 ('' for none)")
     parser.add_argument("--compressed", action="store_true", help="also publish and classify PNG frames")
     parser.add_argument("--params-file", default=default_params_file())
     parser.add_argument("--device", default="auto")
@@ -60,12 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def wait_until_active(timeout: float) -> bool:
     """Polls the node's lifecycle state over its get_state service."""
     import rclpy
+    import rclpy.executors
     from lifecycle_msgs.msg import State
     from lifecycle_msgs.srv import GetState
 
     context = rclpy.context.Context()
     rclpy.init(context=context)
     node = rclpy.create_node("mixclf_demo_waiter", context=context)
+    executor = rclpy.executors.SingleThreadedExecutor(context=context)
     client = node.create_client(GetState, "mixclf/get_state")
     deadline = time.monotonic() + timeout
     active = False
@@ -73,11 +75,12 @@ def wait_until_active(timeout: float) -> bool:
         while time.monotonic() < deadline and not active:
             if client.wait_for_service(timeout_sec=0.5):
                 future = client.call_async(GetState.Request())
-                rclpy.spin_until_future_complete(node, future, timeout_sec=2.0, executor=None)
+                rclpy.spin_until_future_complete(node, future, timeout_sec=2.0, executor=executor)
                 active = future.done() and future.result().current_state.id == State.PRIMARY_STATE_ACTIVE
             if not active:
                 time.sleep(0.2)
     finally:
+        executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown(context=context)
     return active
@@ -101,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     safe_radius = article_budget(args.attack_eps, "l2", scale=17) if args.attack_eps > 0 else 0.0
     node_args = ["--ros-args", "--params-file", args.params_file, "-p", f"alpha:={args.alpha}",
                  "-p", f"safe_radius:={safe_radius}", "-p", f"device:={args.device}",
-                 "-p", f"enable_compressed:={str(args.compressed).lower()}"]
+                 "-p", f"enable_compressed:={str(args.compressed).lower()}",
+                 # the demo camera publishes reliably, so every frame gets a result
+                 "-p", "qos_overrides./image.subscription.reliability:=reliable",
+                 "-p", "qos_overrides./image/compressed.subscription.reliability:=reliable"]
     sim_args = ["--ros-args", "-p", f"rate:={args.rate}", "-p", f"frames:={args.frames}",
                 "-p", f"attack_eps:={args.attack_eps}", "-p", f"attack_steps:={args.attack_steps}",
                 "-p", f"noise_std:={args.noise_std}", "-p", f"start_index:={args.start_index}",

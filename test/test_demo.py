@@ -65,7 +65,7 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
     correct = {"standard": 0, "robust": 0, "mixed": 0}
     for record in records:
         index = record["index"]
-        x = torch.from_numpy(images[index]).float()[None, None] / 255
+        x = torch.from_numpy(images[index].copy()).float()[None, None] / 255
         x_adv = pgd(standard, x, torch.tensor([int(labels[index])]), eps=budget, norm="l2", steps=20,
                     generator=torch.Generator().manual_seed(index))
         article = quantize_towards(images[index], x_adv[0, 0].detach().double().numpy())
