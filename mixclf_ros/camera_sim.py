@@ -62,7 +62,8 @@ class CameraSimulator(Node):
 
         self.images, self.labels = load_fashion_mnist("test")
         self.standard = load_model(zoo_config("standard")) if self.attack_eps > 0 else None
-        qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable"
+        # depth 5: a frame is not replaced in the writer's history before the reader acknowledged it
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable"
                          else ReliabilityPolicy.BEST_EFFORT)
         self.image_publisher = self.create_publisher(Image, "image", qos)
         self.compressed_publisher = self.create_publisher(CompressedImage, "image/compressed", qos)
@@ -70,7 +71,7 @@ class CameraSimulator(Node):
         self.sent = 0
         wait_s = declare("wait_for_subscribers", 10.0).value
         if wait_s > 0 and not self.wait_for_subscribers(wait_s):
-            self.get_logger().warn(f"no subscriber on image and ground_truth after {wait_s} s; publishing anyway")
+            self.get_logger().warning(f"no subscriber on image and ground_truth after {wait_s} s; publishing anyway")
         self.timer = self.create_timer(1.0 / self.rate, self._publish_next)
         self.get_logger().info(
             f"publishing {self.width}x{self.height} rgb8 at {self.rate} Hz"

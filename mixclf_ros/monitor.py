@@ -97,7 +97,7 @@ class Monitor(Node):
         self.lock = threading.Lock()
         self.parameters = AsyncParameterClient(self, self.target)
         if not self.parameters.wait_for_services(timeout_sec=15.0):
-            self.get_logger().warn(f"parameter services of /{self.target} not found: alpha cannot be changed")
+            self.get_logger().warning(f"parameter services of /{self.target} not found: alpha cannot be changed")
         self.create_subscription(String, "ground_truth", self._on_truth, 100)
         self.create_subscription(CertifiedClassification, "certified_classification", self._on_result, 100)
         self.names = FASHION_MNIST_CLASSES

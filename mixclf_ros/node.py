@@ -233,7 +233,7 @@ class MixclfNode(LifecycleNode):
         if "max_image_age" in changes:
             self._max_image_age = changes["max_image_age"]
         if "alpha" in changes and changes["alpha"] < 0.5:
-            self.get_logger().warn(f"alpha = {changes['alpha']} < 0.5: no certificate, every frame unsafe")
+            self.get_logger().warning(f"alpha = {changes['alpha']} < 0.5: no certificate, every frame unsafe")
         return SetParametersResult(successful=True)
 
     def _model_config(self, prefix: str) -> dict:
@@ -473,7 +473,7 @@ class MixclfNode(LifecycleNode):
         now = time.monotonic()
         if now - self._log_times.get(key, -math.inf) >= period_s:
             self._log_times[key] = now
-            self.get_logger().warn(text)
+            self.get_logger().warning(text)
 
     # ---------------------------------------------------------------- diagnostics
     def _publish_diagnostics(self) -> None:

@@ -75,6 +75,10 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
         assert result.class_id == record["mixed"] and result.standard_class_id == record["standard"]
         assert result.robust_class_id == record["robust"] and result.safe == record["safe"]
         assert result.certified_radius == pytest.approx(record["certified_radius"], rel=1e-4, abs=1e-6)
+        if result.safe:  # the guarantee itself: the clean frame gets the attacked frame's class
+            clean = decode_image("rgb8", 480, 640, 640 * 3, embed_article(images[index]).tobytes())
+            [clean_result] = classifier.classify([clean], LiveSettings(alpha=record["alpha"], safe_radius=0.0))
+            assert clean_result.class_id == result.class_id, f"certificate violated on test image {index}"
         for name, predicted in (("standard", record["standard"]), ("robust", record["robust"]),
                                 ("mixed", record["mixed"])):
             correct[name] += int(predicted == labels[index])
