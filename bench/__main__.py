@@ -42,6 +42,9 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
+# Reliable frames everywhere: Fast DDS drops best-effort 900 KB frames between processes here
+# (README, "Large images and Fast DDS"); a lost ping would measure the timeout, not the node.
+RELIABLE = ["-p", "qos_overrides./image.subscription.reliability:=reliable"]
 RESULTS = REPO_ROOT / "bench" / "results"
 
 
@@ -65,7 +68,7 @@ class Session:
 
         self.context = rclpy.context.Context()
         rclpy.init(context=self.context)
-        self.client = RosClient(self.context, name=name)
+        self.client = RosClient(self.context, name=name, reliable=True)
 
     def close(self) -> None:
         import rclpy
@@ -75,13 +78,16 @@ class Session:
 
 
 def wait_for_first_result(client: RosClient, frame: np.ndarray, timeout: float = 120.0) -> None:
-    """Sends frames until one comes back (node up and warm, DDS discovery done)."""
+    """Sends frames until one comes back classified (node active and warm, discovery done); a
+    relay's answers (status 0 too) count as well."""
+    client.clear()
     deadline = time.monotonic() + timeout
     index = 0
     while time.monotonic() < deadline:
         frame_id = f"warm-{index}"
         client.image_publisher.publish(image_message(frame, frame_id, client.node))
-        if client.wait_for({frame_id}, timeout=0.5):
+        found = client.wait_for({frame_id}, timeout=0.5)
+        if found and found[frame_id].status == 0:
             return
         index += 1
     raise RuntimeError("no result from the node")
@@ -89,6 +95,7 @@ def wait_for_first_result(client: RosClient, frame: np.ndarray, timeout: float =
 
 def ping_pong(client: RosClient, frames: list[np.ndarray], count: int) -> list[float]:
     """Latency in ms of `count` frames sent one at a time, each after the previous result."""
+    client.clear()  # results of an earlier measurement carry the same frame ids
     wait_for_first_result(client, frames[0])
     for index in range(10):  # warm-up of the measured path
         client.image_publisher.publish(image_message(frames[index % len(frames)], f"w{index}", client.node))
@@ -99,7 +106,8 @@ def ping_pong(client: RosClient, frames: list[np.ndarray], count: int) -> list[f
         message = image_message(frames[index % len(frames)], frame_id, client.node)
         start = time.perf_counter()
         client.image_publisher.publish(message)
-        if client.wait_for({frame_id}, timeout=5):
+        found = client.wait_for({frame_id}, timeout=2)
+        if found and found[frame_id].status == 0:
             latencies.append(1e3 * (time.perf_counter() - start))
     return latencies
 
@@ -173,7 +181,7 @@ def bench_latency(work: Path, count: int) -> dict:
     out = {}
     session = Session("bench_latency")
     try:
-        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0", *RELIABLE,
                           log_path=work / "node.log"):
             node_ms = ping_pong(session.client, frames, count)
         relay = [sys.executable, str(REPO_ROOT / "bench" / "relay_node.py")]
@@ -202,7 +210,8 @@ def bench_latency(work: Path, count: int) -> dict:
                    "-p", "resize:=bilinear", "-p", "max_image_age:=0.0", "-p", "class_names:=['']"]
     session = Session("bench_latency_resnet")
     try:
-        with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, log_path=work / "resnet.log"):
+        with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, *RELIABLE,
+                          log_path=work / "resnet.log"):
             node_ms = ping_pong(session.client, frames, max(20, count // 4))
         with subprocess_node(relay, work / "relay2.log"):
             relay_ms = ping_pong(session.client, frames, max(20, count // 4))
@@ -249,7 +258,7 @@ def bench_naive(work: Path, seconds: float) -> dict:
     frames = demo_frames()
     out = {}
     for name, starter in (
-        ("mixclf_node", lambda: node_process("mixclf_node", "--params-file", str(CONFIG),
+        ("mixclf_node", lambda: node_process("mixclf_node", "--params-file", str(CONFIG), *RELIABLE,
                                              "-p", "max_image_age:=0.0", log_path=work / "node_naive.log")),
         ("naive_node", lambda: subprocess_node([sys.executable, str(REPO_ROOT / "bench" / "naive_node.py")],
                                                work / "naive.log")),
@@ -285,7 +294,7 @@ def bench_cameras(work: Path, seconds: float, counts=(1, 2, 4, 8)) -> dict:
         topics = [f"cam{i}/image" for i in range(cameras)]
         for layout in ("one_node", "separate_nodes"):
             session = Session(f"bench_cameras_{cameras}_{layout}")
-            qos = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
+            qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
             publishers = [session.client.node.create_publisher(Image, topic, qos) for topic in topics]
             try:
                 with _camera_nodes(work, topics, layout):
@@ -304,6 +313,8 @@ class _camera_nodes:  # noqa: N801
     def __init__(self, work: Path, topics: list[str], layout: str):
         self.contexts = []
         base = ["--params-file", str(CONFIG), "-p", "max_image_age:=0.0"]
+        base += [arg for topic in topics
+                 for arg in ("-p", f"qos_overrides./{topic}.subscription.reliability:=reliable")]
         if layout == "one_node":
             listing = "[" + ",".join(f"'{t}'" for t in topics) + "]"
             self.specs = [(base + ["-p", f"image_topics:={listing}"], work / "cams_one.log")]
@@ -387,7 +398,7 @@ def bench_soak(work: Path, seconds: float) -> dict:
     session = Session("bench_soak")
     samples = []
     try:
-        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0", *RELIABLE,
                           log_path=work / "soak.log") as process:
             wait_for_first_result(session.client, frames[0])
             stop = threading.Event()

@@ -16,7 +16,8 @@ def main() -> int:
     def relay(image: Image) -> None:
         publisher.publish(CertifiedClassification(header=image.header))
 
-    node.create_subscription(Image, "image", relay, QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT))
+    # the same QoS as the mixclf node in the benchmark: depth 1, reliable (see bench/__main__.py)
+    node.create_subscription(Image, "image", relay, QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,10 @@ def _read_idx(path: Path, expected_dims: tuple[int, ...]) -> np.ndarray:
         raise DatasetMissingError(
             f"{path} not found: install Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
             f"(or `make setup`), or set MIXCLF_FASHION_MNIST_DIR to a folder with the four .gz files")
-    raw = gzip.decompress(path.read_bytes())
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: not a readable gzip file ({error}); reinstall dataset-fashion-mnist") from error
     magic = int.from_bytes(raw[:4], "big")
     dims = magic & 0xFF
     if magic >> 8 != 0x08 or dims != len(expected_dims):  # 0x08: unsigned byte data
@@ -68,7 +72,7 @@ def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float32 (N, C, H, W) in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    tensor = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).div_(255.0)
     return tensor.unsqueeze(1) if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
 

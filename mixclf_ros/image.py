@@ -402,7 +402,8 @@ class Preprocessor:
         host = np.empty((len(crops), crop_height, crop_width, first.pixels.shape[2]), dtype=host_dtype)
         for index, crop in enumerate(crops):
             host[index] = crop
-        samples = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2)  # N, C_in, h, w
+        # contiguous NCHW: pooling a channels-last view is several times slower on the CPU
+        samples = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2).contiguous()  # N, C_in, h, w
 
         order = first.channel_order
         if order in ("mono", "rgb"):

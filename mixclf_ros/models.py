@@ -106,6 +106,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     def fail(key: str, why: str) -> None:
         raise ModelConfigError(f"model config key '{key}' = {merged[key]!r}: {why}")
 
+    for key in ("architecture", "weights", "sha256", "kind", "norm", "class_names_file"):
+        if not isinstance(merged[key], str):
+            fail(key, "must be a string")
     for key in ("num_classes", "input_channels", "input_height", "input_width", "n0", "n"):
         if isinstance(merged[key], bool) or not isinstance(merged[key], int) or merged[key] <= 0:
             fail(key, "must be a positive integer")
@@ -176,8 +179,18 @@ def _build_architecture(config: dict[str, Any]) -> tuple[nn.Module, bool]:
         builder = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ModelConfigError(f"model config key 'architecture' = '{name}': cannot import ({error})") from error
-    accepts_classes = "num_classes" in inspect.signature(builder).parameters
-    return (builder(num_classes=num_classes) if accepts_classes else builder()), False
+    if not callable(builder):
+        raise ModelConfigError(f"model config key 'architecture' = '{name}': {attribute} is not callable")
+    try:
+        accepts_classes = "num_classes" in inspect.signature(builder).parameters
+        network = builder(num_classes=num_classes) if accepts_classes else builder()
+    except Exception as error:
+        raise ModelConfigError(f"model config key 'architecture' = '{name}': building the model failed: "
+                               f"{type(error).__name__}: {error}") from error
+    if not isinstance(network, nn.Module):
+        raise ModelConfigError(f"model config key 'architecture' = '{name}': returned a {type(network).__name__}, "
+                               "not a torch.nn.Module")
+    return network, False
 
 
 class LoadedModel(nn.Module):
@@ -239,8 +252,17 @@ def load_model(config: dict[str, Any]) -> LoadedModel:
         try:
             network.load_state_dict(state)
         except RuntimeError as error:
-            raise ModelConfigError(f"model config key 'architecture' = '{config['architecture']}' does not match "
-                                   f"the weights in {path}: {str(error).splitlines()[0]} ...") from error
+            details = " ".join(str(error).split())[:300]
+            raise ModelConfigError(f"model config keys 'architecture' = '{config['architecture']}' / 'num_classes' = "
+                                   f"{config['num_classes']} / 'input_channels' do not match the weights in {path}: "
+                                   f"{details}") from error
+        if normalises:  # the weights carry their own mean/std buffers: they must be the configured ones
+            stored = network[0]
+            if not (torch.allclose(stored.mean, torch.tensor(config["mean"]), atol=1e-6)
+                    and torch.allclose(stored.std, torch.tensor(config["std"]), atol=1e-6)):
+                raise ModelConfigError(f"model config keys 'mean'/'std' = {config['mean']}/{config['std']} differ from "
+                                       f"those stored with the weights in {path}: {stored.mean.tolist()}/"
+                                       f"{stored.std.tolist()}")
     if not normalises:
         network = nn.Sequential(Normalize(config["mean"], config["std"]), network)
     network.eval()

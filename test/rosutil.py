@@ -58,7 +58,7 @@ class RosClient:
 
         self.node = rclpy.create_node(name, context=context)
         self.results: list[CertifiedClassification] = []
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         frames_qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE if reliable
                                 else ReliabilityPolicy.BEST_EFFORT)
         self.image_publisher = self.node.create_publisher(Image, "image", frames_qos)
@@ -75,6 +75,7 @@ class RosClient:
     def _on_result(self, message) -> None:
         with self.lock:
             self.results.append(message)
+            self.lock.notify_all()
 
     def close(self) -> None:
         self.executor.shutdown()
@@ -89,13 +90,16 @@ class RosClient:
             return {r.header.frame_id: r for r in self.results if r.header.frame_id in frame_ids}
 
     def wait_for(self, frame_ids: set[str], timeout: float = 20.0) -> dict:
+        """Results for `frame_ids`, as soon as all have arrived (woken by each arrival), or
+        whatever arrived within `timeout` seconds."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.results_for(frame_ids)
-            if len(found) == len(frame_ids):
-                return found
-            time.sleep(0.02)
-        return self.results_for(frame_ids)
+        with self.lock:
+            while True:
+                found = {r.header.frame_id: r for r in self.results if r.header.frame_id in frame_ids}
+                remaining = deadline - time.monotonic()
+                if len(found) == len(frame_ids) or remaining <= 0:
+                    return found
+                self.lock.wait(remaining)
 
     def wait_until_ready(self, timeout: float = 90.0) -> None:
         """Publishes a probe frame until a result with status OK comes back."""
