@@ -6,14 +6,14 @@ It publishes CertifiedClassification (class only, no certificate)."""
 import numpy as np
 import rclpy
 import torch
-from mixclf_ros.models import load_model, zoo_config
-from mixclf_ros.msg import CertifiedClassification
 from PIL import Image as PILImage
 from rclpy.executors import ExternalShutdownException
 from sensor_msgs.msg import Image
 from torchvision import transforms
 
 from mixclf_ros.mixing import mix_log_probs
+from mixclf_ros.models import load_model, zoo_config
+from mixclf_ros.msg import CertifiedClassification
 
 
 def main() -> int:

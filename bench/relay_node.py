@@ -2,10 +2,11 @@
 QoS and publishes a CertifiedClassification with its header, doing no work at all."""
 
 import rclpy
-from mixclf_ros.msg import CertifiedClassification
 from rclpy.executors import ExternalShutdownException
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
+
+from mixclf_ros.msg import CertifiedClassification
 
 
 def main() -> int:

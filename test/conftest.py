@@ -18,6 +18,7 @@ os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
 def ros_available() -> bool:
     try:
         import rclpy  # noqa: F401
+
         from mixclf_ros.msg import CertifiedClassification  # noqa: F401
     except ImportError:
         return False

@@ -50,11 +50,12 @@ class RosClient:
 
     def __init__(self, context, name: str = "test_client", node_name: str = "mixclf", reliable: bool = False):
         import rclpy
-        from mixclf_ros.msg import CertifiedClassification
         from rclpy.executors import MultiThreadedExecutor
         from rclpy.parameter_client import AsyncParameterClient
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage, Image
+
+        from mixclf_ros.msg import CertifiedClassification
 
         self.node = rclpy.create_node(name, context=context)
         self.results: list[CertifiedClassification] = []

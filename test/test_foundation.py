@@ -27,7 +27,6 @@ REQUIRED_FIELDS = {
 
 def test_message_has_the_contract_fields_and_constants():
     from mixclf_ros.msg import CertifiedClassification as Msg
-
     from mixclf_ros.pipeline import NORM_CODES, CertificateMethod, Status
 
     fields = Msg.get_fields_and_field_types()
@@ -47,8 +46,9 @@ def test_message_has_the_contract_fields_and_constants():
 
 def test_publisher_and_subscriber_exchange_the_message_over_dds(rclpy_context):
     import rclpy
-    from mixclf_ros.msg import CertifiedClassification as Msg
     from rclpy.executors import SingleThreadedExecutor
+
+    from mixclf_ros.msg import CertifiedClassification as Msg
 
     talker = rclpy.create_node("contract_talker", context=rclpy_context)
     listener = rclpy.create_node("contract_listener", context=rclpy_context)

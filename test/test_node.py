@@ -122,8 +122,9 @@ def test_alpha_set_live_and_invalid_values_rejected(running_node, fashion_test):
 
 
 def test_bad_inputs_get_bad_input_and_node_keeps_serving(running_node, fashion_test):
-    from mixclf_ros.msg import CertifiedClassification as Msg
     from sensor_msgs.msg import CompressedImage, Image
+
+    from mixclf_ros.msg import CertifiedClassification as Msg
 
     client, process, _ = running_node
     now = client.node.get_clock().now().to_msg()
@@ -160,6 +161,7 @@ def test_bad_inputs_get_bad_input_and_node_keeps_serving(running_node, fashion_t
 
 def test_stale_frame_is_stale(running_node, fashion_test):
     from builtin_interfaces.msg import Time
+
     from mixclf_ros.msg import CertifiedClassification as Msg
 
     client, _, _ = running_node
