@@ -134,28 +134,26 @@ def stream(client: RosClient, frames: list[np.ndarray], rate: float, seconds: fl
     return sent, results, latencies, len(results) / seconds
 
 
-def received_latency(client: RosClient) -> None:
-    """Stamp the arrival time of every result, so latency = arrival - header stamp."""
-    original = client._on_result
-
-    def on_result(message):
-        message._arrival_ns = client.node.get_clock().now().nanoseconds
-        original(message)
-
-    client._on_result = on_result
-    # re-create the subscription with the wrapped callback
+def received_latency(client: RosClient) -> dict[str, int]:
+    """Records the arrival time (ns, ROS clock) of every result by frame id, so that
+    latency = arrival - header stamp. Returns the dict it fills."""
     from mixclf_ros.msg import CertifiedClassification
 
+    arrivals: dict[str, int] = {}
+
+    def on_result(message) -> None:
+        arrivals.setdefault(message.header.frame_id, client.node.get_clock().now().nanoseconds)
+
     client.node.create_subscription(CertifiedClassification, "certified_classification", on_result, 100)
+    return arrivals
 
 
-def stamp_latencies(results: dict) -> list[float]:
+def stamp_latencies(results: dict, arrivals: dict[str, int]) -> list[float]:
     values = []
-    for result in results.values():
-        arrival = getattr(result, "_arrival_ns", None)
-        if arrival is not None:
+    for frame_id, result in results.items():
+        if frame_id in arrivals:
             stamp = result.header.stamp.sec * 10**9 + result.header.stamp.nanosec
-            values.append((arrival - stamp) * 1e-6)
+            values.append((arrivals[frame_id] - stamp) * 1e-6)
     return values
 
 
@@ -265,7 +263,7 @@ def bench_naive(work: Path, seconds: float) -> dict:
     ):
         session = Session(f"bench_{name}")
         try:
-            received_latency(session.client)
+            arrivals = received_latency(session.client)
             with starter():
                 wait_for_first_result(session.client, frames[0])
                 sent, results, _, _ = stream(session.client, frames, 30.0, seconds)
@@ -274,7 +272,7 @@ def bench_naive(work: Path, seconds: float) -> dict:
                 results = session.client.results_for(set(sent))
         finally:
             session.close()
-        latencies = stamp_latencies(results)
+        latencies = stamp_latencies(results, arrivals)
         out[name] = {"sent": len(sent), "received": len(results), "throughput_hz": len(results) / seconds,
                      "latency_ms": {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}}
     out["latency_ratio_p50_naive_over_ours"] = (
@@ -513,7 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report[name], indent=1), flush=True)
         print(f"bench: {name} took {time.monotonic() - start:.0f} s", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(report, indent=1))
+    latest = RESULTS / "latest.json"
+    if latest.exists() and set(selected) != set(steps):  # a partial run updates its sections only
+        report = {**json.loads(latest.read_text()), **report}
+    latest.write_text(json.dumps(report, indent=1))
     write_markdown(report, "make bench" + (f" ARGS='{' '.join(argv)}'" if argv else ""))
     print(f"bench: logs in {work}; summary in docs/BENCHMARKS.md")
     return 0

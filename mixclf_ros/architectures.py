@@ -19,7 +19,7 @@ FASHION_MNIST_STD = (0.3530,)
 
 def fmnist_cnn(num_classes: int = 10, mean: Sequence[float] = FASHION_MNIST_MEAN,
                std: Sequence[float] = FASHION_MNIST_STD) -> nn.Sequential:
-    """Accurate standard CNN: 4 convolutions (32-32-64-64), 2 max-pools, 2 linear layers; 0.42 M params."""
+    """Accurate standard CNN: 4 convolutions (32-32-64-64), 2 max-pools, 2 linear layers; 0.47 M params."""
     return nn.Sequential(
         Normalize(mean, std),
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
