@@ -380,6 +380,7 @@ def test_check_compatible(weights_dir: Path):
         check_compatible(standard, standard)  # a standard model gives no certificate
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in favour of torch.export
 def test_check_compatible_input_shape(tmp_path: Path):
     def save_scripted(height: int, width: int) -> Path:
         path = tmp_path / f"m{height}x{width}.ts"
