@@ -36,6 +36,26 @@ def node_process(executable: str, *ros_args: str, log_path: Path, env: dict | No
         log.close()
 
 
+@contextmanager
+def node_with_client(*ros_args: str, log_path: Path, env: dict | None = None, client_name: str = "test_client",
+                 reliable: bool = False):
+    """The installed mixclf node with `ros_args`, and a `RosClient` that has seen it classify a
+    frame; yields (client, process). Checks the node exits 0 on SIGINT."""
+    import rclpy
+
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    with node_process("mixclf_node", *ros_args, log_path=log_path, env=env) as process:
+        client = RosClient(context, name=client_name, reliable=reliable)
+        try:
+            client.wait_until_ready()
+            yield client, process
+        finally:
+            client.close()
+            rclpy.try_shutdown(context=context)
+    assert process.returncode == 0, f"node exit code {process.returncode}: {log_path.read_text()[-3000:]}"
+
+
 def rss_mb(pid: int) -> float:
     """Resident set size of a process in MiB (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -130,6 +130,7 @@ def test_attacked_accuracy_never_exceeds_clean_accuracy(standard, robust, data, 
             assert 0.0 <= row[key] <= row["clean_accuracy"], (key, row)
         if autoattack:
             assert row["mix_worst_accuracy"] <= min(row[key] for key in attacked[2:6])
+        assert row["worst_accuracy"] <= min(row[key] for key in attacked)
     assert any(0.0 < row[key] < row["clean_accuracy"] for row in result.rows for key in attacked)
     expected = {"pgd_std", "pgd_rob", "pgd_mix"} | ({"autoattack_apgd_ce_apgd_t_square"} if autoattack else set())
     assert set(result.throughput) == expected

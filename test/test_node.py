@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO_ROOT
-from rosutil import RosClient, image_message, node_process, rss_mb
+from rosutil import RosClient, image_message, node_with_client, rss_mb
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 
@@ -32,25 +32,15 @@ def fashion_test():
 
 @pytest.fixture(scope="module")
 def running_node(tmp_path_factory, installed_prefix):
-    import rclpy
 
     log = tmp_path_factory.mktemp("node") / "mixclf_node.log"
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
     # Reliable frames: Fast DDS loses best-effort 900 KB frames between processes here (see README);
     # these tests check every frame's result. Best-effort delivery is tested in test_resilience.
     reliable = ["-p", "qos_overrides./image.subscription.reliability:=reliable",
                 "-p", "qos_overrides./image/compressed.subscription.reliability:=reliable"]
-    with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "enable_compressed:=true", *reliable,
-                      log_path=log) as process:
-        client = RosClient(context, reliable=True)
-        try:
-            client.wait_until_ready()
-            yield client, process, log
-        finally:
-            client.close()
-            rclpy.try_shutdown(context=context)
-    assert process.returncode == 0, f"node exit code {process.returncode}; log {log}"
+    with node_with_client("--params-file", str(CONFIG), "-p", "enable_compressed:=true", *reliable, log_path=log,
+                      reliable=True) as (client, process):
+        yield client, process, log
 
 
 def publish_and_collect(client: RosClient, frames: dict[str, np.ndarray], period: float = 0.05, **kwargs) -> dict:

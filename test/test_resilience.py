@@ -18,7 +18,7 @@ import torch
 from conftest import REPO_ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rosutil import RosClient, image_message, node_process, rss_mb
+from rosutil import RosClient, image_message, node_with_client, rss_mb
 
 ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "32FC1", "8UC1", "8UC3", "16UC1",
              "yuv422", "bayer_rggb8", "64FC1", "", "RGB8", "rgb16"]
@@ -101,7 +101,6 @@ def test_fuzzed_compressed_images_never_raise(classifier, message):
 def faulty_node(tmp_path_factory, installed_prefix):
     """The node with the zoo's standard model and a robust model that misbehaves on cue."""
     import faulty_models
-    import rclpy
 
     directory = tmp_path_factory.mktemp("faulty")
     torch.manual_seed(0)
@@ -118,17 +117,8 @@ def faulty_node(tmp_path_factory, installed_prefix):
     for name, value in overrides.items():
         args += ["-p", f"{name}:={value}"]
     env = {"PYTHONPATH": f"{REPO_ROOT / 'test'}:" + __import__("os").environ.get("PYTHONPATH", "")}
-    context = rclpy.context.Context()
-    rclpy.init(context=context)
-    with node_process("mixclf_node", *args, log_path=log, env=env) as process:
-        client = RosClient(context, name="fault_client")
-        try:
-            client.wait_until_ready()
-            yield client, process, log
-        finally:
-            client.close()
-            rclpy.try_shutdown(context=context)
-    assert process.returncode == 0, log.read_text()[-3000:]
+    with node_with_client(*args, log_path=log, env=env, client_name="fault_client") as (client, process):
+        yield client, process, log
 
 
 def grey_frame(value: int) -> np.ndarray:
