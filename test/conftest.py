@@ -3,7 +3,6 @@ is imported), with discovery kept on this host."""
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,13 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
 
 
-def ros_available() -> bool:
-    try:
-        import rclpy  # noqa: F401
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Small models, small batches: one torch thread is as fast here, and leaves the second core to
+    the node processes the tests start."""
+    import torch
 
-        from mixclf_ros.msg import CertifiedClassification  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +42,3 @@ def rclpy_context():
     yield context
     rclpy.try_shutdown(context=context)
 
-
-def which(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} not on PATH"
-    return path

@@ -12,14 +12,6 @@ from mixclf_ros.layers import Normalize, Residual
 from mixclf_ros.mixing import MixedClassifier
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:
     flat = (a - b).flatten(1).double()
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)

@@ -55,7 +55,6 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
     from mixclf_ros.models import load_model, zoo_config
     from mixclf_ros.pipeline import CertifiedClassifier, LiveSettings
 
-    torch.set_num_threads(1)
     images, labels = load_fashion_mnist("test")
     standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
     classifier = CertifiedClassifier(standard, robust, PreprocessConfig(crop_height=476, crop_width=476),

@@ -23,14 +23,6 @@ SIDE = 12
 INPUT_SHAPE = (1, SIDE, SIDE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def prototypes() -> torch.Tensor:
     return torch.rand(CLASSES, *INPUT_SHAPE, generator=torch.Generator().manual_seed(123)) * 0.6 + 0.2
 

@@ -61,15 +61,6 @@ def exploding_builder(num_classes: int = 10) -> nn.Module:
 NOT_A_MODULE = 42  # referenced as 'test_models:NOT_A_MODULE'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """A training run shares this machine: keep the tests on one core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ helpers
 def save_state(module: nn.Module, path: Path) -> Path:
     torch.save(module.state_dict(), path)

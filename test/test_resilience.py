@@ -30,7 +30,6 @@ def classifier():
     from mixclf_ros.models import load_model, zoo_config
     from mixclf_ros.pipeline import CertifiedClassifier
 
-    torch.set_num_threads(1)
     standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
     config = PreprocessConfig(output_channels=1, output_height=28, output_width=28)
     return CertifiedClassifier(standard, robust, config, torch.device("cpu"))
