@@ -384,11 +384,39 @@ def bench_smoothing() -> dict:
 
 
 def bench_certify() -> dict:
+    """Certificate arithmetic (batch 64, 10 classes) against one forward pass of both demo models
+    on the same batch (issue target: under 1 %), plus bench/bench_certify.py's figures."""
+    from mixclf_ros import certify
+    from mixclf_ros.models import load_model, zoo_config
+
+    torch.set_num_threads(1)
+    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
+    x = torch.rand(64, *robust.input_shape)
+
+    def median_ms(function, repeats: int) -> float:
+        for _ in range(5):
+            function()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            times.append(1e3 * (time.perf_counter() - start))
+        return statistics.median(times)
+
+    with torch.inference_mode():
+        forward_ms = median_ms(lambda: (standard(x), robust(x)), 50)
+        probs = torch.softmax(robust(x), dim=1)
+        lipschitz_ms = median_ms(lambda: certify.lipschitz_radius(probs, robust.lipschitz_constant, 0.6), 500)
+        p_lower = torch.rand(64, dtype=torch.float64) * 0.5 + 0.5
+        smoothing_ms = median_ms(lambda: certify.smoothing_radius(p_lower, 1 - p_lower, 0.25, 0.6), 500)
+    demo = {"forward_both_demo_models_batch64_ms": forward_ms, "lipschitz_radius_ms": lipschitz_ms,
+            "smoothing_radius_ms": smoothing_ms, "lipschitz_radius_fraction": lipschitz_ms / forward_ms,
+            "smoothing_radius_fraction": smoothing_ms / forward_ms, "target_fraction": 0.01}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_certify.py")],
                             capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
-        return {"error": result.stderr[-2000:]}
-    return json.loads(result.stdout[result.stdout.index("{"):])
+        return {"demo_models": demo, "error": result.stderr[-2000:]}
+    return {"demo_models": demo, **json.loads(result.stdout[result.stdout.index("{"):])}
 
 
 def bench_soak(work: Path, seconds: float) -> dict:
