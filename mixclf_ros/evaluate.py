@@ -325,7 +325,9 @@ def describe_model(model: nn.Module, label: str) -> dict[str, Any]:
     for key in ("architecture", "weights"):
         if key in config:
             summary[key] = config[key]
-    for attribute in ("sha256", "norm", "lipschitz_constant", "lipschitz_source", "sigma", "n0", "n", "beta"):
+    by_kind = {"lipschitz": ("norm", "lipschitz_constant", "lipschitz_source"), "empirical": ("norm",),
+               "smoothing": ("sigma", "n0", "n", "beta")}
+    for attribute in ("sha256", *by_kind.get(summary["kind"], ())):
         value = getattr(model, attribute, None)
         if value is not None:
             summary[attribute] = value
@@ -464,7 +466,9 @@ class SweepResult:
     rows: one dict per alpha with `alpha`, `clean_accuracy_all` (every evaluated clean image),
         `clean_accuracy` (the attacked subset), `std_accuracy`, `rob_accuracy`, `mix_pgd_accuracy`
         and, with AutoAttack, `mix_apgd_ce_accuracy`, `mix_apgd_t_accuracy`, `mix_square_accuracy`
-        (each: robust to PGD and to that attack) and `mix_worst_accuracy` (robust to all four).
+        (each: robust to PGD and to that attack) and `mix_worst_accuracy` (robust to all four);
+        `worst_accuracy`: correct under every attack run at that alpha (STD, ROB, MIX and
+        AutoAttack), the per-sample worst case.
     reference: accuracies of g and h alone (clean, and under the STD / ROB attack aimed at them).
     throughput: images per second of each attack (AutoAttack: its three attacks together).
     """
@@ -554,6 +558,7 @@ def run_sweep(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labe
             "rob_accuracy": mean_or_nan(rob_correct),
             "mix_pgd_accuracy": mean_or_nan(mix_correct),
         }
+        robust_to_all = std_correct & rob_correct & mix_correct
         if autoattack and autoattack_alphas is not None and not any(
                 math.isclose(alpha, chosen) for chosen in autoattack_alphas):
             for name in AUTOATTACK_NAMES:
@@ -577,6 +582,8 @@ def run_sweep(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labe
             for name in AUTOATTACK_NAMES:
                 row[f"mix_{name.replace('-', '_')}_accuracy"] = mean_or_nan(per_attack[name])
             row["mix_worst_accuracy"] = mean_or_nan(worst_correct)
+            robust_to_all &= worst_correct
+        row["worst_accuracy"] = mean_or_nan(robust_to_all)
         rows.append(row)
     throughput = {
         "pgd_std": images_per_second(images.shape[0], seconds_std),
@@ -1001,6 +1008,7 @@ def plot_sweep(result: SweepResult, path: Path, title: str) -> None:
                                                                    "tab:red", "-")]
     if result.autoattack:
         series.append(("mix_worst_accuracy", "MIX worst case (PGD+APGD-CE/T+Square)", "tab:purple", ":"))
+    series.append(("worst_accuracy", "worst case over all attacks", "tab:green", "-"))
     for key, label, color, style in series:
         points = [(alpha, row[key]) for alpha, row in zip(alphas, result.rows) if not math.isnan(row[key])]
         axes.plot([p[0] for p in points], [p[1] for p in points], style, color=color, marker="o", markersize=3,
@@ -1246,18 +1254,22 @@ def _command_sweep(args, header, pair, data, runtime, out: Path, stem: str) -> N
                        autoattack=args.autoattack, autoattack_iterations=args.autoattack_iterations,
                        autoattack_targets=args.autoattack_targets, autoattack_alphas=args.autoattack_alphas)
     write_csv(out / f"{stem}.csv", result.rows)
+    attacked_subset = ("all evaluated images" if attacked.numel() == data.labels.shape[0] else
+                       f"data.evaluation_subset({attacked.numel()}, seed={args.seed}) of the evaluated images")
     write_json(out / f"{stem}.json", {**header, "attack": attack, "num_clean": result.num_clean,
-                                      "num_attacked": result.num_attacked, "reference": result.reference,
+                                      "num_attacked": result.num_attacked, "attacked_subset": attacked_subset,
+                                      "reference": result.reference,
                                       "throughput_images_per_second": result.throughput, "rows": result.rows})
     title = f"g={pair.standard_label}, h={pair.robust_label}\n{attack.describe()}"
     plot_sweep(result, out / f"{stem}.png", title)
     columns = ["alpha", "clean_accuracy_all", "clean_accuracy", "std_accuracy", "rob_accuracy", "mix_pgd_accuracy"]
     if result.autoattack:
         columns.append("mix_worst_accuracy")
+    columns.append("worst_accuracy")
     print(f"{attack.describe()}; clean on {result.num_clean} images, attacks on {result.num_attacked}")
-    print(format_table(["alpha", "clean(all)", "clean", "STD", "ROB", "MIX"] + (["MIX worst"] if result.autoattack
-                                                                                else []),
-                       [[row[column] for column in columns] for row in result.rows]))
+    headers = ["alpha", "clean(all)", "clean", "STD", "ROB", "MIX"]
+    headers += ["MIX+AA", "worst"] if result.autoattack else ["worst"]
+    print(format_table(headers, [[row[column] for column in columns] for row in result.rows]))
     print("reference: " + ", ".join(f"{key}={value:.4f}" for key, value in result.reference.items()))
     print("images/s: " + ", ".join(f"{key}={value:.1f}" for key, value in result.throughput.items()))
 
