@@ -816,7 +816,7 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
                     radii: Sequence[float] | None = None, num_radii: int = 101,
                     baseline: nn.Module | None = None, baseline_label: str = "",
                     baseline_sigma: float | None = None, n0: int | None = None, n: int | None = None,
-                    beta: float | None = None) -> CertifyResult:
+                    beta: float | None = None, sigma: float | None = None) -> CertifyResult:
     """Certified accuracy vs radius of the mixture at each alpha (Theorem 1; for a smoothed robust
     model also Theorem 2), and of a baseline robust model of equal clean accuracy (paper Fig. 3).
 
@@ -826,10 +826,15 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
     (`match_alpha`). Without either, the baseline is the robust model alone at alpha = 1.
 
     Radii: `radii`, or `num_radii` points from 0 to the largest certified radius found.
+    n0 / n / beta override the smoothing settings of both smoothed models, `sigma` the noise level
+    of the robust model (e.g. a larger sigma than it was trained with, as the paper's Fig. 3 mixes
+    a large-sigma model and compares it with a smaller-sigma baseline).
     """
     runtime = runtime or Runtime()
     logits_g = predict_logits(standard, images, runtime, "standard model").double()
-    certificates = robust_certificates(robust, images, runtime, n0=n0, n=n, beta=beta)
+    if sigma is not None and getattr(robust, "kind", None) != "smoothing":
+        raise EvaluationError("--sigma applies to a smoothing robust model only")
+    certificates = robust_certificates(robust, images, runtime, n0=n0, n=n, beta=beta, sigma=sigma)
     curves = []
     for alpha in alphas:
         accuracy = mixture_clean_accuracy(logits_g, certificates, labels, alpha)
@@ -1208,6 +1213,8 @@ def build_parser() -> argparse.ArgumentParser:
     certify_parser.add_argument("--baseline", metavar="NAME", help="zoo name of a baseline robust model")
     certify_parser.add_argument("--baseline-sigma", type=float, default=None,
                                 help="smoothing: baseline = the robust base network smoothed with this sigma")
+    certify_parser.add_argument("--sigma", type=float, default=None,
+                                help="smoothing: noise level of the robust model (default: its config)")
     certify_parser.add_argument("--n0", type=int, default=None, help="smoothing selection samples")
     certify_parser.add_argument("--n", type=int, default=None, help="smoothing estimation samples")
     certify_parser.add_argument("--beta", type=float, default=None,
@@ -1293,7 +1300,7 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
     result = certify_mixture(pair.standard, pair.robust, data.images, data.labels, args.alphas, runtime,
                              radii=args.radii, num_radii=args.num_radii, baseline=baseline,
                              baseline_label=args.baseline or "", baseline_sigma=args.baseline_sigma,
-                             n0=args.n0, n=args.n, beta=args.beta)
+                             n0=args.n0, n=args.n, beta=args.beta, sigma=args.sigma)
     long_rows = [{"model": curve["model"], "theorem": curve["theorem"], "alpha": curve["alpha"],
                   "radius": radius, "certified_accuracy": accuracy}
                  for curve in result.curves for radius, accuracy in zip(result.radii, curve["accuracy"])]
@@ -1301,7 +1308,9 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
     write_json(out / f"{stem}.json", {**header, "certificate": result.certificate_settings,
                                       "baseline": result.baseline, "radii": result.radii,
                                       "curves": result.curves})
-    plot_certify(result, out / f"{stem}.png", f"g={pair.standard_label}, h={pair.robust_label}")
+    sigma = result.certificate_settings.get("sigma")
+    noise = f" smoothed with sigma={sigma:g}" if sigma is not None else ""
+    plot_certify(result, out / f"{stem}.png", f"g={pair.standard_label}, h={pair.robust_label}{noise}")
     print(f"certificate: {result.certificate_settings}")
     print(f"baseline: {result.baseline}")
     probe = _probe_radii(result.radii)
