@@ -894,23 +894,26 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
 
 def design_comparison(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                       gammas: Sequence[float], attack: PGDSettings, runtime: Runtime | None = None,
-                      trusts: Sequence[str] | None = None, spaces: Sequence[str] | None = None
-                      ) -> list[dict[str, Any]]:
+                      trusts: Sequence[str] | None = None, spaces: Sequence[str] | None = None,
+                      known_rows: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """Fig. 1: clean and PGD-attacked accuracy of eq. 3 (`design.SmoothedClassifier`) for each trust
     term R_i(x), each space (logits / probabilities, then log) and each gamma.
 
     The attack is end-to-end PGD (`attacks.pgd`) on the eq. 3 scores, differentiating through the
     gradient-norm trust terms as well (double backpropagation), on the clean-correct samples.
     Returns one dict per (trust, space, gamma): `trust`, `space`, `gamma`, `clean_accuracy`,
-    `attacked_accuracy`, `images_per_second` (of the attack).
+    `attacked_accuracy`, `images_per_second` (of the attack). Points already in `known_rows` (same
+    keys, from an earlier run with the same models, data and attack) are reused, not recomputed.
     """
     from mixclf_ros import design
 
     runtime = runtime or Runtime()
     trusts = tuple(trusts or design.TRUST_TERMS)
     spaces = tuple(spaces or design.SPACES)
-    rows = []
-    combinations = [(trust, space, gamma) for trust in trusts for space in spaces for gamma in gammas]
+    known = {(row["trust"], row["space"], float(row["gamma"])): row for row in known_rows}
+    rows = [dict(row) for row in known_rows]
+    combinations = [(trust, space, float(gamma)) for trust in trusts for space in spaces for gamma in gammas
+                    if (trust, space, float(gamma)) not in known]
     for trust, space, gamma in tqdm(combinations, desc="design grid", disable=not runtime.progress,
                                     unit="point"):
         scored = design.SmoothedClassifier(standard, robust, float(gamma), trust=trust, space=space,
@@ -1096,14 +1099,16 @@ def plot_design(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     for trust, space in keys:
         points = sorted((row["gamma"], row["clean_accuracy"], row["attacked_accuracy"]) for row in rows
                         if row["trust"] == trust and row["space"] == space)
-        axes.plot([p[1] for p in points], [p[2] for p in points], "-" if space == "probabilities" else "--",
-                  marker="o", markersize=3, color=colors(trusts.index(trust)),
-                  label=f"{names.get(trust, trust)}, {'softmax' if space == 'probabilities' else 'logits'}")
+        probabilities = space == "probabilities"
+        axes.plot([p[1] for p in points], [p[2] for p in points], "-" if probabilities else "--",
+                  marker="o" if probabilities else "s", markersize=3.5, linewidth=1.4,
+                  color=colors(trusts.index(trust)),
+                  label=f"{names.get(trust, trust)}, {'softmax' if probabilities else 'logits'}")
     axes.set_xlabel("clean accuracy")
     axes.set_ylabel("PGD-attacked accuracy")
-    axes.set_title(title, fontsize=9)
+    axes.set_title(title + "\n(each curve: gamma from 0 to large; up and right is better)", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, handlelength=3.5)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -1228,6 +1233,9 @@ def build_parser() -> argparse.ArgumentParser:
                                help="comma-separated R_i(x) names (default: all of design.TRUST_TERMS)")
     design_parser.add_argument("--spaces", type=parse_names, default=None,
                                help="logits,probabilities (default: both)")
+    design_parser.add_argument("--resume", action="store_true",
+                               help="keep the points of an earlier run with the same output name, models, "
+                               "data and attack, and compute only the missing ones")
     return parser
 
 
@@ -1334,8 +1342,9 @@ def _accuracy_at(grid: Sequence[float], accuracy: Sequence[float], radius: float
 
 def _command_design(args, header, pair, data, runtime, out: Path, stem: str) -> None:
     attack = _attack_settings(args, 10)
+    known_rows = _resumable_rows(out / f"{stem}.json", header, attack) if args.resume else []
     rows = design_comparison(pair.standard, pair.robust, data.images, data.labels, args.gammas, attack, runtime,
-                             trusts=args.trusts, spaces=args.spaces)
+                             trusts=args.trusts, spaces=args.spaces, known_rows=known_rows)
     write_csv(out / f"{stem}.csv", rows)
     write_json(out / f"{stem}.json", {**header, "attack": attack, "rows": rows})
     plot_design(rows, out / f"{stem}.png",
@@ -1344,6 +1353,20 @@ def _command_design(args, header, pair, data, runtime, out: Path, stem: str) -> 
     print(format_table(["trust", "space", "gamma", "clean", "attacked"],
                        [[row["trust"], row["space"], row["gamma"], row["clean_accuracy"],
                          row["attacked_accuracy"]] for row in rows]))
+
+
+def _resumable_rows(path: Path, header: dict[str, Any], attack: PGDSettings) -> list[dict[str, Any]]:
+    """Rows of an earlier design run in `path`, if it used the same models, data, seed and attack."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    same = (earlier.get("attack") == _json_ready(attack)
+            and all(earlier["models"][role].get("sha256") == header["models"][role].get("sha256")
+                    for role in ("standard", "robust"))
+            and earlier.get("data") == header["data"] and earlier.get("seed") == header["seed"])
+    if not same:
+        raise EvaluationError(f"--resume: {path} comes from other models, data, seed or attack settings")
+    return earlier["rows"]
 
 
 COMMANDS = {"sweep": _command_sweep, "margins": _command_margins, "certify": _command_certify,

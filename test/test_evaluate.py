@@ -306,7 +306,8 @@ def test_cli_margins(workspace, tmp_path):
     assert (tmp_path / "margins_l2.png").exists() and (tmp_path / "margins_l2.csv").exists()
 
 
-@pytest.mark.parametrize("params, extra", [("params", []), ("smoothing", ["--baseline-sigma", "0.12"])])
+@pytest.mark.parametrize("params, extra", [("params", []),
+                                           ("smoothing", ["--sigma", "0.3", "--baseline-sigma", "0.12"])])
 def test_cli_certify(workspace, tmp_path, params, extra):
     run_cli(workspace, tmp_path, "certify", "--params", str(workspace[params]), "--alphas", "0.3,0.6,1",
             "--num-radii", "11", "--limit", "32", "--name", "cert", *extra)
@@ -319,6 +320,8 @@ def test_cli_certify(workspace, tmp_path, params, extra):
             assert max(accuracy) == 0.0
     theorems = {curve["theorem"] for curve in report["curves"]}
     assert theorems == ({"theorem1"} if params == "params" else {"theorem1", "theorem2"})
+    if params == "smoothing":
+        assert report["certificate"]["sigma"] == 0.3 and report["certificate"]["beta"] == pytest.approx(0.01)
     lines = (tmp_path / "cert.csv").read_text().splitlines()
     assert lines[0] == "model,theorem,alpha,radius,certified_accuracy"
     assert len(lines) == 1 + 11 * len(report["curves"])
@@ -336,6 +339,15 @@ def test_cli_design(workspace, tmp_path):
     at_zero = {row["clean_accuracy"] for row in rows if row["gamma"] == 0.0}
     assert len(at_zero) == 1
     assert (tmp_path / "design_linf.png").exists() and (tmp_path / "design_linf.csv").exists()
+    # --resume keeps those 8 points and computes only the new trust term's.
+    run_cli(workspace, tmp_path, "design", "--params", str(workspace["params"]), "--trusts", "grad_max_g",
+            "--gammas", "0,1", "--steps", "2", "--eps", "0.15", "--limit", "16", "--resume")
+    resumed = json.loads((tmp_path / "design_linf.json").read_text())["rows"]
+    assert resumed[:8] == rows and {row["trust"] for row in resumed[8:]} == {"grad_max_g"}
+    assert len(resumed) == 12
+    assert evaluate.main(["design", "--params", str(workspace["params"]), "--image-folder", str(workspace["images"]),
+                          "--out", str(tmp_path), "--no-progress", "--steps", "3", "--eps", "0.15",
+                          "--limit", "16", "--resume"]) == 2  # other attack settings: refused
 
 
 def test_cli_default_data_is_fashion_mnist(workspace, tmp_path):
