@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import rclpy
 import torch
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -88,6 +89,13 @@ class CameraSimulator(Node):
             rclpy.spin_once(self, timeout_sec=0.1)
         return False
 
+    def wait_for_acknowledgements(self, timeout_s: float) -> bool:
+        """True when reliable subscribers acknowledged everything published (best-effort ones
+        acknowledge nothing and count as done)."""
+        timeout = Duration(seconds=timeout_s)
+        return all(publisher.wait_for_all_acked(timeout)
+                   for publisher in (self.truth_publisher, self.image_publisher, self.compressed_publisher))
+
     @property
     def done(self) -> bool:
         return 0 < self.frames <= self.sent
@@ -138,10 +146,9 @@ def main(args: list[str] | None = None) -> int:
     try:
         while rclpy.ok() and not node.done:
             rclpy.spin_once(node, timeout_sec=0.1)
-        # keep serving discovery a moment so the last frames reach late subscribers
-        end = node.get_clock().now().nanoseconds + 500_000_000
-        while rclpy.ok() and node.get_clock().now().nanoseconds < end:
-            rclpy.spin_once(node, timeout_sec=0.05)
+        # a reliable sample lost on the way is re-sent only after the next heartbeat: stay until
+        # every subscriber has acknowledged the last frames and their ground truth
+        node.wait_for_acknowledgements(timeout_s=5.0)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -94,6 +94,7 @@ class Monitor(Node):
         self.by_alpha: dict[float, Tally] = {}
         self.records: list[dict] = []
         self.alpha_requested: float | None = None
+        self.results_received = 0
         self.lock = threading.Lock()
         self.parameters = AsyncParameterClient(self, self.target)
         if not self.parameters.wait_for_services(timeout_sec=15.0):
@@ -122,6 +123,13 @@ class Monitor(Node):
         self._drain()
 
     def _on_result(self, message: CertifiedClassification) -> None:
+        if not message.header.frame_id.startswith("probe"):
+            # the schedule counts results as they arrive: matching them with the ground truth can
+            # lag (a reliable message recovered late), and the change must not lag with it
+            for index, alpha in self.schedule:
+                if index == self.results_received and alpha != self.alpha_requested:
+                    self.set_alpha(alpha)
+            self.results_received += 1
         self.pending.append(message)
         self._drain()
 
@@ -143,9 +151,6 @@ class Monitor(Node):
             self._record(result, self.truth.pop(key))
 
     def _record(self, result: CertifiedClassification, truth: dict) -> None:
-        for index, alpha in self.schedule:
-            if index == self.total.results and alpha != self.alpha_requested:
-                self.set_alpha(alpha)
         label = truth["label"]
         self.total.add(result, label)
         self.by_alpha.setdefault(round(result.alpha, 3), Tally()).add(result, label)
