@@ -1,6 +1,6 @@
 """`make bench`: speed and memory of the node, measured side by side in one run.
 
-    python -m bench [--only latency,naive,cameras,smoothing,certify,soak] [--soak-seconds 60]
+    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,soak] [--soak-seconds 60]
 
 Every figure is a ratio against a baseline measured in the same run (this machine is shared and
 noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BENCHMARKS.md.
@@ -419,6 +419,29 @@ def bench_certify() -> dict:
     return {"demo_models": demo, **json.loads(result.stdout[result.stdout.index("{"):])}
 
 
+def bench_attacks(images_pgd: int = 256, images_autoattack: int = 16) -> dict:
+    """Images per second of each evaluation attack (issue 6), standard + robust_at at alpha 0.6, linf
+    eps 0.1: PGD-20 aimed at g (STD), at h (ROB) and at the mixture (MIX), and the AutoAttack
+    components (APGD-CE, APGD-T, Square at 100 iterations) on the mixture."""
+    from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
+    from mixclf_ros.evaluate import PGDSettings, Runtime, load_zoo_model, run_sweep
+
+    torch.set_num_threads(2)
+    runtime = Runtime(device=torch.device("cpu"), batch_size=256)
+    standard, robust = load_zoo_model("standard", runtime.device), load_zoo_model("robust_at", runtime.device)
+    images, labels = load_fashion_mnist("test")
+    subset = torch.from_numpy(evaluation_subset())
+    x, y = to_tensor(images)[subset], torch.from_numpy(labels)[subset]
+    attack = PGDSettings(norm="linf", eps=0.1, steps=20)
+    pgd_run = run_sweep(standard, robust, x[:images_pgd], y[:images_pgd], [0.6], attack, runtime)
+    auto_run = run_sweep(standard, robust, x[:images_autoattack], y[:images_autoattack], [0.6], attack, runtime,
+                         autoattack=True)
+    return {"attack": attack.describe(), "images_pgd": images_pgd, "images_autoattack": images_autoattack,
+            "images_per_s": {**pgd_run.throughput,
+                             "autoattack_apgd_ce_apgd_t_square": auto_run.throughput[
+                                 "autoattack_apgd_ce_apgd_t_square"]}}
+
+
 def bench_soak(work: Path, seconds: float) -> dict:
     frames = demo_frames()
     session = Session("bench_soak")
@@ -498,6 +521,14 @@ def write_markdown(report: dict, command: str) -> None:
     certify = report.get("certify")
     if certify:
         lines += ["## Certificate arithmetic", "", "```json", json.dumps(certify, indent=1), "```", ""]
+    attacks = report.get("attacks")
+    if attacks:
+        lines += ["## Evaluation attacks (`mixclf-eval sweep`), images/s", "",
+                  f"{attacks['attack']}, standard + robust_at, alpha 0.6; PGD on {attacks['images_pgd']} "
+                  f"test images, AutoAttack on {attacks['images_autoattack']}.", "",
+                  "| attack | images/s |", "|---|---|"]
+        lines += [f"| {name} | {rate:.1f} |" for name, rate in attacks["images_per_s"].items()]
+        lines.append("")
     soak = report.get("soak")
     if soak:
         lines += ["## Memory soak at 30 Hz", "",
@@ -514,7 +545,7 @@ def write_markdown(report: dict, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,soak")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
@@ -530,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         "cameras": lambda: bench_cameras(work, args.stream_seconds),
         "smoothing": bench_smoothing,
         "certify": bench_certify,
+        "attacks": bench_attacks,
         "soak": lambda: bench_soak(work, args.soak_seconds),
     }
     for name in selected:

@@ -1003,6 +1003,12 @@ def _pyplot():
     return plt
 
 
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path)
+    _pyplot().close(figure)
+
+
 def plot_sweep(result: SweepResult, path: Path, title: str) -> None:
     """Paper Fig. 2: accuracy of the mixture vs alpha, clean and under STD / ROB / MIX attacks."""
     plt = _pyplot()
@@ -1028,9 +1034,7 @@ def plot_sweep(result: SweepResult, path: Path, title: str) -> None:
     axes.set_title(title, fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_margins(table: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -1049,9 +1053,7 @@ def plot_margins(table: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     axes.set_ylim(0.0, 1.1)
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_certify(result: CertifyResult, path: Path, title: str) -> None:
@@ -1082,9 +1084,7 @@ def plot_certify(result: CertifyResult, path: Path, title: str) -> None:
         axes.set_title(f"{title}\n{names.get(theorem, theorem)}", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=6.5)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_design(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -1109,9 +1109,7 @@ def plot_design(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     axes.set_title(title + "\n(each curve: gamma from 0 to large; up and right is better)", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, handlelength=3.5)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
 
 
 # ============================================================================ command line

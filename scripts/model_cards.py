@@ -3,9 +3,11 @@
     python scripts/model_cards.py           # (re)write models/README.md
     python scripts/model_cards.py --check   # exit 1 if models/README.md is out of date
 
-Every number comes from `mixclf_ros/zoo/<name>.json`, written by `python -m mixclf_ros.train <name>`
-at the end of training (its final measurement on the Fashion-MNIST test set); parameter counts
-come from the architecture builders in `mixclf_ros.architectures`. Nothing is re-measured here.
+Every number comes from files: `mixclf_ros/zoo/<name>.json`, written by `python -m mixclf_ros.train
+<name>` at the end of training (its final measurement on the Fashion-MNIST test set), and the
+evaluation CLI's outputs in `docs/results/*.json` (`mixclf-eval`; used only where the sha256 they
+record is the shipped weights' own). Parameter counts come from the architecture builders in
+`mixclf_ros.architectures`. Nothing is re-measured here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_DIR = ROOT / "mixclf_ros" / "zoo"
 OUTPUT = ROOT / "models" / "README.md"
+RESULTS_DIR = ROOT / "docs" / "results"
 REGENERATE = "PYTHONPATH=. python scripts/model_cards.py"
 
 ZOO_ORDER = ("standard", "robust_at", "robust_lipschitz", "robust_smoothing")
@@ -40,8 +43,9 @@ KIND = {"standard": "standard", "robust_at": "empirical (linf)", "robust_lipschi
         "robust_smoothing": "smoothing (l2)"}
 TRAINING = {
     "standard": "cross-entropy, Adam, one-cycle learning rate.",
-    "robust_at": "adversarial training against a one-step linf attack from a random start (FGSM-RS, "
-                 "Wong et al. 2020), eps 0.1 ramped up over the first epoch.",
+    "robust_at": "PGD adversarial training (Madry et al. 2018): each batch replaced by its linf PGD adversary "
+                 "(7 signed-gradient steps of 0.03 from a uniform random start in the eps ball, last iterate), "
+                 "eps 0.1 ramped up over the first epoch; Adam, one-cycle learning rate.",
     "robust_lipschitz": "Lipschitz-margin training (Tsuzuku et al. 2018); a logit temperature chosen on 5 000 "
                         "held-out training images to maximise the certified accuracy at l2 radius 0.5, then "
                         "folded into the last layer.",
@@ -113,6 +117,44 @@ def summary_table(cards: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def evaluation_rows(name: str, sha256: str, results_dir: Path = RESULTS_DIR) -> list[tuple[str, str]]:
+    """Rows measured by `mixclf-eval` for the model `name`: from every result JSON that evaluated
+    these very weights (same sha256) as g (standard) or h (robust) on its own, i.e. at alpha 0 or 1."""
+    rows = []
+    for path in sorted(results_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        roles = [role for role, model in result.get("models", {}).items()
+                 if model.get("label") == name and model.get("sha256") == sha256]
+        source = f"(`{result['command'].split(' --')[0]}`, [{path.name}](../docs/results/{path.name}))"
+        for role in roles:
+            if "reference" in result:  # sweep: g and h alone, each under the PGD aimed at itself
+                attack, own = result["attack"], "std" if role == "standard" else "rob"
+                if result["num_clean"] >= 10_000:
+                    rows.append((f"clean accuracy, {result['num_clean']:,} images {source}",
+                                 percent(result["reference"][f"{role}_clean_accuracy_all"])))
+                rows.append((f"PGD-{attack['steps']} {attack['norm']} eps {attack['eps']:g} accuracy, "
+                             f"{result['num_attacked']:,} images {source}",
+                             percent(result["reference"][f"{role}_{own}_attacked_accuracy"])))
+                alone = [row for row in result["rows"] if row["alpha"] == (0.0 if role == "standard" else 1.0)]
+                if result["arguments"].get("autoattack") and alone:
+                    rows.append((f"worst case over PGD and AutoAttack (APGD-CE, APGD-T, Square), {attack['norm']} "
+                                 f"eps {attack['eps']:g}, {result['num_attacked']:,} images {source}",
+                                 percent(alone[0]["worst_accuracy"])))
+            elif "curves" in result and role == "robust":  # certify: h alone (alpha 1)
+                for curve in result["curves"]:
+                    if curve["model"] != "mixture" or curve["alpha"] != 1.0:
+                        continue
+                    certified = ", ".join(f"{percent(accuracy)} at {radius:g}"
+                                          for radius, accuracy in zip(result["radii"], curve["accuracy"])
+                                          if radius in (0.25, 0.5))
+                    theorem = "Theorem 1" if curve["theorem"] == "theorem1" else "Theorem 2"
+                    if "sigma" in result["certificate"]:
+                        theorem += f", smoothed with sigma {result['certificate']['sigma']:g}"
+                    rows.append((f"certified {result['certificate']['norm']} accuracy ({theorem}), "
+                                 f"{result['data']['evaluated']:,} images {source}", certified))
+    return rows
+
+
 def model_card(name: str, card: dict[str, Any], standard: dict[str, Any]) -> list[str]:
     recipe = {key: value for key, value in card["recipe"].items() if key != "architecture"}
     rows = [
@@ -149,7 +191,10 @@ def model_card(name: str, card: dict[str, Any], standard: dict[str, Any]) -> lis
     if name == "robust_smoothing":
         rows.append(("accuracy of the base model under N(0, 0.25²) pixel noise (10 000 images)",
                      percent(card["noisy_sigma0.25_accuracy"])))
-    return [f"## `{name}`", "", f"Role: {PURPOSE[name]}", "", *table(rows), ""]
+    measured = evaluation_rows(name, card["sha256"])
+    evaluation = (["Measured by the evaluation CLI on these weights (see [docs/RESULTS.md](../docs/RESULTS.md)):",
+                   "", *table(measured), ""] if measured else [])
+    return [f"## `{name}`", "", f"Role: {PURPOSE[name]}", "", *table(rows), "", *evaluation]
 
 
 def render(cards: dict[str, dict[str, Any]]) -> str:
@@ -162,9 +207,11 @@ def render(cards: dict[str, dict[str, Any]]) -> str:
         "<!-- generated by scripts/model_cards.py from mixclf_ros/zoo/*.json; do not edit by hand -->",
         "",
         "The four Fashion-MNIST classifiers shipped in `mixclf_ros/zoo/` (load one with "
-        "`mixclf_ros.models.load_model(mixclf_ros.models.zoo_config(name))`). All numbers are the final "
-        "measurement of `python -m mixclf_ros.train <name>`, stored in the sidecar `mixclf_ros/zoo/<name>.json` "
-        "next to the weights; this page only formats them. Regenerate it after retraining with",
+        "`mixclf_ros.models.load_model(mixclf_ros.models.zoo_config(name))`). The first table of each card "
+        "is the final measurement of `python -m mixclf_ros.train <name>`, stored in the sidecar "
+        "`mixclf_ros/zoo/<name>.json` next to the weights; the second is what the evaluation CLI "
+        "(`mixclf-eval`, [docs/RESULTS.md](../docs/RESULTS.md)) measured on the same weights (matched by "
+        "sha256). This page only formats them. Regenerate it after retraining or re-evaluating with",
         "",
         "```sh",
         REGENERATE,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import pickle
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -194,6 +195,31 @@ def test_zoo_lipschitz_certified_accuracy_matches_its_sidecar(test_set: tuple[to
         radii = certify.lipschitz_radius(probs, model.lipschitz_constant, alpha)
         certified = float(((radii >= 0.5) & (probs.argmax(1) == y)).float().mean())
         assert abs(certified - sidecar[f"certified_accuracy_l2_0.5_alpha{alpha}"]) <= ACCURACY_TOLERANCE + 1e-9
+
+
+def test_zoo_adversarial_robustness_matches_its_sidecar(test_set: tuple[torch.Tensor, torch.Tensor],
+                                                        zoo_models: dict):
+    """PGD-20 linf 0.1 on the 1 000-image subset, the training script's own measurement rerun on the
+    committed weights: robust_at reproduces its sidecar within 1 point and meets the issue's targets
+    (>= 80 % clean, >= 65 % attacked); the standard model is broken by the same attack."""
+    from mixclf_ros.train import pgd_accuracy
+
+    sidecar = zoo_sidecar_or_skip("robust_at")
+    x, y = test_set
+    subset = torch.from_numpy(evaluation_subset())
+    robust = zoo_models["robust_at"][0] if "robust_at" in zoo_models else load_model(zoo_config("robust_at"))
+    attacked = pgd_accuracy(robust, x[subset], y[subset], 0.1, "linf", 20)
+    assert abs(attacked - sidecar["pgd20_linf_0.1_accuracy_subset1000"]) <= ACCURACY_TOLERANCE + 1e-9
+    assert sidecar["test_accuracy"] >= 0.80 and attacked >= 0.65
+    standard = zoo_models["standard"][0] if "standard" in zoo_models else load_model(zoo_config("standard"))
+    assert pgd_accuracy(standard, x[subset[:200]], y[subset[:200]], 0.1, "linf", 20) < 0.05
+
+
+def test_model_cards_are_generated_from_the_shipped_files():
+    """models/README.md is what scripts/model_cards.py renders from the sidecars and docs/results."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "model_cards.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_zoo_models_are_compatible_with_each_other():
