@@ -113,15 +113,19 @@ def zoo_models() -> dict[str, tuple[LoadedModel, dict[str, Any]]]:
     return {}
 
 
+def cached_zoo_model(zoo_models: dict[str, tuple[LoadedModel, dict[str, Any]]],
+                     name: str) -> tuple[LoadedModel, dict[str, Any]]:
+    """(model, sidecar) of a zoo model, loaded once per module; skips when it is not trained yet."""
+    if name not in zoo_models:
+        sidecar = zoo_sidecar_or_skip(name)
+        zoo_models[name] = (load_model(zoo_config(name)), sidecar)
+    return zoo_models[name]
+
+
 @pytest.fixture(params=ZOO_NAMES)
 def zoo_model(request: pytest.FixtureRequest,
               zoo_models: dict[str, tuple[LoadedModel, dict[str, Any]]]) -> tuple[str, LoadedModel, dict[str, Any]]:
-    name = request.param
-    sidecar = zoo_sidecar_or_skip(name)
-    if name not in zoo_models:
-        zoo_models[name] = (load_model(zoo_config(name)), sidecar)
-    model, sidecar = zoo_models[name]
-    return name, model, sidecar
+    return request.param, *cached_zoo_model(zoo_models, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -186,9 +190,7 @@ def test_zoo_lipschitz_certified_accuracy_matches_its_sidecar(test_set: tuple[to
                                                               zoo_models: dict):
     """Theorem 1 certified accuracy at l2 radius 0.5 (alpha 1, 0.75, 0.6) on the 10 000 test images,
     with the computed constant, reproduces the sidecar within 1 point."""
-    sidecar = zoo_sidecar_or_skip("robust_lipschitz")
-    model = zoo_models["robust_lipschitz"][0] if "robust_lipschitz" in zoo_models else \
-        load_model(zoo_config("robust_lipschitz"))
+    model, sidecar = cached_zoo_model(zoo_models, "robust_lipschitz")
     x, y = test_set
     probs = torch.softmax(predict(model, x), dim=1)
     for alpha in (1.0, 0.75, 0.6):
@@ -204,14 +206,13 @@ def test_zoo_adversarial_robustness_matches_its_sidecar(test_set: tuple[torch.Te
     (>= 80 % clean, >= 65 % attacked); the standard model is broken by the same attack."""
     from mixclf_ros.train import pgd_accuracy
 
-    sidecar = zoo_sidecar_or_skip("robust_at")
+    robust, sidecar = cached_zoo_model(zoo_models, "robust_at")
     x, y = test_set
     subset = torch.from_numpy(evaluation_subset())
-    robust = zoo_models["robust_at"][0] if "robust_at" in zoo_models else load_model(zoo_config("robust_at"))
     attacked = pgd_accuracy(robust, x[subset], y[subset], 0.1, "linf", 20)
     assert abs(attacked - sidecar["pgd20_linf_0.1_accuracy_subset1000"]) <= ACCURACY_TOLERANCE + 1e-9
     assert sidecar["test_accuracy"] >= 0.80 and attacked >= 0.65
-    standard = zoo_models["standard"][0] if "standard" in zoo_models else load_model(zoo_config("standard"))
+    standard, _ = cached_zoo_model(zoo_models, "standard")
     assert pgd_accuracy(standard, x[subset[:200]], y[subset[:200]], 0.1, "linf", 20) < 0.05
 
 
