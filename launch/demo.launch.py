@@ -53,6 +53,7 @@ def generate_launch_description() -> LaunchDescription:
             "safe_radius": ParameterValue(safe_radius, value_type=float),
             "device": config("device"),
             "enable_compressed": ParameterValue(config("compressed"), value_type=bool),
+            "frame_policy": "every",  # the demo shows a result for every frame
         }],
     )
     monitor = Node(

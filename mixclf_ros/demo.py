@@ -105,9 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     node_args = ["--ros-args", "--params-file", args.params_file, "-p", f"alpha:={args.alpha}",
                  "-p", f"safe_radius:={safe_radius}", "-p", f"device:={args.device}",
                  "-p", f"enable_compressed:={str(args.compressed).lower()}",
-                 # the demo camera publishes reliably, so every frame gets a result
+                 # every frame gets a result: the demo camera publishes reliably, and the node queues
+                 # frames instead of keeping only the newest when a CPU hiccup delays inference
+                 "-p", "frame_policy:=every",
                  "-p", "qos_overrides./image.subscription.reliability:=reliable",
-                 "-p", "qos_overrides./image/compressed.subscription.reliability:=reliable"]
+                 "-p", "qos_overrides./image.subscription.depth:=10",
+                 "-p", "qos_overrides./image/compressed.subscription.reliability:=reliable",
+                 "-p", "qos_overrides./image/compressed.subscription.depth:=10"]
     sim_args = ["--ros-args", "-p", f"rate:={args.rate}", "-p", f"frames:={args.frames}",
                 "-p", f"attack_eps:={args.attack_eps}", "-p", f"attack_steps:={args.attack_steps}",
                 "-p", f"noise_std:={args.noise_std}", "-p", f"start_index:={args.start_index}",

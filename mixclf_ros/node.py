@@ -1,7 +1,8 @@
 """ROS 2 glue: the managed node `mixclf` (executable `mixclf_node`).
 
-Subscribes to camera topics, hands the newest frame of each camera to
-`pipeline.CertifiedClassifier` and publishes one `CertifiedClassification` per processed frame.
+Subscribes to camera topics, hands the newest frame of each camera (`frame_policy` newest; or every
+frame in order, `frame_policy` every) to `pipeline.CertifiedClassifier` and publishes one
+`CertifiedClassification` per processed frame.
 All the math lives in the library; this module only moves messages, parameters and state.
 
 Lifecycle (rclpy managed node):
@@ -72,6 +73,7 @@ MODEL_KEYS: dict[str, tuple[int, object, str]] = {
     "n": (ParameterType.PARAMETER_INTEGER, 1000, "smoothing: noise samples to bound the probabilities"),
 }
 
+MAX_QUEUED_FRAMES = 100  # frame_policy "every": frames kept per camera before the oldest is dropped
 LIVE_PARAMETERS = ("alpha", "safe_radius", "max_image_age", "confidence")
 
 
@@ -136,7 +138,8 @@ class MixclfNode(LifecycleNode):
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._lock = threading.Condition()
-        self._pending: dict[str, PendingFrame] = {}
+        self._pending: dict[str, deque[PendingFrame]] = {}
+        self._keep_every_frame = False
         self._stats: dict[str, CameraStats] = {}
         self._classifier: CertifiedClassifier | None = None
         self._active = False
@@ -191,6 +194,10 @@ class MixclfNode(LifecycleNode):
                                           read_only=True, integer_range=(0, 100000))),
             ("resize", "area", _descriptor("resize mode to the model input: area | bilinear", string,
                                            read_only=True)),
+            ("frame_policy", "newest", _descriptor(
+                "newest: classify only the newest frame of each camera (real time; older frames are "
+                "dropped and counted) | every: classify every frame in order, up to "
+                f"{MAX_QUEUED_FRAMES} queued per camera (playback, evaluation)", string, read_only=True)),
             ("class_names", [""], _descriptor(
                 "class names, index = class id (empty: the robust model's, if any)", string_array,
                 read_only=True)),
@@ -257,6 +264,11 @@ class MixclfNode(LifecycleNode):
         started = time.perf_counter()
         try:
             import torch
+
+            policy = self.get_parameter("frame_policy").value
+            if policy not in ("newest", "every"):
+                raise ValueError(f"frame_policy must be 'newest' or 'every', got {policy!r}")
+            self._keep_every_frame = policy == "every"
 
             torch.set_num_threads(self.get_parameter("torch_threads").value)
             device = select_device(self.get_parameter("device").value)
@@ -365,9 +377,11 @@ class MixclfNode(LifecycleNode):
             stats.last_receive = now
             stats.note_stamp(Time.from_msg(message.header.stamp).nanoseconds * 1e-9)
             if self._active:
-                if topic in self._pending:
-                    stats.dropped += 1  # only the newest frame per camera is worth classifying
-                self._pending[topic] = PendingFrame(topic, message, now)
+                queue = self._pending.setdefault(topic, deque())
+                if queue and (not self._keep_every_frame or len(queue) >= MAX_QUEUED_FRAMES):
+                    queue.popleft()  # newest policy: only the newest frame per camera is worth classifying
+                    stats.dropped += 1
+                queue.append(PendingFrame(topic, message, now))
                 self._lock.notify()
                 return
             stats.not_ready += 1
@@ -377,11 +391,12 @@ class MixclfNode(LifecycleNode):
     def _inference_loop(self) -> None:
         while True:
             with self._lock:
-                while self._active and not self._pending:
+                while self._active and not any(self._pending.values()):
                     self._lock.wait(timeout=0.5)
                 if not self._active:
                     return
-                frames, self._pending = list(self._pending.values()), {}
+                # one batch: the oldest waiting frame of each camera
+                frames = [queue.popleft() for queue in self._pending.values() if queue]
             try:
                 self._process(frames)
             except Exception as error:  # keep serving: report, publish unsafe, continue

@@ -38,13 +38,16 @@ def node_process(executable: str, *ros_args: str, log_path: Path, env: dict | No
 
 @contextmanager
 def node_with_client(*ros_args: str, log_path: Path, env: dict | None = None, client_name: str = "test_client",
-                 reliable: bool = False):
+                 reliable: bool = False, domain_id: int | None = None):
     """The installed mixclf node with `ros_args`, and a `RosClient` that has seen it classify a
-    frame; yields (client, process). Checks the node exits 0 on SIGINT."""
+    frame; yields (client, process). Checks the node exits 0 on SIGINT. `domain_id`: a ROS domain of
+    their own (default: the session's), so that another running node cannot answer."""
     import rclpy
 
     context = rclpy.context.Context()
-    rclpy.init(context=context)
+    rclpy.init(context=context, domain_id=domain_id)
+    if domain_id is not None:
+        env = {**(env or {}), "ROS_DOMAIN_ID": str(domain_id)}
     with node_process("mixclf_node", *ros_args, log_path=log_path, env=env) as process:
         client = RosClient(context, name=client_name, reliable=reliable)
         try:

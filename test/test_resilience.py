@@ -7,10 +7,13 @@ hypothesis can try thousands of messages.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,30 +99,6 @@ def test_fuzzed_compressed_images_never_raise(classifier, message):
 
 
 # ------------------------------------------------------------------------------ over DDS
-@pytest.fixture(scope="module")
-def faulty_node(tmp_path_factory, installed_prefix):
-    """The node with the zoo's standard model and a robust model that misbehaves on cue."""
-    import faulty_models
-
-    directory = tmp_path_factory.mktemp("faulty")
-    torch.manual_seed(0)
-    weights = directory / "tripwire.pt"
-    torch.save(faulty_models.tripwire().state_dict(), weights)
-    log = directory / "mixclf_node.log"
-    overrides = {
-        "robust_model.architecture": "faulty_models:tripwire", "robust_model.weights": str(weights),
-        "robust_model.sha256": "''", "robust_model.kind": "lipschitz", "robust_model.lipschitz_constant": 0.05,
-        "robust_model.mean": "[0.0]", "robust_model.std": "[1.0]", "camera_timeout": 1.0,
-        "diagnostics_period": 0.25, "max_image_age": 5.0, "crop_height": 0, "crop_width": 0,
-    }
-    args = ["--params-file", str(REPO_ROOT / "config" / "mixclf.yaml")]
-    for name, value in overrides.items():
-        args += ["-p", f"{name}:={value}"]
-    env = {"PYTHONPATH": f"{REPO_ROOT / 'test'}:" + __import__("os").environ.get("PYTHONPATH", "")}
-    with node_with_client(*args, log_path=log, env=env, client_name="fault_client") as (client, process):
-        yield client, process, log
-
-
 def grey_frame(value: int) -> np.ndarray:
     return np.full((56, 56, 3), value, np.uint8)
 
@@ -129,6 +108,37 @@ def send(client: RosClient, frames: dict[str, np.ndarray], period: float = 0.05,
         client.image_publisher.publish(image_message(pixels, frame_id, client.node))
         time.sleep(period)
     return client.wait_for(set(frames), timeout=timeout)
+
+
+@contextlib.contextmanager
+def tripwire_node(directory: Path, reliable: bool = False, domain_id: int | None = None, **extra_overrides):
+    """The node with the zoo's standard model and a robust model that misbehaves on cue; yields
+    (client, process, log path)."""
+    import faulty_models
+
+    torch.manual_seed(0)
+    weights = directory / "tripwire.pt"
+    torch.save(faulty_models.tripwire().state_dict(), weights)
+    log = directory / "mixclf_node.log"
+    overrides = {
+        "robust_model.architecture": "faulty_models:tripwire", "robust_model.weights": str(weights),
+        "robust_model.sha256": "''", "robust_model.kind": "lipschitz", "robust_model.lipschitz_constant": 0.05,
+        "robust_model.mean": "[0.0]", "robust_model.std": "[1.0]", "camera_timeout": 1.0,
+        "diagnostics_period": 0.25, "max_image_age": 5.0, "crop_height": 0, "crop_width": 0, **extra_overrides,
+    }
+    args = ["--params-file", str(REPO_ROOT / "config" / "mixclf.yaml")]
+    for name, value in overrides.items():
+        args += ["-p", f"{name}:={value}"]
+    env = {"PYTHONPATH": f"{REPO_ROOT / 'test'}:" + os.environ.get("PYTHONPATH", "")}
+    with node_with_client(*args, log_path=log, env=env, client_name="fault_client", reliable=reliable,
+                          domain_id=domain_id) as (client, process):
+        yield client, process, log
+
+
+@pytest.fixture(scope="module")
+def faulty_node(tmp_path_factory, installed_prefix):
+    with tripwire_node(tmp_path_factory.mktemp("faulty")) as node:
+        yield node
 
 
 def test_best_effort_publisher_is_received(faulty_node):
@@ -167,6 +177,28 @@ def test_stalling_model_then_latency_recovers(faulty_node):
     after = send(client, {"after-stall": grey_frame(60)}, period=0.0, timeout=5.0)
     assert after["after-stall"].status == Msg.STATUS_OK
     assert time.monotonic() - start < 1.0, "latency did not recover after the stall"
+
+
+def test_frame_policy_every_classifies_each_frame_in_order_through_a_stall(tmp_path, installed_prefix):
+    """With `frame_policy: every` (and a deeper reliable subscription, as the demo runs it) frames
+    arriving while the model stalls are queued, not dropped: each gets a result, in order."""
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    # a domain of its own: the module's faulty_node (frame_policy newest) may still be running
+    with tripwire_node(tmp_path, reliable=True, domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 100,
+                       frame_policy="every",
+                       **{"qos_overrides./image.subscription.reliability": "reliable",
+                          "qos_overrides./image.subscription.depth": 10}) as (client, _, _):
+        client.clear()
+        client.image_publisher.publish(image_message(grey_frame(191), "stall", client.node))
+        time.sleep(0.2)
+        during = {f"during-{i}": grey_frame(60) for i in range(8)}  # arrive while the model stalls
+        got = send(client, during, period=0.05, timeout=10.0)
+        assert set(got) == set(during), f"frames lost behind the stall: {sorted(set(during) - set(got))}"
+        assert all(result.status == Msg.STATUS_OK for result in got.values())
+        with client.lock:
+            order = [r.header.frame_id for r in client.results if r.header.frame_id.startswith("during-")]
+        assert order == list(during), order
 
 
 def test_burst_of_200_frames(faulty_node):
