@@ -363,6 +363,26 @@ def mean_or_nan(values: torch.Tensor) -> float:
 # ============================================================================ attacks
 
 
+def _attack_in_batches(attack: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+                       images: torch.Tensor, labels: torch.Tensor, runtime: Runtime, description: str,
+                       names: Sequence[str]) -> tuple[dict[str, torch.Tensor], float]:
+    """Runs `attack(x, y) -> {name: x_adv}` batch by batch on `runtime.device`; returns
+    ({name: x_adv on CPU}, seconds spent inside `attack`, device synchronised)."""
+    adversarial = {name: images.clone() for name in names}
+    seconds = 0.0
+    for part in runtime.batches(images.shape[0], description):
+        x = images[part].to(runtime.device)
+        y = labels[part].to(runtime.device)
+        runtime.synchronize()
+        started = time.perf_counter()
+        outputs = attack(x, y)
+        runtime.synchronize()
+        seconds += time.perf_counter() - started
+        for name in names:
+            adversarial[name][part] = outputs[name].cpu()
+    return adversarial, seconds
+
+
 def final_iterate_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: PGDSettings,
                       runtime: Runtime, description: str) -> tuple[torch.Tensor, float]:
     """Classic PGD (Madry et al.; torchattacks `PGD` / `PGDL2`, random start, all `steps` steps)
@@ -383,49 +403,38 @@ def final_iterate_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         attack = torchattacks.PGDL2(model, eps=settings.eps, alpha=settings.resolved_step_size,
                                     steps=settings.steps, random_start=True)
     attack.set_device(runtime.device)
-    adversarial = images.clone()
-    seconds = 0.0
+
+    def strongest_restart(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        best = x.clone()
+        best_loss = torch.full((x.shape[0],), -math.inf, device=runtime.device)
+        for _ in range(settings.restarts):
+            with torch.enable_grad():
+                candidate = attack(x, y)
+            with torch.inference_mode():
+                loss = F.cross_entropy(model(candidate), y, reduction="none")
+            better = loss > best_loss
+            best[better] = candidate[better]
+            best_loss = torch.where(better, loss, best_loss)
+        return {"pgd": best}
+
     with seeded_global_rng(runtime.seed, runtime.device):
-        for part in runtime.batches(images.shape[0], description):
-            x = images[part].to(runtime.device)
-            y = labels[part].to(runtime.device)
-            runtime.synchronize()
-            started = time.perf_counter()
-            best = x.clone()
-            best_loss = torch.full((x.shape[0],), -math.inf, device=runtime.device)
-            for _ in range(settings.restarts):
-                with torch.enable_grad():
-                    candidate = attack(x, y)
-                with torch.inference_mode():
-                    loss = F.cross_entropy(model(candidate), y, reduction="none")
-                better = loss > best_loss
-                best[better] = candidate[better]
-                best_loss = torch.where(better, loss, best_loss)
-            runtime.synchronize()
-            seconds += time.perf_counter() - started
-            adversarial[part] = best.cpu()
-    return adversarial, seconds
+        adversarial, seconds = _attack_in_batches(strongest_restart, images, labels, runtime, description, ("pgd",))
+    return adversarial["pgd"], seconds
 
 
 def first_success_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: PGDSettings,
                       runtime: Runtime, description: str, seed_offset: int = 0) -> tuple[torch.Tensor, float]:
     """End-to-end PGD on `model` (`attacks.pgd`): per sample the first iterate that fools it, over
     `restarts` random starts. Returns (x_adv on CPU, seconds spent attacking)."""
-    adversarial = images.clone()
     generator = runtime.generator(seed_offset)
-    seconds = 0.0
-    for part in runtime.batches(images.shape[0], description):
-        x = images[part].to(runtime.device)
-        y = labels[part].to(runtime.device)
-        runtime.synchronize()
-        started = time.perf_counter()
-        x_adv = attacks.pgd(model, x, y, eps=settings.eps, norm=settings.norm, steps=settings.steps,
-                            step_size=settings.resolved_step_size, restarts=settings.restarts,
-                            generator=generator)
-        runtime.synchronize()
-        seconds += time.perf_counter() - started
-        adversarial[part] = x_adv.cpu()
-    return adversarial, seconds
+
+    def first_success(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pgd": attacks.pgd(model, x, y, eps=settings.eps, norm=settings.norm, steps=settings.steps,
+                                   step_size=settings.resolved_step_size, restarts=settings.restarts,
+                                   generator=generator)}
+
+    adversarial, seconds = _attack_in_batches(first_success, images, labels, runtime, description, ("pgd",))
+    return adversarial["pgd"], seconds
 
 
 AUTOATTACK_NAMES = ("apgd-ce", "apgd-t", "square")
@@ -436,20 +445,10 @@ def autoattack_in_batches(model: nn.Module, images: torch.Tensor, labels: torch.
                           description: str) -> tuple[dict[str, torch.Tensor], float]:
     """APGD-CE, APGD-T and Square (`attacks.apgd_and_square`, `iterations` each) on every image.
     Returns ({attack name: x_adv on CPU}, seconds for all three together)."""
-    adversarial = {name: images.clone() for name in AUTOATTACK_NAMES}
-    seconds = 0.0
-    for part in runtime.batches(images.shape[0], description):
-        x = images[part].to(runtime.device)
-        y = labels[part].to(runtime.device)
-        runtime.synchronize()
-        started = time.perf_counter()
-        results = attacks.apgd_and_square(model, x, y, eps=eps, norm=norm, n_iter=iterations,
-                                          seed=runtime.seed, n_target_classes=target_classes)
-        runtime.synchronize()
-        seconds += time.perf_counter() - started
-        for name in AUTOATTACK_NAMES:
-            adversarial[name][part] = results[name].cpu()
-    return adversarial, seconds
+    return _attack_in_batches(
+        lambda x, y: attacks.apgd_and_square(model, x, y, eps=eps, norm=norm, n_iter=iterations, seed=runtime.seed,
+                                             n_target_classes=target_classes),
+        images, labels, runtime, description, AUTOATTACK_NAMES)
 
 
 def images_per_second(count: int, seconds: float) -> float:
