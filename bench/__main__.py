@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ os.environ.setdefault("ROS_DOMAIN_ID", "57")
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
+
+from bench.bench_certify import median_seconds  # noqa: E402
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # Reliable frames everywhere: Fast DDS drops best-effort 900 KB frames between processes here
@@ -160,15 +161,7 @@ def stamp_latencies(results: dict, arrivals: dict[str, int]) -> list[float]:
 def bare_forward_ms(standard, robust, shape: tuple[int, ...], repeats: int = 200) -> float:
     x = torch.rand(1, *shape)
     with torch.inference_mode():
-        for _ in range(20):
-            standard(x), robust(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            standard(x)
-            robust(x)
-            times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+        return 1e3 * median_seconds(lambda: (standard(x), robust(x)), torch.device("cpu"), repeats, warmup=20)
 
 
 def bench_latency(work: Path, count: int) -> dict:
@@ -394,14 +387,7 @@ def bench_certify() -> dict:
     x = torch.rand(64, *robust.input_shape)
 
     def median_ms(function, repeats: int) -> float:
-        for _ in range(5):
-            function()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(times)
+        return 1e3 * median_seconds(function, torch.device("cpu"), repeats, warmup=5)
 
     with torch.inference_mode():
         forward_ms = median_ms(lambda: (standard(x), robust(x)), 50)
