@@ -379,7 +379,7 @@ class MixclfNode(LifecycleNode):
             if self._active:
                 queue = self._pending.setdefault(topic, deque())
                 if queue and (not self._keep_every_frame or len(queue) >= MAX_QUEUED_FRAMES):
-                    queue.popleft()  # newest policy: only the newest frame per camera is worth classifying
+                    queue.popleft()  # newest: only the newest frame is worth classifying; every: queue full
                     stats.dropped += 1
                 queue.append(PendingFrame(topic, message, now))
                 self._lock.notify()

@@ -119,7 +119,7 @@ class RosClient:
         deadline = time.monotonic() + timeout
         with self.lock:
             while True:
-                found = {r.header.frame_id: r for r in self.results if r.header.frame_id in frame_ids}
+                found = self.results_for(frame_ids)  # the Condition's lock is reentrant
                 remaining = deadline - time.monotonic()
                 if len(found) == len(frame_ids) or remaining <= 0:
                     return found
