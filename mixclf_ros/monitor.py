@@ -123,13 +123,14 @@ class Monitor(Node):
         self._drain()
 
     def _on_result(self, message: CertifiedClassification) -> None:
-        if not message.header.frame_id.startswith("probe"):
-            # the schedule counts results as they arrive: matching them with the ground truth can
-            # lag (a reliable message recovered late), and the change must not lag with it
-            for index, alpha in self.schedule:
-                if index == self.results_received and alpha != self.alpha_requested:
-                    self.set_alpha(alpha)
-            self.results_received += 1
+        if message.header.frame_id.startswith("probe"):
+            return  # readiness probes have no ground truth
+        # the schedule counts results as they arrive: matching them with the ground truth can lag
+        # (a reliable message recovered late), and the change must not lag with it
+        for index, alpha in self.schedule:
+            if index == self.results_received and alpha != self.alpha_requested:
+                self.set_alpha(alpha)
+        self.results_received += 1
         self.pending.append(message)
         self._drain()
 
@@ -146,8 +147,6 @@ class Monitor(Node):
                     continue
                 return
             self.pending.popleft()
-            if result.header.frame_id.startswith("probe"):
-                continue
             self._record(result, self.truth.pop(key))
 
     def _record(self, result: CertifiedClassification, truth: dict) -> None:
