@@ -7,7 +7,7 @@ this file is not used by colcon.
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 
@@ -25,9 +25,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["mixclf_ros"],
-    package_data={"mixclf_ros": ["zoo/*.pt", "zoo/*.json"]},
+    packages=find_packages(include=["mixclf_ros", "mixclf_ros.*"]),
+    package_data={"mixclf_ros.models": ["zoo/*.pt", "zoo/*.json"]},
     install_requires=pinned("requirements.txt"),
     extras_require={"test": pinned("requirements-dev.txt")},
-    entry_points={"console_scripts": ["mixclf-eval = mixclf_ros.evaluate:main"]},
+    entry_points={"console_scripts": ["mixclf-eval = mixclf_ros.evaluation.cli:main"]},
 )

@@ -55,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def demo_frames(count: int = 10) -> list[np.ndarray]:
     from mixclf_ros.data import load_fashion_mnist
-    from mixclf_ros.image import embed_article
+    from mixclf_ros.demo.render import embed_article
 
     images, _ = load_fashion_mnist("test")
     return [embed_article(images[i]) for i in range(count)]
@@ -165,7 +165,7 @@ def bare_forward_ms(standard, robust, shape: tuple[int, ...], repeats: int = 200
 
 
 def bench_latency(work: Path, count: int) -> dict:
-    from mixclf_ros.models import load_model, zoo_config
+    from mixclf_ros.models.loading import load_model, zoo_config
 
     torch.set_num_threads(1)
     frames = demo_frames()
@@ -341,8 +341,8 @@ def _wait_all_cameras(client: RosClient, publishers, frame, timeout: float = 180
 
 
 def bench_smoothing() -> dict:
-    from mixclf_ros.models import load_model, zoo_config
-    from mixclf_ros.smoothing import Smooth
+    from mixclf_ros.core.smoothing import Smooth
+    from mixclf_ros.models.loading import load_model, zoo_config
 
     torch.set_num_threads(2)
     base = load_model(zoo_config("robust_smoothing"))
@@ -379,8 +379,8 @@ def bench_smoothing() -> dict:
 def bench_certify() -> dict:
     """Certificate arithmetic (batch 64, 10 classes) against one forward pass of both demo models
     on the same batch (issue target: under 1 %), plus bench/bench_certify.py's figures."""
-    from mixclf_ros import certify
-    from mixclf_ros.models import load_model, zoo_config
+    from mixclf_ros.core import certify
+    from mixclf_ros.models.loading import load_model, zoo_config
 
     torch.set_num_threads(1)
     standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
@@ -410,7 +410,7 @@ def bench_attacks(images_pgd: int = 256, images_autoattack: int = 16) -> dict:
     eps 0.1: PGD-20 aimed at g (STD), at h (ROB) and at the mixture (MIX), and the AutoAttack
     components (APGD-CE, APGD-T, Square at 100 iterations) on the mixture."""
     from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
-    from mixclf_ros.evaluate import PGDSettings, Runtime, load_zoo_model, run_sweep
+    from mixclf_ros.evaluation.cli import PGDSettings, Runtime, load_zoo_model, run_sweep
 
     torch.set_num_threads(2)
     runtime = Runtime(device=torch.device("cpu"), batch_size=256)

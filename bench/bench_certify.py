@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mixclf_ros import certify
-from mixclf_ros.smoothing import Smooth
+from mixclf_ros.core import certify
+from mixclf_ros.core.smoothing import Smooth
 
 
 def small_cnn() -> nn.Module:

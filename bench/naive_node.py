@@ -11,8 +11,8 @@ from rclpy.executors import ExternalShutdownException
 from sensor_msgs.msg import Image
 from torchvision import transforms
 
-from mixclf_ros.mixing import mix_log_probs
-from mixclf_ros.models import load_model, zoo_config
+from mixclf_ros.core.mixing import mix_log_probs
+from mixclf_ros.models.loading import load_model, zoo_config
 from mixclf_ros.msg import CertifiedClassification
 
 

@@ -1,13 +1,74 @@
 """mixclf_ros: certified mixed classification for ROS 2.
 
-The library modules (mixing, certify, lipschitz, smoothing, models, data, image, evaluate) import
-no ROS; `node`, `camera_sim`, `monitor` and `demo` need rclpy and the generated `mixclf_ros.msg`.
+The public API is importable from here, e.g. `from mixclf_ros import MixedClassifier, lipschitz_radius`.
+Names resolve lazily (PEP 562), so `import mixclf_ros` imports neither torch nor rclpy.
+
+Layout (imports only run downwards; `ros`, `evaluation` and `demo` are leaves):
+    core/        the paper's math: mixing, certify, lipschitz, smoothing (torch only)
+    models/      builders, the model config, loading, the zoo
+    vision/      decoding and preprocessing, with the preprocessing's operator norm
+    runtime/     CertifiedClassifier: frames in, certified results out
+    attacks, data, train   shared by evaluation, training and the demo
+    evaluation/  the `mixclf-eval` CLI
+    ros/         the lifecycle node (rclpy)
+    demo/        camera simulator, monitor, the one-command demo
 """
 
+from __future__ import annotations
+
+import importlib
 from pkgutil import extend_path
+from typing import Any
 
 # The generated message module `mixclf_ros.msg` lives in the colcon install space. When this
 # package is imported from a source checkout, let it find `msg` there too.
 __path__ = extend_path(__path__, __name__)
 
 __version__ = "0.1.0"
+
+_PUBLIC: dict[str, str] = {
+    "Alpha": "core.mixing",
+    "MixedClassifier": "core.mixing",
+    "mix_log_probs": "core.mixing",
+    "lipschitz_radius": "core.certify",
+    "smoothing_radius": "core.certify",
+    "softmax_lipschitz_factor": "core.certify",
+    "UnsupportedLayerError": "core.lipschitz",
+    "logit_lipschitz_bound": "core.lipschitz",
+    "probability_lipschitz_bound": "core.lipschitz",
+    "Smooth": "core.smoothing",
+    "SmoothingCertificate": "core.smoothing",
+    "LoadedModel": "models.loading",
+    "ModelConfigError": "models.loading",
+    "load_model": "models.loading",
+    "zoo_config": "models.loading",
+    "BadImageError": "vision.decode",
+    "DecodedImage": "vision.decode",
+    "decode_compressed": "vision.decode",
+    "decode_image": "vision.decode",
+    "PreprocessConfig": "vision.preprocess",
+    "Preprocessor": "vision.preprocess",
+    "image_radius": "vision.preprocess",
+    "preprocessing_operator_norm": "vision.preprocess",
+    "CertifiedClassifier": "runtime.classifier",
+    "FrameResult": "runtime.classifier",
+    "LiveSettings": "runtime.classifier",
+    "Status": "runtime.classifier",
+    "is_safe": "runtime.classifier",
+    "pgd": "attacks",
+    "load_fashion_mnist": "data",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

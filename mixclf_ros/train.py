@@ -2,7 +2,7 @@
 
     python -m mixclf_ros.train standard|robust_at|robust_lipschitz|robust_smoothing [--epochs N] [--seed S]
 
-Writes `mixclf_ros/zoo/<name>.pt` (a state_dict) and `<name>.json` (command, seed, wall time,
+Writes `mixclf_ros/models/zoo/<name>.pt` (a state_dict) and `<name>.json` (command, seed, wall time,
 sha256, test accuracies). Seeded; runs on the CPU in minutes (2 cores).
 
 - standard:          cross-entropy, Adam.
@@ -14,7 +14,7 @@ sha256, test accuracies). Seeded; runs on the CPU in minutes (2 cores).
                      layers' l2 operator norms (exact FFT norms for convolutions, power iteration
                      for linear layers during training). After training, the logits' temperature
                      is chosen on 5 000 held-out TRAIN images to maximise the Theorem 1 certified
-                     accuracy at l2 radius 0.5 with the SOUND bound of `mixclf_ros.lipschitz`, and
+                     accuracy at l2 radius 0.5 with the SOUND bound of `mixclf_ros.core.lipschitz`, and
                      folded into the last layer.
 """
 
@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mixclf_ros import certify, lipschitz
-from mixclf_ros.architectures import ARCHITECTURES
 from mixclf_ros.attacks import pgd
+from mixclf_ros.core import certify, lipschitz
 from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
+from mixclf_ros.models.architectures import ARCHITECTURES
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
@@ -101,7 +101,7 @@ class LipschitzEstimate:
     """Product of per-layer l2 operator norms of a chain of Conv2d/Linear/ReLU layers, by one
     power-iteration step per call with persistent vectors: cheap and differentiable, for the
     training loss only. Power iteration approaches the norm from below, so it is never the
-    shipped constant: that one comes from the sound bound of `mixclf_ros.lipschitz`."""
+    shipped constant: that one comes from the sound bound of `mixclf_ros.core.lipschitz`."""
 
     def __init__(self, model: nn.Sequential, input_shape: tuple[int, int, int] = (1, 28, 28)):
         self.model = model

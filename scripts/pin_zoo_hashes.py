@@ -15,7 +15,7 @@ def main() -> int:
     config = ROOT / "config" / "mixclf.yaml"
     text = config.read_text()
     for weights in re.findall(r'weights: "zoo:([a-z_]+)\.pt"', text):
-        digest = json.loads((ROOT / "mixclf_ros" / "zoo" / f"{weights}.json").read_text())["sha256"]
+        digest = json.loads((ROOT / "mixclf_ros" / "models" / "zoo" / f"{weights}.json").read_text())["sha256"]
         pattern = rf'(weights: "zoo:{weights}\.pt".*\n\s*sha256: )"[^"]*"'
         text, count = re.subn(pattern, rf'\1"{digest}"', text)
         assert count == 1, weights

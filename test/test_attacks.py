@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from mixclf_ros import attacks, certify, lipschitz
-from mixclf_ros.layers import Normalize, Residual
-from mixclf_ros.mixing import MixedClassifier
+from mixclf_ros import attacks
+from mixclf_ros.core import certify, lipschitz
+from mixclf_ros.core.layers import Normalize, Residual
+from mixclf_ros.core.mixing import MixedClassifier
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, norm: str) -> torch.Tensor:

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from mixclf_ros import certify
-from mixclf_ros.mixing import mix_log_probs
+from mixclf_ros.core import certify
+from mixclf_ros.core.mixing import mix_log_probs
 
 
 def probs(*rows):

@@ -18,7 +18,7 @@ ATTACK_EPS = 30.0  # l2 in frame pixels in [0, 1]
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, installed_prefix) -> dict:
     summary_file = tmp_path_factory.mktemp("demo") / "summary.json"
-    command = [sys.executable, "-m", "mixclf_ros.demo", "--frames", str(FRAMES), "--rate", "4",
+    command = [sys.executable, "-m", "mixclf_ros.demo.launcher", "--frames", str(FRAMES), "--rate", "4",
                "--attack-eps", str(ATTACK_EPS), "--alpha-schedule", "6:0.8", "--summary-file", str(summary_file),
                "--start-index", "100"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400)
@@ -51,9 +51,11 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
     library directly: the node's predictions, radii and the monitor's counts must agree."""
     from mixclf_ros.attacks import pgd
     from mixclf_ros.data import load_fashion_mnist
-    from mixclf_ros.image import PreprocessConfig, article_budget, decode_image, embed_article, quantize_towards
-    from mixclf_ros.models import load_model, zoo_config
-    from mixclf_ros.pipeline import CertifiedClassifier, LiveSettings
+    from mixclf_ros.demo.render import article_budget, embed_article, quantize_towards
+    from mixclf_ros.models.loading import load_model, zoo_config
+    from mixclf_ros.runtime.classifier import CertifiedClassifier, LiveSettings
+    from mixclf_ros.vision.decode import decode_image
+    from mixclf_ros.vision.preprocess import PreprocessConfig
 
     images, labels = load_fashion_mnist("test")
     standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))

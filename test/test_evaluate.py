@@ -1,4 +1,4 @@
-"""Tests of the evaluation CLI `mixclf-eval` (`mixclf_ros.evaluate`) on tiny models and tiny data.
+"""Tests of the evaluation CLI `mixclf-eval` (`mixclf_ros.evaluation.cli`) on tiny models and tiny data.
 
 Models are small MLPs trained for a second on a synthetic 10-class problem (class prototypes plus
 noise, 1x12x12 images), so the tests neither need the shipped zoo nor the Fashion-MNIST files.
@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from mixclf_ros import evaluate, lipschitz
-from mixclf_ros.evaluate import PGDSettings, Runtime
+from mixclf_ros.core import lipschitz
+from mixclf_ros.evaluation import cli as evaluate
+from mixclf_ros.evaluation.cli import PGDSettings, Runtime
 
 CLASSES = 10
 SIDE = 12
@@ -373,5 +374,5 @@ def test_cli_reports_configuration_errors(tmp_path, capsys):
 def test_evaluation_does_not_import_ros():
     import subprocess
 
-    code = "import sys, mixclf_ros.evaluate; assert not any(m.startswith('rclpy') for m in sys.modules)"
+    code = "import sys, mixclf_ros.evaluation.cli; assert not any(m.startswith('rclpy') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -10,10 +10,11 @@ import pytest
 from conftest import REPO_ROOT
 
 LIBRARY_MODULES = [
-    "mixclf_ros", "mixclf_ros.mixing", "mixclf_ros.design", "mixclf_ros.certify", "mixclf_ros.lipschitz",
-    "mixclf_ros.smoothing", "mixclf_ros.attacks", "mixclf_ros.layers", "mixclf_ros.architectures",
-    "mixclf_ros.models", "mixclf_ros.data", "mixclf_ros.image", "mixclf_ros.pipeline",
-    "mixclf_ros.evaluate", "mixclf_ros.train",
+    "mixclf_ros", "mixclf_ros.core.mixing", "mixclf_ros.core.design", "mixclf_ros.core.certify",
+    "mixclf_ros.core.lipschitz", "mixclf_ros.core.smoothing", "mixclf_ros.attacks", "mixclf_ros.core.layers",
+    "mixclf_ros.models.architectures", "mixclf_ros.models.loading", "mixclf_ros.data", "mixclf_ros.vision.decode",
+    "mixclf_ros.vision.preprocess", "mixclf_ros.runtime.classifier",
+    "mixclf_ros.evaluation.cli", "mixclf_ros.train",
 ]
 
 REQUIRED_FIELDS = {
@@ -27,7 +28,7 @@ REQUIRED_FIELDS = {
 
 def test_message_has_the_contract_fields_and_constants():
     from mixclf_ros.msg import CertifiedClassification as Msg
-    from mixclf_ros.pipeline import NORM_CODES, CertificateMethod, Status
+    from mixclf_ros.runtime.classifier import NORM_CODES, CertificateMethod, Status
 
     fields = Msg.get_fields_and_field_types()
     for name, field_type in REQUIRED_FIELDS.items():
@@ -102,7 +103,7 @@ def test_library_imports_without_ros():
 
 def test_node_module_does_need_ros():
     """The blocker above is real: the node module fails to import under it."""
-    result = subprocess.run([sys.executable, "-c", BLOCK_ROS, "mixclf_ros.node"], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", BLOCK_ROS, "mixclf_ros.ros.node"], capture_output=True,
                             text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode != 0 and "blocked for this test" in result.stderr
 
@@ -121,9 +122,9 @@ def test_pip_builds_a_wheel_with_the_library(tmp_path: Path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in LIBRARY_MODULES[1:]:
         assert module.replace(".", "/") + ".py" in names, module
-    assert any(name.startswith("mixclf_ros/zoo/") and name.endswith(".pt") for name in names)
+    assert any(name.startswith("mixclf_ros/models/zoo/") and name.endswith(".pt") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "mixclf-eval = mixclf_ros.evaluate:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "mixclf-eval = mixclf_ros.evaluation.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_installed_layout(installed_prefix: Path):
@@ -136,7 +137,7 @@ def test_installed_layout(installed_prefix: Path):
     assert (share / "package.xml").exists()
     site = next((installed_prefix / "lib").glob("python3*/site-packages/mixclf_ros"))
     assert (site / "msg" / "_certified_classification.py").exists()
-    assert (site / "node.py").exists() and any((site / "zoo").glob("*.pt"))
+    assert (site / "ros" / "node.py").exists() and any((site / "models" / "zoo").glob("*.pt"))
 
 
 def test_package_xml_declares_runtime_dependencies():

@@ -19,18 +19,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixclf_ros import image as image_module
-from mixclf_ros.image import (
-    ENCODINGS,
+from mixclf_ros.demo.render import embed_article
+from mixclf_ros.vision import decode as decode_module
+from mixclf_ros.vision import preprocess as preprocess_module
+from mixclf_ros.vision.decode import ENCODINGS, BadImageError, DecodedImage, decode_compressed, decode_image
+from mixclf_ros.vision.preprocess import (
     GREY_WEIGHTS,
-    BadImageError,
-    DecodedImage,
     PreprocessConfig,
     Preprocessor,
     colour_matrix,
-    decode_compressed,
-    decode_image,
-    embed_article,
     image_radius,
     preprocessing_operator_norm,
 )
@@ -345,9 +342,9 @@ def test_article_in_camera_frame_is_recovered_exactly():
 def test_operator_norm_cache_ignores_device():
     config = PreprocessConfig(1, 28, 28, 476, 476)
     first = preprocessing_operator_norm(480, 640, "bgr", config, "l2")
-    hits = image_module._cached_operator_norm.cache_info().hits
+    hits = preprocess_module._cached_operator_norm.cache_info().hits
     again = preprocessing_operator_norm(480, 640, "bgr", PreprocessConfig(1, 28, 28, 476, 476, device="cuda:3"), "l2")
-    assert again == first and image_module._cached_operator_norm.cache_info().hits == hits + 1
+    assert again == first and preprocess_module._cached_operator_norm.cache_info().hits == hits + 1
 
 
 def test_image_radius_edge_cases():
@@ -358,8 +355,9 @@ def test_image_radius_edge_cases():
         assert image_radius(radius, 0.5) == 0.0
 
 
-def test_module_imports_no_ros():
-    tree = ast.parse(Path(image_module.__file__).read_text())
+@pytest.mark.parametrize("module", [decode_module, preprocess_module])
+def test_module_imports_no_ros(module):
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

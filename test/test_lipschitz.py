@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixclf_ros import certify, lipschitz
-from mixclf_ros.layers import GroupSort, Normalize, Residual
-from mixclf_ros.lipschitz import UnsupportedLayerError, logit_lipschitz_bound
+from mixclf_ros.core import certify, lipschitz
+from mixclf_ros.core.layers import GroupSort, Normalize, Residual
+from mixclf_ros.core.lipschitz import UnsupportedLayerError, logit_lipschitz_bound
 
 
 def dense_matrix(function, input_shape) -> torch.Tensor:

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mixclf_ros import design
-from mixclf_ros.mixing import MixedClassifier, mix_log_probs, validate_alpha
+from mixclf_ros.core import design
+from mixclf_ros.core.mixing import MixedClassifier, mix_log_probs, validate_alpha
 
 
 def reference_mixture(logits_g: torch.Tensor, logits_h: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,7 +1,7 @@
-"""mixclf_ros.models: zoo configs, safe loading, every config mistake, the four architecture paths.
+"""mixclf_ros.models.loading: zoo configs, safe loading, every config mistake, the four architecture paths.
 
 The zoo tests load the committed weights and check them against their sidecar
-`mixclf_ros/zoo/<name>.json` (written by `python -m mixclf_ros.train`): same sha256, and the same
+`mixclf_ros/models/zoo/<name>.json` (written by `python -m mixclf_ros.train`): same sha256, and the same
 accuracy on the fixed 1 000-image test subset within 1 point. A zoo model whose files do not exist
 yet is skipped with the training command; the final suite loads all four.
 """
@@ -22,9 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from mixclf_ros import architectures, certify, lipschitz
+from mixclf_ros.core import certify, lipschitz
 from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
-from mixclf_ros.models import (
+from mixclf_ros.models import architectures
+from mixclf_ros.models.loading import (
     DEFAULTS,
     ZOO_DIR,
     LoadedModel,

@@ -17,7 +17,7 @@ CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 
 
 def demo_frame(article: np.ndarray) -> np.ndarray:
-    from mixclf_ros.image import embed_article
+    from mixclf_ros.demo.render import embed_article
 
     return embed_article(article)
 

@@ -29,9 +29,9 @@ ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "32FC1", "8UC1
 
 @pytest.fixture(scope="module")
 def classifier():
-    from mixclf_ros.image import PreprocessConfig
-    from mixclf_ros.models import load_model, zoo_config
-    from mixclf_ros.pipeline import CertifiedClassifier
+    from mixclf_ros.models.loading import load_model, zoo_config
+    from mixclf_ros.runtime.classifier import CertifiedClassifier
+    from mixclf_ros.vision.preprocess import PreprocessConfig
 
     standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
     config = PreprocessConfig(output_channels=1, output_height=28, output_width=28)
@@ -66,9 +66,9 @@ def compressed_messages(draw):
 
 
 def check_decode_and_classify(classifier, message) -> None:
-    from mixclf_ros.image import BadImageError
-    from mixclf_ros.node import MixclfNode
-    from mixclf_ros.pipeline import LiveSettings, Status
+    from mixclf_ros.ros.node import MixclfNode
+    from mixclf_ros.runtime.classifier import LiveSettings, Status
+    from mixclf_ros.vision.decode import BadImageError
 
     try:
         decoded = MixclfNode._decode(message)

@@ -17,8 +17,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from mixclf_ros import certify, smoothing
-from mixclf_ros.smoothing import Smooth
+from mixclf_ros.core import certify, smoothing
+from mixclf_ros.core.smoothing import Smooth
 
 CENTER = 0.5
 

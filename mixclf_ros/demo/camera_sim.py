@@ -35,8 +35,8 @@ from std_msgs.msg import String
 
 from mixclf_ros.attacks import pgd
 from mixclf_ros.data import load_fashion_mnist
-from mixclf_ros.image import article_budget, embed_article, quantize_towards
-from mixclf_ros.models import load_model, zoo_config
+from mixclf_ros.demo.render import article_budget, embed_article, quantize_towards
+from mixclf_ros.models.loading import load_model, zoo_config
 
 
 class CameraSimulator(Node):

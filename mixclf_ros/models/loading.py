@@ -3,9 +3,9 @@
 A model config (the same keys in the node's parameters file, under `standard_model.` and
 `robust_model.`, and in the evaluation CLI):
 
-    architecture        project builder name (mixclf_ros.architectures), 'torchvision:<name>',
+    architecture        project builder name (mixclf_ros.models.architectures), 'torchvision:<name>',
                         or 'package.module:Callable' (called with num_classes=...)
-    weights             'zoo:<file>' (shipped in mixclf_ros/zoo/) or a path: a state_dict (.pt/.pth,
+    weights             'zoo:<file>' (shipped in mixclf_ros/models/zoo/) or a path: a state_dict (.pt/.pth,
                         read with torch.load(weights_only=True), never unpickling objects) or a
                         TorchScript file (.ts/.jit/.torchscript)
     sha256              optional; must match the weights file when set
@@ -17,7 +17,7 @@ A model config (the same keys in the node's parameters file, under `standard_mod
     kind                standard | empirical | lipschitz | smoothing
     norm                lipschitz kind: certificate norm, l2 | linf
     lipschitz_constant  lipschitz kind: > 0 declares the probability outputs' constant (reported
-                        as declared); 0 computes a sound bound with mixclf_ros.lipschitz
+                        as declared); 0 computes a sound bound with mixclf_ros.core.lipschitz
     sigma, n0, n, beta  smoothing kind: noise std ([0,1] pixels), selection and estimation samples,
                         failure probability
     class_names         optional list (or class_names_file: a text file, one name per line)
@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixclf_ros import lipschitz
-from mixclf_ros.architectures import ARCHITECTURES
+from mixclf_ros.core import lipschitz
+from mixclf_ros.core.layers import Normalize
 from mixclf_ros.data import FASHION_MNIST_CLASSES
-from mixclf_ros.layers import Normalize
+from mixclf_ros.models.architectures import ARCHITECTURES
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 KINDS = ("standard", "empirical", "lipschitz", "smoothing")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixclf_ros.mixing import validate_alpha
+from mixclf_ros.core.mixing import validate_alpha
 
 TRUST_TERMS = ("one", "grad_g_i", "grad_max_g", "grad_g_i_grad_h_i")
 SPACES = ("logits", "probabilities")

@@ -17,8 +17,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from mixclf_ros.certify import smoothing_radius
-from mixclf_ros.mixing import Alpha
+from mixclf_ros.core.certify import smoothing_radius
+from mixclf_ros.core.mixing import Alpha
 
 BOUNDS = ("bernstein", "hoeffding")
 

@@ -1,6 +1,6 @@
 """`make demo`: camera simulator -> mixclf node -> monitor, three processes over real DDS.
 
-    python -m mixclf_ros.demo --frames 60 --rate 5 --attack-eps 30 --alpha-schedule 0:0.6,20:0.3,40:0.8
+    python -m mixclf_ros.demo.launcher --frames 60 --rate 5 --attack-eps 30 --alpha-schedule 0:0.6,20:0.3,40:0.8
 
 Starts the classifier node with the shipped parameters file, waits until it is active (lifecycle
 `get_state`), starts the monitor and the simulator, and ends all three cleanly when the monitor
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixclf_ros.image import article_budget
+from mixclf_ros.demo.render import article_budget
 
 
 def default_params_file() -> str:
@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     processes: dict[str, subprocess.Popen] = {}
     exit_code = 1
     try:
-        processes["node"] = subprocess.Popen(python + ["mixclf_ros.node"] + node_args, start_new_session=True)
+        processes["node"] = subprocess.Popen(python + ["mixclf_ros.ros.node"] + node_args, start_new_session=True)
         if not wait_until_active(args.timeout):
             print("demo: the mixclf node did not become active", file=sys.stderr)
             return 1
-        processes["monitor"] = subprocess.Popen(python + ["mixclf_ros.monitor"] + monitor_args,
+        processes["monitor"] = subprocess.Popen(python + ["mixclf_ros.demo.monitor"] + monitor_args,
                                                 start_new_session=True)
         time.sleep(1.0)  # let the monitor discover the topics before the first frame
-        processes["camera"] = subprocess.Popen(python + ["mixclf_ros.camera_sim"] + sim_args,
+        processes["camera"] = subprocess.Popen(python + ["mixclf_ros.demo.camera_sim"] + sim_args,
                                                start_new_session=True)
         while processes["monitor"].poll() is None:
             if processes["node"].poll() is not None:

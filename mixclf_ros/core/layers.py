@@ -1,4 +1,4 @@
-"""Small layers that the model zoo uses and that `mixclf_ros.lipschitz` knows how to bound.
+"""Small layers that the model zoo uses and that `mixclf_ros.core.lipschitz` knows how to bound.
 
 Every layer here has a known Lipschitz constant (stated in its docstring) so that a network built
 from them and from standard torch layers can be certified by `lipschitz.logit_lipschitz_bound`.

@@ -18,17 +18,11 @@ from enum import IntEnum
 
 import torch
 
-from mixclf_ros import certify
-from mixclf_ros.image import (
-    BadImageError,
-    DecodedImage,
-    PreprocessConfig,
-    Preprocessor,
-    image_radius,
-    preprocessing_operator_norm,
-)
-from mixclf_ros.mixing import MixedClassifier, mix_log_probs
-from mixclf_ros.smoothing import Smooth
+from mixclf_ros.core import certify
+from mixclf_ros.core.mixing import MixedClassifier, mix_log_probs
+from mixclf_ros.core.smoothing import Smooth
+from mixclf_ros.vision.decode import BadImageError, DecodedImage
+from mixclf_ros.vision.preprocess import PreprocessConfig, Preprocessor, image_radius, preprocessing_operator_norm
 
 
 class Status(IntEnum):

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from mixclf_ros.mixing import Alpha, validate_alpha
+from mixclf_ros.core.mixing import Alpha, validate_alpha
 
 NORMS = ("l2", "linf")
 

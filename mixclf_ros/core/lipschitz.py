@@ -39,8 +39,8 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
-from mixclf_ros.certify import softmax_lipschitz_factor
-from mixclf_ros.layers import GroupSort, Normalize, Residual
+from mixclf_ros.core.certify import softmax_lipschitz_factor
+from mixclf_ros.core.layers import GroupSort, Normalize, Residual
 
 NORMS = ("l2", "linf")
 

@@ -40,9 +40,8 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.time import Time
 from sensor_msgs.msg import CompressedImage, Image
 
-from mixclf_ros.image import BadImageError, PreprocessConfig, decode_compressed, decode_image
 from mixclf_ros.msg import CertifiedClassification
-from mixclf_ros.pipeline import (
+from mixclf_ros.runtime.classifier import (
     NORM_CODES,
     CertifiedClassifier,
     FrameResult,
@@ -50,9 +49,11 @@ from mixclf_ros.pipeline import (
     Status,
     select_device,
 )
+from mixclf_ros.vision.decode import BadImageError, decode_compressed, decode_image
+from mixclf_ros.vision.preprocess import PreprocessConfig
 
 MODEL_KEYS: dict[str, tuple[int, object, str]] = {
-    # key: (parameter type, default, description); the model config keys of mixclf_ros.models
+    # key: (parameter type, default, description); the model config keys of mixclf_ros.models.loading
     "architecture": (ParameterType.PARAMETER_STRING, "", "project builder name, 'torchvision:<name>' "
                      "or 'package.module:Callable'"),
     "weights": (ParameterType.PARAMETER_STRING, "", "'zoo:<file>' (shipped) or a path: a state_dict "
@@ -258,7 +259,7 @@ class MixclfNode(LifecycleNode):
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        from mixclf_ros.models import check_compatible, load_model
+        from mixclf_ros.models.loading import check_compatible, load_model
 
         self._subscribe()
         started = time.perf_counter()

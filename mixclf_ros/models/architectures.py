@@ -1,8 +1,8 @@
 """Builders of the demo zoo's networks (plain functions, torchvision style).
 
 Every builder returns an `nn.Sequential` that takes [0,1] pixels (N, 1, 28, 28), normalises inside
-(`layers.Normalize`) and returns logits, built only from layers `mixclf_ros.lipschitz` can bound.
-Weights are loaded separately (`mixclf_ros.models`).
+(`layers.Normalize`) and returns logits, built only from layers `mixclf_ros.core.lipschitz` can bound.
+Weights are loaded separately (`mixclf_ros.models.loading`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from mixclf_ros.layers import Normalize
+from mixclf_ros.core.layers import Normalize
 
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
@@ -42,7 +42,7 @@ def fmnist_small_cnn(num_classes: int = 10, mean: Sequence[float] = FASHION_MNIS
 def fmnist_lipschitz_cnn(num_classes: int = 10, mean: Sequence[float] = (0.0,),
                          std: Sequence[float] = (1.0,)) -> nn.Sequential:
     """Lipschitz-bounded CNN: no BatchNorm, no normalisation gain, stride-1 convolutions (whose l2
-    norm `mixclf_ros.lipschitz` computes exactly from their FFT) and non-overlapping 2x2 average
+    norm `mixclf_ros.core.lipschitz` computes exactly from their FFT) and non-overlapping 2x2 average
     pooling (l2 norm exactly 1/2): convolutions 1-32, 32-64 (3x3), then 3136-128-num_classes. The
     last layer's scale includes the temperature chosen after training."""
     return nn.Sequential(

@@ -5,7 +5,7 @@
     mixclf-eval certify  certified accuracy vs radius of the mixture (paper Fig. 3, Theorems 1 and 2)
     mixclf-eval design   R_i(x) choices, logits vs probabilities (paper Fig. 1, eq. 3)
 
-Also `python -m mixclf_ros.evaluate ...`. Each subcommand writes a CSV and a JSON file with every
+Also `python -m mixclf_ros.evaluation.cli ...`. Each subcommand writes a CSV and a JSON file with every
 number, and a PNG plot, under `--out` (default `eval_out/`), and prints a compact table.
 
 Units and conventions:
@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mixclf_ros import attacks, certify
-from mixclf_ros.mixing import MixedClassifier, mix_log_probs
+from mixclf_ros import attacks
+from mixclf_ros.core import certify
+from mixclf_ros.core.mixing import MixedClassifier, mix_log_probs
 
 NORMS = ("linf", "l2")
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.5}
@@ -723,7 +724,7 @@ def smoothing_certificates(base: nn.Module, num_classes: int, sigma: float, imag
     """Monte Carlo certificates (`smoothing.Smooth.certify`, n0 selection + n estimation samples per
     image, empirical-Bernstein bounds at joint confidence 1 - beta) of the Gaussian smoothing of
     `base` with noise sigma ([0,1] pixels, l2). The bounds do not depend on alpha."""
-    from mixclf_ros.smoothing import Smooth
+    from mixclf_ros.core.smoothing import Smooth
 
     smooth = Smooth(base, num_classes, sigma)
     generator = runtime.generator(17)
@@ -904,7 +905,7 @@ def design_comparison(standard: nn.Module, robust: nn.Module, images: torch.Tens
     `attacked_accuracy`, `images_per_second` (of the attack). Points already in `known_rows` (same
     keys, from an earlier run with the same models, data and attack) are reused, not recomputed.
     """
-    from mixclf_ros import design
+    from mixclf_ros.core import design
 
     runtime = runtime or Runtime()
     trusts = tuple(trusts or design.TRUST_TERMS)

@@ -1,0 +1,1 @@
+"""The one-command demo: camera simulator, monitor, launcher and frame rendering (needs rclpy)."""

@@ -1,0 +1,1 @@
+"""The `mixclf-eval` CLI: evidence for choosing alpha (sweeps, margins, certification, design)."""

@@ -1,0 +1,1 @@
+"""Camera frames to model inputs: decoding, preprocessing, and the preprocessing's operator norm."""
