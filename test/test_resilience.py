@@ -66,12 +66,12 @@ def compressed_messages(draw):
 
 
 def check_decode_and_classify(classifier, message) -> None:
-    from mixclf_ros.ros.node import MixclfNode
+    from mixclf_ros.ros.messages import decode_message
     from mixclf_ros.runtime.classifier import LiveSettings, Status
     from mixclf_ros.vision.decode import BadImageError
 
     try:
-        decoded = MixclfNode._decode(message)
+        decoded = decode_message(message)
     except BadImageError as error:
         assert str(error)
         return

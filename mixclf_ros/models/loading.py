@@ -1,26 +1,10 @@
 """Loading models from a small config, safely; the shipped zoo's configs.
 
-A model config (the same keys in the node's parameters file, under `standard_model.` and
-`robust_model.`, and in the evaluation CLI):
-
-    architecture        project builder name (mixclf_ros.models.architectures), 'torchvision:<name>',
-                        or 'package.module:Callable' (called with num_classes=...)
-    weights             'zoo:<file>' (shipped in mixclf_ros/models/zoo/) or a path: a state_dict (.pt/.pth,
-                        read with torch.load(weights_only=True), never unpickling objects) or a
-                        TorchScript file (.ts/.jit/.torchscript)
-    sha256              optional; must match the weights file when set
-    num_classes, input_channels, input_height, input_width
-    mean, std           per-channel normalisation of [0,1] pixels, applied INSIDE the loaded model,
-                        so certificates are stated on [0,1] pixels. Project architectures take
-                        them as builder arguments (their first layer is Normalize); other
-                        architectures are wrapped with a Normalize layer.
-    kind                standard | empirical | lipschitz | smoothing
-    norm                lipschitz kind: certificate norm, l2 | linf
-    lipschitz_constant  lipschitz kind: > 0 declares the probability outputs' constant (reported
-                        as declared); 0 computes a sound bound with mixclf_ros.core.lipschitz
-    sigma, n0, n, beta  smoothing kind: noise std ([0,1] pixels), selection and estimation samples,
-                        failure probability
-    class_names         optional list (or class_names_file: a text file, one name per line)
+The config keys (types, defaults, units, which kinds use them) are declared once in
+`mixclf_ros.models.schema`. `mean`/`std` are applied INSIDE the loaded model, so certificates are
+stated on [0,1] pixels: project architectures take them as builder arguments (their first layer is
+Normalize); other architectures are wrapped with a Normalize layer. Weights are read with
+torch.load(weights_only=True), never unpickling objects, or as TorchScript.
 
 Every mistake raises one `ModelConfigError` naming the key and the file, before any frame.
 """
@@ -43,17 +27,10 @@ from mixclf_ros.core import lipschitz
 from mixclf_ros.core.layers import Normalize
 from mixclf_ros.data import FASHION_MNIST_CLASSES
 from mixclf_ros.models.architectures import ARCHITECTURES
+from mixclf_ros.models.schema import DEFAULTS, DOUBLE, INTEGER, KINDS, SCHEMA, STRING, STRING_ARRAY, defaults
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
-KINDS = ("standard", "empirical", "lipschitz", "smoothing")
 TORCHSCRIPT_SUFFIXES = (".ts", ".jit", ".torchscript")
-
-DEFAULTS: dict[str, Any] = {
-    "architecture": "", "weights": "", "sha256": "", "num_classes": 10, "input_channels": 1,
-    "input_height": 28, "input_width": 28, "mean": [0.0], "std": [1.0], "kind": "standard", "norm": "l2",
-    "lipschitz_constant": 0.0, "sigma": 0.25, "n0": 64, "n": 1000, "beta": 0.001, "class_names": [],
-    "class_names_file": "",
-}
 
 _ZOO: dict[str, dict[str, Any]] = {
     "standard": {"architecture": "fmnist_cnn", "mean": [0.2860], "std": [0.3530], "kind": "standard"},
@@ -74,7 +51,7 @@ def zoo_config(name: str) -> dict[str, Any]:
     """Config of a shipped model: standard, robust_at, robust_lipschitz or robust_smoothing."""
     if name not in _ZOO:
         raise ModelConfigError(f"unknown zoo model '{name}' (shipped: {', '.join(_ZOO)})")
-    config = {**DEFAULTS, **copy.deepcopy(_ZOO[name]), "weights": f"zoo:{name}.pt",
+    config = {**defaults(), **copy.deepcopy(_ZOO[name]), "weights": f"zoo:{name}.pt",
               "class_names": list(FASHION_MNIST_CLASSES)}
     card = ZOO_DIR / f"{name}.json"
     if card.exists():
@@ -101,20 +78,22 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     unknown = set(config) - set(DEFAULTS)
     if unknown:
         raise ModelConfigError(f"unknown model config key(s) {sorted(unknown)} (known: {sorted(DEFAULTS)})")
-    merged = {**DEFAULTS, **config}
+    merged = {**defaults(), **config}
 
     def fail(key: str, why: str) -> None:
         raise ModelConfigError(f"model config key '{key}' = {merged[key]!r}: {why}")
 
-    for key in ("architecture", "weights", "sha256", "kind", "norm", "class_names_file"):
-        if not isinstance(merged[key], str):
-            fail(key, "must be a string")
-    for key in ("num_classes", "input_channels", "input_height", "input_width", "n0", "n"):
-        if isinstance(merged[key], bool) or not isinstance(merged[key], int) or merged[key] <= 0:
-            fail(key, "must be a positive integer")
-    for key in ("lipschitz_constant", "sigma", "beta"):
-        if isinstance(merged[key], bool) or not isinstance(merged[key], (int, float)) or not math.isfinite(merged[key]):
-            fail(key, "must be a finite number")
+    for key in SCHEMA:
+        value = merged[key.name]
+        if key.type == STRING and not isinstance(value, str):
+            fail(key.name, "must be a string")
+        if key.type == INTEGER and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            fail(key.name, "must be a positive integer")
+        if key.type == DOUBLE and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                   or not math.isfinite(value)):
+            fail(key.name, "must be a finite number")
+        if key.type == STRING_ARRAY and not isinstance(value, (list, tuple)):
+            fail(key.name, "must be a list of strings")
     if not merged["architecture"]:
         fail("architecture", "is required")
     if not merged["weights"]:
