@@ -75,6 +75,7 @@ def test_no_frame_beats_the_best_case_smoothing_bounds(bound):
                                  generator=generator, bound=bound)
     p_lower, p_upper = best_case_bounds(200, 1e-3, 10, bound)
     assert certificate.p_lower.tolist() == pytest.approx([p_lower] * 2)
+    assert certificate.p_upper.tolist() == pytest.approx([p_upper] * 2)
     best = max_smoothing_radius(0.25, 200, 1e-3, 0.7, 10, bound)
     assert float(certificate.radius.max()) <= best
     assert float(certificate.radius.min()) == pytest.approx(best, rel=1e-6)
