@@ -21,6 +21,7 @@ REQUIRED_FIELDS = {
     "header": "std_msgs/Header", "status": "uint8", "class_id": "int32", "class_name": "string",
     "probability": "float", "alpha": "float", "certificate_method": "uint8", "norm": "uint8",
     "certified_radius": "float", "image_radius": "float", "confidence": "float", "safe_radius": "float",
+    "safe_image_radius": "float",
     "safe": "boolean", "robust_class_id": "int32", "robust_margin": "float", "standard_class_id": "int32",
     "inference_ms": "float",
 }

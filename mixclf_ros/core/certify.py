@@ -195,3 +195,22 @@ def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float 
         radius = 0.5 * sigma64 * gap
     valid = (alpha >= 0.5) & ~torch.isnan(p_lower) & ~torch.isnan(p_upper)
     return _finish_radius(radius, valid, _output_dtype(p_lower, p_upper))
+
+
+def max_lipschitz_radius(lipschitz: float | torch.Tensor, alpha: Alpha, num_classes: int) -> float:
+    """The largest radius Theorem 1 can ever certify for this robust model and alpha: the radius at
+    the best possible robust output, a one-hot `h(x)` (top-1 margin 1), maximised over the class y.
+
+    With one constant L for all classes this is `(2 alpha - 1) / (2 alpha L)`. No frame gets a
+    larger `lipschitz_radius`, so a `safe` threshold above it can never be met.
+
+    Args:
+        lipschitz: as in `lipschitz_radius` (a number, or a (num_classes,) tensor).
+        alpha: weight of h in the mixture (a number).
+        num_classes: C >= 2.
+
+    Returns:
+        float64 radius (rounded like `lipschitz_radius`), in the norm and units of `lipschitz`.
+    """
+    best_outputs = torch.eye(num_classes, dtype=torch.float64)
+    return float(lipschitz_radius(best_outputs, lipschitz, alpha).max())

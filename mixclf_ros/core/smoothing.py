@@ -59,6 +59,36 @@ def clopper_pearson_upper(successes: torch.Tensor, trials: int, beta: float) -> 
     return torch.as_tensor(bound, dtype=torch.float64, device=successes.device).nan_to_num(1.0)
 
 
+def best_case_bounds(n: int, beta: float, num_classes: int, bound: str = "bernstein") -> tuple[float, float]:
+    """(p_lower, p_upper) that `Smooth.certify` derives when every one of the n estimation samples
+    gives the top class probability 1 (the best possible Monte Carlo outcome): the widths at zero
+    sample variance, with the same union bound (beta / num_classes per one-sided bound). For
+    `bound="hard"` (`Smooth.certify_hard`), the Clopper-Pearson bound of n votes out of n. No frame
+    gets tighter bounds, hence no larger Theorem 2 radius."""
+    if bound == "hard":
+        p_lower = float(clopper_pearson_lower(torch.tensor([float(n)]), n, beta)[0])
+        return p_lower, 1.0 - p_lower
+    delta = beta / num_classes
+    if bound == "hoeffding":
+        width = hoeffding_width(n, delta)
+    elif bound == "bernstein":
+        width = float(bernstein_width(torch.zeros(()), n, delta))
+    else:
+        raise ValueError(f"bound must be one of {BOUNDS + ('hard',)}, got {bound!r}")
+    p_lower = min(max(1.0 - width, 0.0), 1.0)
+    return p_lower, min(width, 1.0 - p_lower)
+
+
+def max_smoothing_radius(sigma: float, n: int, beta: float, alpha: Alpha, num_classes: int,
+                         bound: str = "bernstein") -> float:
+    """The largest l2 radius (Theorem 2, [0,1]-pixel units at the model input) a smoothing
+    certificate with these settings can ever give: `smoothing_radius` at `best_case_bounds`."""
+    p_lower, p_upper = best_case_bounds(n, beta, num_classes, bound)
+    radius = smoothing_radius(torch.tensor([p_lower], dtype=torch.float64),
+                              torch.tensor([p_upper], dtype=torch.float64), sigma, float(alpha))
+    return float(radius[0])
+
+
 # ----------------------------------------------------------------------------- certificates
 
 

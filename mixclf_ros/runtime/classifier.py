@@ -12,6 +12,7 @@ the model input, `image_radius` in the source image (through the preprocessing's
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from enum import IntEnum
@@ -20,7 +21,7 @@ import torch
 
 from mixclf_ros.core import certify
 from mixclf_ros.core.mixing import MixedClassifier, mix_log_probs
-from mixclf_ros.core.smoothing import Smooth
+from mixclf_ros.core.smoothing import Smooth, max_smoothing_radius
 from mixclf_ros.vision.decode import BadImageError, DecodedImage
 from mixclf_ros.vision.preprocess import PreprocessConfig, Preprocessor, image_radius, preprocessing_operator_norm
 
@@ -47,6 +48,15 @@ NORM_CODES = {"l2": 2, "linf": 255}
 """Values of the message's NORM_* constants."""
 
 
+ONE_GREY_LEVEL = 1.0 / 255.0
+"""One step of an 8-bit camera, in [0, 1] pixel units: the smallest perturbation a camera can show."""
+
+
+def _meets(radius: float, threshold: float) -> bool:
+    """`radius >= threshold` for a threshold in force (> 0); a threshold of 0 is not set."""
+    return threshold <= 0.0 or (math.isfinite(radius) and radius >= threshold)
+
+
 def is_safe(
     status: Status,
     certificate_method: CertificateMethod,
@@ -54,19 +64,27 @@ def is_safe(
     safe_radius: float,
     class_id: int,
     certified_class_id: int,
+    image_radius: float = 0.0,
+    safe_image_radius: float = 0.0,
 ) -> bool:
     """The message contract's `safe` rule, in one place.
 
-    True only if the frame was classified (OK), a certificate exists, its radius is positive and at
-    least `safe_radius`, and the published class is the certified one (Lemma 1: a positive radius
-    implies the mixture predicts the robust model's class; any numerical disagreement is doubt).
+    True only if the frame was classified (OK), a certificate exists, its radius is positive, every
+    threshold that is set (> 0) is met: `certified_radius >= safe_radius` (model input) and
+    `image_radius >= safe_image_radius` (source image; an image radius of 0, i.e. no image-space
+    guarantee, never meets a set threshold), and the published class is the certified one (Lemma 1:
+    a positive radius implies the mixture predicts the robust model's class; any numerical
+    disagreement is doubt). A NaN threshold is never met.
     """
+    if math.isnan(safe_radius) or math.isnan(safe_image_radius):
+        return False
     return bool(
         status == Status.OK
         and certificate_method != CertificateMethod.NONE
         and math.isfinite(certified_radius)
         and certified_radius > 0.0
-        and certified_radius >= safe_radius
+        and _meets(certified_radius, safe_radius)
+        and _meets(image_radius, safe_image_radius)
         and class_id >= 0
         and class_id == certified_class_id
     )
@@ -78,8 +96,12 @@ class LiveSettings:
 
     alpha: float
     safe_radius: float
+    """`safe` needs certified_radius >= this, at the model input ([0,1] pixels, certificate norm)."""
     confidence: float = 0.999
     """Only for randomized smoothing: the certificate holds with this probability (1 - beta)."""
+    safe_image_radius: float = ONE_GREY_LEVEL
+    """`safe` needs image_radius >= this, in the source image ([0,1] pixels, certificate norm);
+    0 = no image-space threshold."""
 
 
 @dataclass
@@ -97,6 +119,7 @@ class FrameResult:
     image_radius: float = 0.0
     confidence: float = 0.0
     safe_radius: float = 0.0
+    safe_image_radius: float = 0.0
     safe: bool = False
     robust_class_id: int = -1
     robust_margin: float = 0.0
@@ -107,7 +130,7 @@ class FrameResult:
     def failure(cls, status: Status, message: str, settings: LiveSettings, norm: str = "l2") -> FrameResult:
         """A result for a frame that could not be certified: `safe` is false by construction."""
         return cls(status=status, status_message=message, alpha=settings.alpha,
-                   safe_radius=settings.safe_radius, norm=norm)
+                   safe_radius=settings.safe_radius, safe_image_radius=settings.safe_image_radius, norm=norm)
 
 
 def select_device(requested: str) -> torch.device:
@@ -149,7 +172,9 @@ class CertifiedClassifier:
         device: where preprocessing, both models and the certificate run.
         standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
             does not depend on g). The robust model and certificate stay in float32.
-        seed: seed of the smoothing noise.
+        seed: seed of the smoothing noise; None (default) draws it from the OS's entropy, so an
+            attacker cannot replay the noise. A fixed seed is for tests and replay only: it voids the
+            1 - beta guarantee against an attacker who knows it (`seed_is_fixed` says so).
     """
 
     def __init__(
@@ -159,7 +184,7 @@ class CertifiedClassifier:
         preprocess: PreprocessConfig,
         device: torch.device,
         standard_precision: str = "float32",
-        seed: int = 0,
+        seed: int | None = None,
     ):
         if standard_precision not in _PRECISIONS:
             raise ValueError(f"standard_precision must be one of {sorted(_PRECISIONS)}")
@@ -182,6 +207,9 @@ class CertifiedClassifier:
         if self.kind == "smoothing":
             self.smooth = Smooth(self.robust, self.num_classes, robust.sigma)
             self.smoothing_samples = (int(robust.n0), int(robust.n))
+        self.seed_is_fixed = seed is not None
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @property
@@ -190,6 +218,24 @@ class CertifiedClassifier:
             "lipschitz": CertificateMethod.LIPSCHITZ,
             "smoothing": CertificateMethod.RANDOMIZED_SMOOTHING,
         }.get(self.kind, CertificateMethod.NONE)
+
+    def max_certified_radius(self, settings: LiveSettings) -> float:
+        """The largest `certified_radius` any frame can get at these settings ([0,1] pixels at the
+        model input, in `norm`): Theorem 1 at a one-hot robust output, or Theorem 2 at the best
+        Monte Carlo outcome of n samples. 0 for an empirical robust model or alpha < 1/2."""
+        if self.kind == "lipschitz":
+            return certify.max_lipschitz_radius(self.robust.lipschitz_constant, settings.alpha, self.num_classes)
+        if self.kind == "smoothing":
+            return max_smoothing_radius(self.robust.sigma, self.smoothing_samples[1], 1.0 - settings.confidence,
+                                        settings.alpha, self.num_classes)
+        return 0.0
+
+    def max_image_radius(self, settings: LiveSettings, source_height: int, source_width: int,
+                         channel_order: str) -> float:
+        """`max_certified_radius` carried into a source image of this size and channel order."""
+        operator_norm = preprocessing_operator_norm(source_height, source_width, channel_order,
+                                                    self.preprocess_config, self.norm)
+        return image_radius(self.max_certified_radius(settings), operator_norm)
 
     def warm_up(self, settings: LiveSettings, repeats: int = 3) -> float:
         """Runs the full path on blank frames; returns the time of the first pass in ms."""
@@ -297,6 +343,7 @@ class CertifiedClassifier:
                 decoded.pixels.shape[0], decoded.pixels.shape[1], decoded.channel_order,
                 self.preprocess_config, self.norm)
             has_certificate = method != CertificateMethod.NONE and certified_radius > 0.0
+            image_radius_value = float(image_radius(certified_radius, operator_norm)) if has_certificate else 0.0
             results.append(FrameResult(
                 status=Status.OK,
                 class_id=int(class_id),
@@ -305,10 +352,12 @@ class CertifiedClassifier:
                 certificate_method=method,
                 norm=self.norm,
                 certified_radius=float(certified_radius),
-                image_radius=float(image_radius(certified_radius, operator_norm)) if has_certificate else 0.0,
+                image_radius=image_radius_value,
                 confidence=confidence if has_certificate else 0.0,
                 safe_radius=settings.safe_radius,
-                safe=is_safe(Status.OK, method, certified_radius, settings.safe_radius, class_id, cert_class),
+                safe_image_radius=settings.safe_image_radius,
+                safe=is_safe(Status.OK, method, certified_radius, settings.safe_radius, class_id, cert_class,
+                             image_radius_value, settings.safe_image_radius),
                 robust_class_id=int(h_class),
                 robust_margin=float(margin),
                 standard_class_id=int(g_class),
