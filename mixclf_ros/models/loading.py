@@ -146,10 +146,17 @@ def _build_architecture(config: dict[str, Any]) -> tuple[nn.Module, bool]:
     if name.startswith("torchvision:"):
         import torchvision
 
-        builder = getattr(torchvision.models, name.split(":", 1)[1], None)
-        if builder is None or not callable(builder):
-            raise ModelConfigError(f"model config key 'architecture': torchvision has no model '{name}'")
-        return builder(weights=None, num_classes=num_classes), False
+        model_name = name.split(":", 1)[1]
+        known = torchvision.models.list_models()
+        if model_name not in known:
+            raise ModelConfigError(f"model config key 'architecture' = '{name}': torchvision has no model "
+                                   f"'{model_name}' (torchvision.models.list_models() names {len(known)}, "
+                                   f"e.g. resnet18, mobilenet_v3_small, convnext_tiny)")
+        try:
+            return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes), False
+        except Exception as error:
+            raise ModelConfigError(f"model config key 'architecture' = '{name}': building the model failed: "
+                                   f"{type(error).__name__}: {error}") from error
     module_name, _, attribute = name.partition(":")
     if not attribute:
         raise ModelConfigError(f"model config key 'architecture' = '{name}': not a project architecture "
@@ -203,10 +210,39 @@ class LoadedModel(nn.Module):
         return super().train(False)  # loaded models stay in eval mode (certificates assume it)
 
 
-def load_model(config: dict[str, Any]) -> LoadedModel:
-    """Builds, loads and checks a model described by `config` (see the module docstring)."""
+def _state_dict_hint(state: dict[str, Any]) -> str:
+    """What to do about the common ways a checkpoint differs from a plain state_dict."""
+    keys = [key for key in state if isinstance(key, str)]
+    for wrapper in ("state_dict", "model", "model_state_dict", "net", "ema"):
+        if isinstance(state.get(wrapper), dict):
+            return (f" The file holds a training checkpoint (a dict with key '{wrapper}'): save its "
+                    f"state_dict alone, e.g. torch.save(torch.load(path)['{wrapper}'], 'weights.pt').")
+    if keys and all(key.startswith("module.") for key in keys):
+        return (" Every key starts with 'module.' (saved from DataParallel/DistributedDataParallel): save "
+                "model.module.state_dict() instead, or strip the prefix: "
+                "{k.removeprefix('module.'): v for k, v in state.items()}.")
+    return ""
+
+
+def load_model(config: dict[str, Any], name: str = "") -> LoadedModel:
+    """Builds, loads and checks a model described by `config` (see the module docstring).
+
+    `name` (e.g. 'robust_model') prefixes every error message, so a user with two models knows which
+    one is meant."""
+    try:
+        return _load_model(config)
+    except ModelConfigError as error:
+        if not name:
+            raise
+        raise ModelConfigError(f"{name}: {error}") from error
+
+
+def _load_model(config: dict[str, Any]) -> LoadedModel:
     config = validate_config(config)
     path = resolve_weights(config["weights"])
+    if path.is_dir():
+        raise ModelConfigError(f"model config key 'weights': {path} is a directory; give the weights file in it "
+                               "(a state_dict .pt/.pth, or TorchScript .ts/.jit/.torchscript)")
     if not path.is_file():
         raise ModelConfigError(f"model config key 'weights': file {path} not found")
     digest = sha256_of(path)
@@ -234,7 +270,7 @@ def load_model(config: dict[str, Any]) -> LoadedModel:
             details = " ".join(str(error).split())[:300]
             raise ModelConfigError(f"model config keys 'architecture' = '{config['architecture']}' / 'num_classes' = "
                                    f"{config['num_classes']} / 'input_channels' do not match the weights in {path}: "
-                                   f"{details}") from error
+                                   f"{details}.{_state_dict_hint(state)}") from error
         if normalises:  # the weights carry their own mean/std buffers: they must be the configured ones
             stored = network[0]
             if not (torch.allclose(stored.mean, torch.tensor(config["mean"]), atol=1e-6)
