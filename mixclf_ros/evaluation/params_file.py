@@ -1,0 +1,72 @@
+"""Model configs from a ROS 2 parameters YAML file (`--params`): the node's file, read without ROS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mixclf_ros.evaluation.settings import EvaluationError
+
+MODEL_PREFIXES = ("standard_model", "robust_model")
+
+
+def _flatten_parameters(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2} (ROS parameter names, nested or dotted)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten_parameters(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_ros_parameters(path: str | Path) -> dict[str, Any]:
+    """Flat `{name: value}` of a ROS 2 parameters YAML file (`<node>: ros__parameters: ...`).
+
+    Sections of every node are merged, wildcard sections (`/**`, `*`) first so that a section
+    naming a node overrides them, as ROS does for that node."""
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise EvaluationError(f"--params {path}: {error}") from error
+    sections: list[tuple[bool, dict[str, Any]]] = []
+
+    def visit(node: Any, names: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        parameters = node.get("ros__parameters")
+        if isinstance(parameters, dict):
+            sections.append((any("*" in name for name in names), parameters))
+        for key, value in node.items():
+            if key != "ros__parameters":
+                visit(value, (*names, str(key)))
+
+    visit(document, ())
+    if not sections:
+        raise EvaluationError(f"--params {path}: no 'ros__parameters' section found")
+    merged: dict[str, Any] = {}
+    for _, parameters in sorted(sections, key=lambda section: not section[0]):
+        merged.update(_flatten_parameters(parameters))
+    return merged
+
+
+def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
+    """`{"standard_model": config, "robust_model": config}` from a ROS parameters file. A smoothing
+    robust model without `beta` gets `1 - confidence` like the node does."""
+    parameters = read_ros_parameters(path)
+    configs: dict[str, dict[str, Any]] = {}
+    for prefix in MODEL_PREFIXES:
+        config = {name[len(prefix) + 1:]: value for name, value in parameters.items()
+                  if name.startswith(prefix + ".")}
+        if not config:
+            raise EvaluationError(f"--params {path}: no '{prefix}.*' parameters")
+        configs[prefix] = config
+    robust = configs["robust_model"]
+    if robust.get("kind") == "smoothing" and "beta" not in robust and "confidence" in parameters:
+        robust["beta"] = 1.0 - float(parameters["confidence"])
+    return configs
