@@ -382,3 +382,16 @@ def test_evaluation_does_not_import_ros():
     code = ("import sys, mixclf_ros.evaluation.cli, mixclf_ros.evaluation.commands; "
             "assert not any(m.startswith('rclpy') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_mixclf_eval_is_on_path_after_sourcing_env_sh(tmp_path):
+    """The documented commands start with `source env.sh; mixclf-eval ...`, from any directory."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    commands = f"source '{repo}/env.sh' && mixclf-eval --help && mixclf-eval certify --help"
+    result = subprocess.run(["bash", "-c", commands], capture_output=True, text=True, cwd=tmp_path, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage: mixclf-eval" in result.stdout and "--radii" in result.stdout
