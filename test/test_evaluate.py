@@ -212,6 +212,20 @@ def test_certify_smoothing_mixture_with_matched_baseline(standard, data):
     assert all(a <= b for a, b in zip(one["theorem1"]["accuracy"], one["theorem2"]["accuracy"]))
 
 
+def test_certify_warns_when_every_radius_is_below_one_grey_level(standard, robust, data):
+    x, y = data
+    constant = lipschitz.probability_lipschitz_bound(robust, "l2", INPUT_SHAPE)
+    sound = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=constant)
+    assert certify_mixture(standard, sound, x, y, CertifySettings((0.6, 1.0), num_radii=5), RUNTIME).warnings == []
+    # The same network with a constant 1000x larger: some radii stay positive, all below 1/255.
+    loose = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=1000 * constant)
+    result = certify_mixture(standard, loose, x, y, CertifySettings((0.6, 1.0), num_radii=5), RUNTIME)
+    mixture = [curve for curve in result.curves if curve["model"] == "mixture"]
+    assert max(curve["certified_fraction"] for curve in mixture) > 0.5  # r > 0 for most samples ...
+    assert max(curve["median_radius"] for curve in mixture) < 1 / 255  # ... but tiny
+    assert len(result.warnings) == 1 and "below one grey level" in result.warnings[0]
+
+
 # ----------------------------------------------------------------------------- command line
 
 TINY_MODULE = "mixclf_eval_tiny_models"
@@ -263,7 +277,7 @@ def workspace(tmp_path_factory, standard, robust) -> dict[str, Path]:
 
     images, labels = synthetic_data(64, seed=7)
     for index, (image, label) in enumerate(zip(images, labels)):
-        folder = root / "images" / f"class{int(label)}"
+        folder = root / "images" / str(int(label))  # class index (the tiny models have no class names)
         folder.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / f"{index:03d}.png"), (image[0] * 255).round().byte().numpy())
     yield {"root": root, "params": root / "params.yaml", "smoothing": root / "smoothing.yaml",
@@ -354,6 +368,42 @@ def test_cli_design(workspace, tmp_path):
     assert cli.main(["design", "--params", str(workspace["params"]), "--image-folder", str(workspace["images"]),
                           "--out", str(tmp_path), "--no-progress", "--steps", "3", "--eps", "0.15",
                           "--limit", "16", "--resume"]) == 2  # other attack settings: refused
+
+
+def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path, capsys):
+    """Folders zero..nine name no class of a model without class names: a clear error (exit 2), not
+    a silently relabelled data set; an 11th folder too; a class map makes them usable."""
+    import shutil
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    renamed = tmp_path / "words"
+    for index, word in enumerate(words):
+        shutil.copytree(workspace["images"] / str(index), renamed / word)
+    arguments = ["margins", "--params", str(workspace["params"]), "--image-folder", str(renamed), "--steps", "1",
+                 "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    assert cli.main(arguments) == 2
+    assert "name no class of the model" in capsys.readouterr().err
+    (tmp_path / "map.yaml").write_text("".join(f"{word}: {index}\n" for index, word in enumerate(words)))
+    assert cli.main([*arguments, "--class-map", str(tmp_path / "map.yaml")]) == 0
+    mapped = json.loads((tmp_path / "margins_linf.json").read_text())
+    assert mapped["preprocessing"]["folders"] == {word: str(index) for index, word in enumerate(words)}
+    shutil.copytree(workspace["images"] / "0", renamed / "ten")
+    assert cli.main([*arguments, "--class-map", str(tmp_path / "map.yaml")]) == 2
+    assert "ten" in capsys.readouterr().err
+
+
+def test_cli_image_folder_uses_the_nodes_crop_and_resize(workspace, tmp_path):
+    """--params' crop_height / crop_width / resize (the node's parameters) preprocess --image-folder."""
+    import yaml
+
+    params = yaml.safe_load(workspace["params"].read_text())
+    params["/**"]["ros__parameters"].update(crop_height=8, crop_width=10, resize="bilinear")
+    (tmp_path / "cropped.yaml").write_text(yaml.safe_dump(params))
+    run_cli(workspace, tmp_path, "margins", "--params", str(tmp_path / "cropped.yaml"), "--steps", "1",
+            "--limit", "8")
+    report = json.loads((tmp_path / "margins_linf.json").read_text())
+    assert {key: report["preprocessing"][key] for key in ("crop_height", "crop_width", "resize", "path")} == {
+        "crop_height": 8, "crop_width": 10, "resize": "bilinear", "path": "vision.preprocess.Preprocessor"}
 
 
 def test_cli_default_data_is_fashion_mnist(workspace, tmp_path):

@@ -49,6 +49,7 @@ def run_header(args: argparse.Namespace, argv: Sequence[str], pair: ModelPair, d
         "seed": runtime.seed,
         "models": {"standard": describe_model(pair.standard, pair.standard_label),
                    "robust": describe_model(pair.robust, pair.robust_label)},
+        "preprocessing": data.preprocessing,
         "data": {"source": data.source, "available": data.total_available, "evaluated": int(data.labels.shape[0]),
                  "subset": "all" if data.labels.shape[0] == data.total_available
                  else f"seeded random subset (seed {runtime.seed})"},

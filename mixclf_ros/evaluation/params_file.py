@@ -70,3 +70,13 @@ def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]
     if robust.get("kind") == "smoothing" and "beta" not in robust and "confidence" in parameters:
         robust["beta"] = 1.0 - float(parameters["confidence"])
     return configs
+
+
+PREPROCESSING_KEYS = ("crop_height", "crop_width", "resize")
+"""The node's preprocessing parameters (`vision.preprocess.PreprocessConfig` fields of the same names)."""
+
+
+def preprocessing_from_parameters(path: str | Path) -> dict[str, Any]:
+    """`{crop_height, crop_width, resize}` as far as the ROS parameters file sets them."""
+    parameters = read_ros_parameters(path)
+    return {key: parameters[key] for key in PREPROCESSING_KEYS if key in parameters}
