@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mixclf_ros import attacks
@@ -66,8 +65,9 @@ def _attack_in_batches(attack: Callable[[torch.Tensor, torch.Tensor], dict[str, 
 
 def final_iterate_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, settings: PGDSettings,
                       runtime: Runtime, description: str) -> tuple[torch.Tensor, float]:
-    """Classic PGD (Madry et al.; torchattacks `PGD` / `PGDL2`, random start, all `steps` steps)
-    aimed at `model`; per sample the final iterate of the restart with the highest cross-entropy.
+    """Classic PGD aimed at `model` (`attacks.pgd(..., keep="final")`: torchattacks `PGD` / `PGDL2`,
+    random start, all `steps` steps); per sample the final iterate of the restart with the highest
+    cross-entropy, random starts from the global RNG seeded with `runtime.seed`.
 
     This is the adversarial data of the paper's STD / ROB attacks and of Table I: unlike an attack
     that stops at the first misclassified iterate, it ends deep in the wrong class, so it is the
@@ -75,31 +75,12 @@ def final_iterate_pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
     Returns (x_adv on CPU, seconds spent attacking).
     """
-    import torchattacks
-
-    if settings.norm == "linf":
-        attack = torchattacks.PGD(model, eps=settings.eps, alpha=settings.resolved_step_size,
-                                  steps=settings.steps, random_start=True)
-    else:
-        attack = torchattacks.PGDL2(model, eps=settings.eps, alpha=settings.resolved_step_size,
-                                    steps=settings.steps, random_start=True)
-    attack.set_device(runtime.device)
-
-    def strongest_restart(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        best = x.clone()
-        best_loss = torch.full((x.shape[0],), -math.inf, device=runtime.device)
-        for _ in range(settings.restarts):
-            with torch.enable_grad():
-                candidate = attack(x, y)
-            with torch.inference_mode():
-                loss = F.cross_entropy(model(candidate), y, reduction="none")
-            better = loss > best_loss
-            best[better] = candidate[better]
-            best_loss = torch.where(better, loss, best_loss)
-        return {"pgd": best}
+    def final(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pgd": attacks.pgd(model, x, y, eps=settings.eps, norm=settings.norm, steps=settings.steps,
+                                   step_size=settings.resolved_step_size, restarts=settings.restarts, keep="final")}
 
     with seeded_global_rng(runtime.seed, runtime.device):
-        adversarial, seconds = _attack_in_batches(strongest_restart, images, labels, runtime, description, ("pgd",))
+        adversarial, seconds = _attack_in_batches(final, images, labels, runtime, description, ("pgd",))
     return adversarial["pgd"], seconds
 
 
