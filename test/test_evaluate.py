@@ -301,6 +301,28 @@ def test_read_ros_parameters_nested_dotted_and_node_overrides(workspace):
     assert smoothing["beta"] == pytest.approx(0.01)  # 1 - confidence, as the node does
 
 
+def test_parameters_file_is_read_with_the_model_schema(workspace, tmp_path, capsys):
+    """Keys another kind uses are ignored (the node does not declare them); beta comes from the
+    node's confidence; an unknown key is refused by name (exit 2)."""
+    import yaml
+
+    params = yaml.safe_load(workspace["params"].read_text())
+    section = params["/**"]["ros__parameters"]
+    section.update({"robust_model.sigma": 0.5, "robust_model.n": 7, "confidence": 0.9})
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(params))
+    robust = model_configs_from_parameters(tmp_path / "extra.yaml")["robust_model"]
+    assert "sigma" not in robust and "n" not in robust and "beta" not in robust
+    smoothing = yaml.safe_load(workspace["smoothing"].read_text())
+    smoothing["/**"]["ros__parameters"]["robust_model"]["beta"] = 0.2  # the node takes 1 - confidence
+    (tmp_path / "beta.yaml").write_text(yaml.safe_dump(smoothing))
+    assert model_configs_from_parameters(tmp_path / "beta.yaml")["robust_model"]["beta"] == pytest.approx(0.01)
+    section["standard_model"]["colour"] = "rgb"
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["margins", "--params", str(tmp_path / "unknown.yaml"), "--out", str(tmp_path),
+                     "--image-folder", str(workspace["images"]), "--no-progress"]) == 2
+    assert "colour" in capsys.readouterr().err
+
+
 def test_cli_sweep(workspace, tmp_path, capsys):
     run_cli(workspace, tmp_path, "sweep", "--params", str(workspace["params"]), "--alphas", "0,0.5,1",
             "--eps", "0.15", "--steps", "3", "--attack-limit", "32")

@@ -31,10 +31,11 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def load_config(config: dict[str, Any], device: torch.device) -> nn.Module:
+def load_config(config: dict[str, Any], device: torch.device, role: str = "") -> nn.Module:
+    """`models.load_model` (validated against `models.schema`; errors prefixed with `role`), prepared."""
     from mixclf_ros import models
 
-    return prepare_model(models.load_model(dict(config)), device)
+    return prepare_model(models.load_model(dict(config), name=role), device)
 
 
 def load_zoo_model(name: str, device: torch.device) -> nn.Module:
@@ -53,14 +54,12 @@ def load_model_pair(standard_name: str | None, robust_name: str | None, params_f
     for prefix, name, default in (("standard_model", standard_name, "standard"),
                                   ("robust_model", robust_name, default_robust)):
         if name is None and prefix in configs:
-            loaded.append((load_config(configs[prefix], device), f"{Path(params_file).name}:{prefix}"))
+            loaded.append((load_config(configs[prefix], device, prefix), f"{Path(params_file).name}:{prefix}"))
         else:
             chosen = name or default
             loaded.append((load_zoo_model(chosen, device), chosen))
     (standard, standard_label), (robust, robust_label) = loaded
-    check = getattr(models, "check_compatible", None)
-    if check is not None:
-        check(standard, robust)
+    models.check_compatible(standard, robust)
     return ModelPair(standard, robust, standard_label, robust_label)
 
 

@@ -56,19 +56,27 @@ def read_ros_parameters(path: str | Path) -> dict[str, Any]:
 
 
 def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
-    """`{"standard_model": config, "robust_model": config}` from a ROS parameters file. A smoothing
-    robust model without `beta` gets `1 - confidence` like the node does."""
+    """`{"standard_model": config, "robust_model": config}` from a ROS parameters file, read as the
+    node reads it (`models.schema`): the keys of the model's kind only (others are ignored, as the
+    node does not declare them); a key the node takes from another parameter (`beta` from
+    `confidence`: beta = 1 - confidence) comes from that one when the file sets it. Unknown keys are
+    kept, so that `models.loading` refuses them by name."""
+    from mixclf_ros.models import schema
+
     parameters = read_ros_parameters(path)
     configs: dict[str, dict[str, Any]] = {}
     for prefix in MODEL_PREFIXES:
-        config = {name[len(prefix) + 1:]: value for name, value in parameters.items()
-                  if name.startswith(prefix + ".")}
-        if not config:
+        given = {name[len(prefix) + 1:]: value for name, value in parameters.items()
+                 if name.startswith(prefix + ".")}
+        if not given:
             raise EvaluationError(f"--params {path}: no '{prefix}.*' parameters")
+        kind = given.get("kind", schema.DEFAULTS["kind"])
+        used = {key.name for key in schema.keys_for_kind(kind)} if isinstance(kind, str) else set(schema.KEYS)
+        config = {name: value for name, value in given.items() if name in used or name not in schema.KEYS}
+        for key in schema.keys_for_kind(kind) if isinstance(kind, str) else ():
+            if key.node_parameter and key.node_parameter in parameters:
+                config[key.name] = 1.0 - float(parameters[key.node_parameter])
         configs[prefix] = config
-    robust = configs["robust_model"]
-    if robust.get("kind") == "smoothing" and "beta" not in robust and "confidence" in parameters:
-        robust["beta"] = 1.0 - float(parameters["confidence"])
     return configs
 
 
