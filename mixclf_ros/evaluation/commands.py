@@ -118,14 +118,14 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
     plot_certify(result, out / f"{stem}.png", f"g={pair.standard_label}, h={pair.robust_label}{noise}")
     print(f"certificate: {result.certificate_settings}")
     print(f"baseline: {result.baseline}")
-    for warning in result.warnings:
-        print(f"mixclf-eval: warning: {warning}", file=sys.stderr)
     probe = _probe_radii(result.radii)
     print("certified accuracy at radius r (r>0: any positive certificate):")
     print(format_table(["model", "theorem", "alpha", "clean", *[("r>0" if r == 0 else f"r>={r:.3g}") for r in probe]],
                        [[curve["model"], curve["theorem"], curve["alpha"], curve["clean_accuracy"],
                          *(_accuracy_at(result.radii, curve["accuracy"], r) for r in probe)]
                         for curve in result.curves]))
+    for warning in result.warnings:
+        print(f"mixclf-eval: warning: {warning}", file=sys.stderr)
 
 
 def _probe_radii(grid: Sequence[float], count: int = 5) -> list[float]:
