@@ -28,6 +28,9 @@ export FASTDDS_BUILTIN_TRANSPORTS="${FASTDDS_BUILTIN_TRANSPORTS:-LARGE_DATA}"
 # (measured in bench/; override for big models).
 export MIXCLF_TORCH_THREADS="${MIXCLF_TORCH_THREADS:-1}"
 
+# `mixclf-eval`: the evaluation CLI of this checkout (bin/).
+case ":$PATH:" in *":$_mixclf_root/bin:"*) ;; *) export PATH="$_mixclf_root/bin:$PATH" ;; esac
+
 if [ "${1:-}" != "--no-install" ] && [ -f "$_mixclf_root/install/setup.bash" ]; then
   # shellcheck disable=SC1091
   source "$_mixclf_root/install/setup.bash"

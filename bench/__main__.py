@@ -378,7 +378,7 @@ def bench_smoothing() -> dict:
 
 def bench_certify() -> dict:
     """Certificate arithmetic (batch 64, 10 classes) against one forward pass of both demo models
-    on the same batch (issue target: under 1 %), plus bench/bench_certify.py's figures."""
+    on the same batch (target: under 1 %), plus bench/bench_certify.py's figures."""
     from mixclf_ros.core import certify
     from mixclf_ros.models.loading import load_model, zoo_config
 
@@ -406,11 +406,13 @@ def bench_certify() -> dict:
 
 
 def bench_attacks(images_pgd: int = 256, images_autoattack: int = 16) -> dict:
-    """Images per second of each evaluation attack (issue 6), standard + robust_at at alpha 0.6, linf
+    """Images per second of each evaluation attack, standard + robust_at at alpha 0.6, linf
     eps 0.1: PGD-20 aimed at g (STD), at h (ROB) and at the mixture (MIX), and the AutoAttack
     components (APGD-CE, APGD-T, Square at 100 iterations) on the mixture."""
     from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
-    from mixclf_ros.evaluation.cli import PGDSettings, Runtime, load_zoo_model, run_sweep
+    from mixclf_ros.evaluation.model_pair import load_zoo_model
+    from mixclf_ros.evaluation.settings import AutoAttackSettings, PGDSettings, Runtime, SweepSettings
+    from mixclf_ros.evaluation.sweep import run_sweep
 
     torch.set_num_threads(2)
     runtime = Runtime(device=torch.device("cpu"), batch_size=256)
@@ -419,9 +421,9 @@ def bench_attacks(images_pgd: int = 256, images_autoattack: int = 16) -> dict:
     subset = torch.from_numpy(evaluation_subset())
     x, y = to_tensor(images)[subset], torch.from_numpy(labels)[subset]
     attack = PGDSettings(norm="linf", eps=0.1, steps=20)
-    pgd_run = run_sweep(standard, robust, x[:images_pgd], y[:images_pgd], [0.6], attack, runtime)
-    auto_run = run_sweep(standard, robust, x[:images_autoattack], y[:images_autoattack], [0.6], attack, runtime,
-                         autoattack=True)
+    pgd_run = run_sweep(standard, robust, x[:images_pgd], y[:images_pgd], SweepSettings((0.6,), attack), runtime)
+    auto_run = run_sweep(standard, robust, x[:images_autoattack], y[:images_autoattack],
+                         SweepSettings((0.6,), attack, AutoAttackSettings()), runtime)
     return {"attack": attack.describe(), "images_pgd": images_pgd, "images_autoattack": images_autoattack,
             "images_per_s": {**pgd_run.throughput,
                              "autoattack_apgd_ce_apgd_t_square": auto_run.throughput[

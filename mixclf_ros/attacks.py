@@ -1,4 +1,13 @@
-"""White-box attacks shared by the evaluation CLI, the demo and the tests.
+"""White-box attacks shared by training, the evaluation CLI, the demo and the tests.
+
+`pgd` is the one projected gradient descent of the package, in two variants:
+- `keep="first_success"` (default): end-to-end PGD that keeps, per sample, the first iterate that
+  fools the model, with per-sample radii and a projection that is exact in float64 (certificate
+  tests attack at each sample's certified radius). torchattacks has neither, so this loop is ours.
+- `keep="final"`: classic PGD (Madry et al.) that runs every step and returns the final iterate of
+  the restart with the highest loss: torchattacks `PGD` / `PGDL2`. Adversarial training and the
+  transfer (STD / ROB) attacks use it.
+AutoAttack's components (APGD-CE, APGD-T, Square) come from torchattacks too (`apgd_and_square`).
 
 All attacks take [0,1] pixel inputs (N, C, H, W) and a model returning logits or log-probabilities
 (N, classes) (cross-entropy is the same for both: log_softmax of log-probabilities is the
@@ -8,13 +17,16 @@ identity), keep the adversarial example in the eps-ball of the attack norm ("l2"
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORMS = ("l2", "linf")
+from mixclf_ros.core.certify import NORMS
+
+KEEP = ("first_success", "final")
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -105,8 +117,12 @@ def _is_success(output: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.
 
 def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor, norm: str, steps: int,
         step_size: float | torch.Tensor | None = None, restarts: int = 1, targeted: bool = False,
-        generator: torch.Generator | None = None) -> torch.Tensor:
+        generator: torch.Generator | None = None, keep: str = "first_success") -> torch.Tensor:
     """Projected gradient descent on the cross-entropy (Madry et al.), l2 or linf.
+
+    `keep="final"` is classic PGD (torchattacks `PGD` / `PGDL2`, see `final_iterate_pgd`): a number
+    `eps` and `step_size`, untargeted; the random starts come from `generator` if given (the global
+    RNG is left untouched), else from the global RNG as torchattacks draws them.
 
     Args:
         model: [0,1] pixels -> logits or log-probabilities. Used as is (set eval mode yourself).
@@ -120,8 +136,18 @@ def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tenso
 
     Returns:
         (N, C, H, W) adversarial examples (detached): per sample the first iterate found that is
-        misclassified (targeted: classified as y), else the last iterate of the last restart.
+        misclassified (targeted: classified as y), else the last iterate of the last restart
+        (`keep="final"`: the final iterate of the restart with the highest cross-entropy).
     """
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {KEEP}, got {keep!r}")
+    if keep == "final":
+        if targeted or isinstance(eps, torch.Tensor) or isinstance(step_size, torch.Tensor):
+            raise ValueError("keep='final' (torchattacks) takes a number eps and step_size, untargeted")
+        if not isinstance(model, nn.Module):
+            model = _EvalModule(model)
+        step = step_size if step_size is not None else 2.5 * float(eps) / max(steps, 1)
+        return final_iterate_pgd(model, x, y, float(eps), norm, steps, float(step), restarts, generator)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if steps < 0 or restarts < 1:
@@ -169,6 +195,53 @@ def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tenso
             result[active] = torch.where(_expand(found_here, best), best, x_adv.detach())
             active = active[~found_here]
     return result.detach()
+
+
+def final_iterate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, steps: int,
+                      step_size: float, restarts: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classic PGD: torchattacks `PGD` (linf) / `PGDL2` (l2) with a random start in the ball and all
+    `steps` steps of `step_size`; over `restarts` runs, per sample the final iterate of the run with
+    the highest cross-entropy. Unlike the first-success variant it ends deep in the wrong class: the
+    adversarial data of adversarial training and of transfer attacks.
+
+    torchattacks draws its random starts from the global RNG: with a `generator`, one seed is drawn
+    from it and the attack runs on a forked, seeded global RNG (left as it was afterwards).
+    """
+    import torchattacks
+
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if steps < 1 or restarts < 1:
+        raise ValueError("need steps >= 1 and restarts >= 1")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("pgd needs autograd: do not call it under torch.inference_mode()")
+    x = x.detach()
+    y = y.detach().to(x.device)
+    if norm == "linf":
+        attack = torchattacks.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+    else:
+        attack = torchattacks.PGDL2(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+    attack.set_device(x.device)
+
+    def strongest_restart() -> torch.Tensor:
+        best = x.clone()
+        best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+        for _ in range(restarts):
+            with torch.enable_grad():
+                candidate = attack(x, y)
+            with torch.no_grad():
+                loss = F.cross_entropy(model(candidate), y, reduction="none")
+            better = loss > best_loss
+            best[better] = candidate[better]
+            best_loss = torch.where(better, loss, best_loss)
+        return best.detach()
+
+    if generator is None:
+        return strongest_restart()
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return strongest_restart()
 
 
 class _EvalModule(nn.Module):

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from mixclf_ros.vision.preprocess import PreprocessConfig
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -81,28 +88,133 @@ def evaluation_subset(n: int = 1000, seed: int = 0, total: int = 10_000) -> np.n
     return np.sort(np.random.default_rng(seed).permutation(total)[:n])
 
 
-def load_image_folder(path: str | Path, height: int, width: int, channels: int) -> tuple[torch.Tensor, np.ndarray,
-                                                                                      list[str]]:
-    """Images from `path/<class name>/*` (classes in sorted order), resized with area averaging.
+class ImageFolderError(ValueError):
+    """An image folder whose class sub-folders do not match the model's classes."""
 
-    Returns (float32 (N, channels, height, width) in [0, 1], int64 labels (N,), class names)."""
-    import cv2
+
+def _name_key(name: str) -> str:
+    """Case and punctuation folded: "T-shirt/top", "t-shirt_top" and "TShirtTop" compare equal."""
+    return re.sub(r"[^0-9a-z]", "", name.lower())
+
+
+def _class_index(name: str, class_names: Sequence[str], num_classes: int) -> int | None:
+    """The class a folder (or mapping entry) called `name` stands for: a class name (exact, else
+    case and punctuation folded when that is unambiguous) or a class index 0..num_classes-1."""
+    if name in class_names:
+        return list(class_names).index(name)
+    folded = [index for index, known in enumerate(class_names) if _name_key(known) == _name_key(name)]
+    if len(folded) == 1 and _name_key(name):
+        return folded[0]
+    if re.fullmatch(r"\d+", name.strip()) and int(name) < num_classes:
+        return int(name)
+    return None
+
+
+def read_class_map(path: str | Path) -> dict[str, str]:
+    """A class mapping file: YAML or JSON `{folder name: class name or class index}`."""
+    import yaml
+
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ImageFolderError(f"class map {path}: {error}") from error
+    if not isinstance(content, dict) or not content:
+        raise ImageFolderError(f"class map {path}: expected a mapping 'folder name: class name or index'")
+    return {str(folder): str(value) for folder, value in content.items()}
+
+
+def folder_labels(folders: Sequence[str], class_names: Sequence[str], num_classes: int,
+                  class_map: dict[str, str] | None = None) -> dict[str, int]:
+    """`{folder: label}` for the class sub-folders of an image folder.
+
+    A folder names its class by a class name of the model (exact, or case and punctuation folded)
+    or by a class index 0..num_classes-1; with `class_map` ({folder: class name or index}) every
+    folder must be listed there. Never by alphabetical order.
+    Raises:
+        ImageFolderError: a folder that names no class (listing the classes), or two folders for the
+            same class without a mapping that says so.
+    """
+    if class_names and len(class_names) != num_classes:
+        raise ImageFolderError(f"{len(class_names)} class names for {num_classes} classes")
+    if class_map is None and len(folders) > num_classes:
+        raise ImageFolderError(f"{len(folders)} class folders for a model with {num_classes} classes: "
+                               f"{', '.join(folders)}; remove the extra ones or give a class map "
+                               "(--class-map FILE: 'folder: class name or index')")
+    labels: dict[str, int] = {}
+    unknown = []
+    for folder in folders:
+        target = folder if class_map is None else class_map.get(folder)
+        index = None if target is None else _class_index(target, class_names, num_classes)
+        if index is None:
+            unknown.append(folder if target is None or target == folder else f"{folder} -> {target}")
+        else:
+            labels[folder] = index
+    if unknown:
+        known = (", ".join(repr(name) for name in class_names) + " or " if class_names else "") + \
+            f"an index 0..{num_classes - 1}"
+        where = "in the class map" if class_map is not None else "as folder names"
+        raise ImageFolderError(f"{len(unknown)} class folder(s) name no class of the model: "
+                               f"{', '.join(sorted(unknown))}; use {known} {where}, or give a class map "
+                               "(--class-map FILE: 'folder: class name or index')")
+    if class_map is None:
+        by_label: dict[int, list[str]] = {}
+        for folder, label in labels.items():
+            by_label.setdefault(label, []).append(folder)
+        shared = [folders_of for folders_of in by_label.values() if len(folders_of) > 1]
+        if shared:
+            raise ImageFolderError(f"folders {', '.join(sorted(shared[0]))} name the same class; merge them or "
+                                   "give a class map that maps them on purpose")
+    return labels
+
+
+@dataclass
+class ImageFolder:
+    """Images of `path/<class>/*` at the model input and their labels.
+
+    images: float32 (N, C, H, W) in [0, 1]. labels: int64 (N,). folders: {folder: label}.
+    skipped: files that are not decodable images (relative paths).
+    """
+
+    images: torch.Tensor
+    labels: np.ndarray
+    folders: dict[str, int]
+    skipped: list[str] = field(default_factory=list)
+
+
+def load_image_folder(path: str | Path, preprocess: PreprocessConfig, class_names: Sequence[str],
+                      num_classes: int, class_map: dict[str, str] | None = None) -> ImageFolder:
+    """Images from `path/<class>/*`, labelled by `folder_labels`, through the node's own path: each
+    file is decoded as a `sensor_msgs/CompressedImage` payload (`vision.decode.decode_compressed`)
+    and preprocessed by `vision.preprocess.Preprocessor` with `preprocess` (centre crop, colour,
+    resize mode, model input size), so the images are exactly what the node classifies.
+
+    Raises:
+        DatasetMissingError: no class sub-folders or no readable image.
+        ImageFolderError: folders that do not name the model's classes (see `folder_labels`).
+        BadImageError: an image the node would refuse too (e.g. smaller than the crop).
+    """
+    from mixclf_ros.vision.decode import BadImageError, decode_compressed
+    from mixclf_ros.vision.preprocess import Preprocessor
 
     root = Path(path)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not folders:
         raise DatasetMissingError(f"{root}: no class sub-folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            pixels = cv2.imread(str(file), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-            if pixels is None:
-                continue  # not an image
-            pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
-            if channels == 3:
-                pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
-            images.append(pixels)
-            labels.append(label)
+    labels_of = folder_labels(folders, class_names, num_classes, class_map)
+    preprocessor = Preprocessor(replace(preprocess, device="cpu"))
+    images, labels, skipped = [], [], []
+    for folder in folders:
+        for file in sorted(p for p in (root / folder).iterdir() if p.is_file()):
+            try:
+                decoded = decode_compressed(file.suffix.lstrip(".") or "unknown", file.read_bytes())
+            except BadImageError:
+                skipped.append(f"{folder}/{file.name}")
+                continue
+            try:
+                images.append(preprocessor([decoded]))
+            except BadImageError as error:
+                raise BadImageError(f"{file}: {error}") from None
+            labels.append(labels_of[folder])
     if not images:
         raise DatasetMissingError(f"{root}: no readable images")
-    return to_tensor(np.stack(images)), np.array(labels, dtype=np.int64), classes
+    return ImageFolder(torch.cat(images), np.array(labels, dtype=np.int64), labels_of, skipped)

@@ -7,7 +7,11 @@ sha256, test accuracies). Seeded; runs on the CPU in minutes (2 cores).
 
 - standard:          cross-entropy, Adam.
 - robust_at:         PGD adversarial training (Madry et al. 2018), linf eps 0.1: 7 steps of 0.03
-                     from a random start in the ball; eps ramped up over the first epoch.
+                     from a random start in the ball (`attacks.pgd(..., keep="final")`, torchattacks
+                     PGD); eps ramped up over the first epoch. The shipped weights were trained with
+                     an earlier hand-written copy of this attack (same budget, start and steps; it
+                     clamped only the model input to [0, 1], and drew its starts from the training
+                     generator directly), so a retrain gives close but not bit-identical weights.
 - robust_smoothing:  Gaussian noise augmentation, sigma 0.25 ([0,1] pixels), for randomized smoothing.
 - robust_lipschitz:  Lipschitz-margin training (Tsuzuku et al. 2018): cross-entropy on logits with
                      sqrt(2) * eps * L added to every wrong class, where L is the product of the
@@ -38,8 +42,7 @@ from mixclf_ros.attacks import pgd
 from mixclf_ros.core import certify, lipschitz
 from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
 from mixclf_ros.models.architectures import ARCHITECTURES
-
-ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+from mixclf_ros.models.loading import ZOO_DIR
 
 RECIPES = {
     "standard": {"architecture": "fmnist_cnn", "epochs": 4, "lr": 2e-3},
@@ -79,21 +82,6 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
         with torch.inference_mode():
             correct += int((model(x_adv).argmax(1) == y[i: i + batch_size]).sum())
     return correct / len(x)
-
-
-def pgd_random_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float,
-                     steps: int, generator: torch.Generator) -> torch.Tensor:
-    """The training-time attack of robust_at (Madry et al. 2018): `steps` signed-gradient ascent
-    steps on the cross-entropy from a uniform random start in the linf ball of radius `eps`
-    ([0, 1] pixels), each projected back to the ball and to [0, 1]; returns the last iterate.
-    (Evaluation uses `attacks.pgd` and torchattacks.)"""
-    delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
-        (gradient,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step_size * gradient.sign()).clamp(-eps, eps)
-    return (x + delta).clamp(0, 1)
 
 
 # ------------------------------------------------------------------ Lipschitz-margin training
@@ -186,8 +174,8 @@ def train(name: str, epochs: int | None, seed: int, batch_size: int = 128) -> di
             x, y = x_train[index], y_train[index]
             ramp = min(1.0, (step + 1) / steps_per_epoch)  # robustness targets ramp up over epoch 1
             if name == "robust_at":
-                x = pgd_random_start(model, x, y, recipe["eps"] * ramp, recipe["step_size"] * ramp,
-                                     recipe["pgd_steps"], generator)
+                x = pgd(model, x, y, eps=recipe["eps"] * ramp, norm="linf", steps=recipe["pgd_steps"],
+                        step_size=recipe["step_size"] * ramp, keep="final", generator=generator)
             elif name == "robust_smoothing":
                 x = x + recipe["sigma"] * torch.randn(x.shape, generator=generator)
             logits = model(x)

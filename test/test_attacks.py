@@ -85,6 +85,38 @@ def test_pgd_finds_the_minimal_adversarial_example_of_a_linear_model(norm):
     assert (model(x_adv).argmax(1) == y).all()
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_classic_pgd_is_torchattacks_final_iterate(norm):
+    """keep="final": torchattacks PGD / PGDL2 as is (global RNG), or seeded by a generator without
+    touching the global RNG; in the ball and the box; stronger than the clean model allows."""
+    import torchattacks
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    x, y = torch.rand(30, 1, 4, 4), torch.randint(0, 5, (30,))
+    eps = 0.3 if norm == "linf" else 1.0
+    torch.manual_seed(11)
+    ours = attacks.pgd(model, x, y, eps, norm, steps=7, step_size=eps / 4, keep="final")
+    torch.manual_seed(11)
+    library = (torchattacks.PGD if norm == "linf" else torchattacks.PGDL2)(model, eps=eps, alpha=eps / 4, steps=7)
+    assert torch.equal(ours, library(x, y))
+    state = torch.get_rng_state()
+    first = attacks.pgd(model, x, y, eps, norm, steps=7, restarts=2, keep="final",
+                        generator=torch.Generator().manual_seed(3))
+    assert torch.equal(state, torch.get_rng_state())
+    second = attacks.pgd(model, x, y, eps, norm, steps=7, restarts=2, keep="final",
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+    assert (first >= 0).all() and (first <= 1).all()
+    assert (distance(first, x, norm) <= eps * (1 + 1e-5)).all()
+    with torch.no_grad():
+        assert (model(first).argmax(1) != y).float().mean() > (model(x).argmax(1) != y).float().mean()
+    with pytest.raises(ValueError, match="keep='final'"):
+        attacks.pgd(model, x, y, torch.full((30,), eps), norm, steps=3, keep="final")
+    with pytest.raises(ValueError, match="keep"):
+        attacks.pgd(model, x, y, eps, norm, steps=3, keep="best")
+
+
 def test_targeted_pgd_reaches_the_target():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).eval()
@@ -149,53 +181,66 @@ def cnn(scale: float) -> nn.Module:
     return net.eval()
 
 
-ROBUSTNESS_CASES = [("mlp", mlp, (1, 8, 8)), ("cnn", cnn, (1, 12, 12))]
+def linear(scale: float) -> nn.Module:
+    """Two classes, logits (s, -s), s = w.x + b, centred on the inputs torch.rand draws: the Lipschitz
+    bound is exact, so at alpha = 1 the Theorem 1 radius is tight and a constant 2x too small shows."""
+    w = torch.randn(64) * scale / 200
+    return two_class_linear(w, -0.5 * float(w.sum()))
 
 
-@pytest.mark.parametrize("name, builder, shape", ROBUSTNESS_CASES)
-@pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_strong_pgd_never_changes_a_certified_mixed_prediction(name, builder, shape, norm):
+# (name, builder, input shape, alphas): the exact linear model is not confident enough to certify
+# 40 samples at alpha = 0.6.
+ROBUSTNESS_CASES = [("mlp", mlp, (1, 8, 8), (0.6, 0.8, 1.0)), ("cnn", cnn, (1, 12, 12), (0.6, 0.8, 1.0)),
+                    ("linear", linear, (1, 8, 8), (0.8, 1.0))]
+
+
+def attack_certified_samples(builder, shape: tuple[int, ...], norm: str, alpha: float,
+                             constant_factor: float = 1.0) -> tuple[int, torch.Tensor]:
+    """The harness: float64 h (scaled to be confident) and an unrelated confident g, 200 random
+    inputs, Theorem 1 radii of the mixture with the computed bound divided by `constant_factor`, then
+    PGD-40 with 2 restarts at 0.999 r aimed at the mixture and at h. Returns (number certified,
+    (certified,) bool: the mixture's prediction changed under either attack)."""
     torch.manual_seed(7)
     # float64 throughout: the certificate is for exact arithmetic, float32 rounding of the forward
     # pass is not what this test is about.
     robust = builder(30.0).double()  # scaled logits: confident, so radii exist for alpha < 1 too
     standard = builder(20.0).double()  # an unrelated, confident g that the attack can exploit
-    probability_lipschitz = lipschitz.probability_lipschitz_bound(robust, norm, shape)
+    probability_lipschitz = lipschitz.probability_lipschitz_bound(robust, norm, shape) / constant_factor
     generator = torch.Generator().manual_seed(8)
     x = torch.rand(200, *shape, generator=generator, dtype=torch.float64)
-    for alpha in (0.6, 0.8, 1.0):
-        mixed = MixedClassifier(standard, robust, alpha)
-        with torch.no_grad():
-            _, logits_h, log_probs = mixed.forward_all(x)
-        radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), probability_lipschitz, alpha)
-        certified = (radius > 0).nonzero().flatten()
-        assert len(certified) >= 40, f"{name} alpha={alpha}: only {len(certified)} certified"
-        prediction = log_probs.argmax(1)
-        # Lemma 1 at delta = 0.
-        assert torch.equal(prediction[certified], logits_h.argmax(1)[certified])
-        xc, yc, rc = x[certified], prediction[certified], radius[certified] * 0.999
-        for attacked in (mixed, robust):
-            x_adv = attacks.pgd(attacked, xc, yc, rc, norm, steps=40, restarts=2, generator=generator)
-            assert (distance(x_adv, xc, norm) <= rc).all()
-            with torch.no_grad():
-                broken = mixed(x_adv).argmax(1) != yc
-            assert not broken.any(), f"{name} {norm} alpha={alpha}: certificate broken"
-
-
-def test_the_attack_harness_catches_an_underestimated_lipschitz_constant():
-    """Negative control for the test above: with a constant 16 times too small, PGD breaks the
-    resulting (unsound) radii of the MLP."""
-    torch.manual_seed(7)
-    robust, standard = mlp(30.0), mlp(20.0)
-    too_small = lipschitz.probability_lipschitz_bound(robust, "l2", (1, 8, 8)) / 16
-    x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(8))
-    mixed = MixedClassifier(standard, robust, 1.0)
+    mixed = MixedClassifier(standard, robust, alpha)
     with torch.no_grad():
         _, logits_h, log_probs = mixed.forward_all(x)
-    radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), too_small, 1.0)
-    x_adv = attacks.pgd(mixed, x, log_probs.argmax(1), radius * 0.999, "l2", steps=40, restarts=2)
-    with torch.no_grad():
-        assert (mixed(x_adv).argmax(1) != log_probs.argmax(1)).float().mean() > 0.5
+    radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), probability_lipschitz, alpha)
+    certified = (radius > 0).nonzero().flatten()
+    prediction = log_probs.argmax(1)
+    # Lemma 1 at delta = 0.
+    assert torch.equal(prediction[certified], logits_h.argmax(1)[certified])
+    xc, yc, rc = x[certified], prediction[certified], radius[certified] * 0.999
+    broken = torch.zeros(len(certified), dtype=torch.bool)
+    for attacked in (mixed, robust):
+        x_adv = attacks.pgd(attacked, xc, yc, rc, norm, steps=40, restarts=2, generator=generator)
+        assert (distance(x_adv, xc, norm) <= rc).all()
+        with torch.no_grad():
+            broken |= mixed(x_adv).argmax(1) != yc
+    return len(certified), broken
+
+
+@pytest.mark.parametrize("name, builder, shape, alphas", ROBUSTNESS_CASES)
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_strong_pgd_never_changes_a_certified_mixed_prediction(name, builder, shape, alphas, norm):
+    for alpha in alphas:
+        count, broken = attack_certified_samples(builder, shape, norm, alpha)
+        assert count >= 40, f"{name} alpha={alpha}: only {count} certified"
+        assert not broken.any(), f"{name} {norm} alpha={alpha}: certificate broken"
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_the_attack_harness_catches_a_lipschitz_constant_two_times_too_small(norm):
+    """Negative control for the test above: the same harness, on the model whose bound is exact,
+    breaks nearly every (unsound) radius made with half the constant."""
+    count, broken = attack_certified_samples(linear, (1, 8, 8), norm, 1.0, constant_factor=2.0)
+    assert count >= 100 and broken.float().mean() >= 0.95
 
 
 # ----------------------------------------------------------------------------- torchattacks wrappers

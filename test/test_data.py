@@ -22,11 +22,16 @@ from mixclf_ros import data
 from mixclf_ros.data import (
     FASHION_MNIST_CLASSES,
     DatasetMissingError,
+    ImageFolderError,
     evaluation_subset,
+    folder_labels,
     load_fashion_mnist,
     load_image_folder,
+    read_class_map,
     to_tensor,
 )
+from mixclf_ros.vision.decode import decode_compressed
+from mixclf_ros.vision.preprocess import PreprocessConfig, Preprocessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
@@ -254,61 +259,125 @@ def block_means(pixels: np.ndarray, factor: int) -> np.ndarray:
     return pixels.reshape(height // factor, factor, width // factor, factor, -1).mean(axis=(1, 3)).squeeze(-1)
 
 
+def preprocess(height: int, width: int, channels: int, **crop) -> PreprocessConfig:
+    return PreprocessConfig(output_channels=channels, output_height=height, output_width=width, **crop)
+
+
 def test_image_folder_grey(tmp_path: Path):
     rng = np.random.default_rng(2)
     shirt = rng.integers(0, 256, (8, 8), dtype=np.uint8)
     bag_a = np.full((8, 8), 255, np.uint8)
     bag_b = rng.integers(0, 256, (12, 4), dtype=np.uint8)  # another size, resized too
-    write_png(tmp_path / "shirt" / "one.png", shirt)
-    write_png(tmp_path / "bag" / "a.png", bag_a)
-    write_png(tmp_path / "bag" / "b.png", bag_b)
-    (tmp_path / "bag" / "notes.txt").write_text("not an image")
+    write_png(tmp_path / "Shirt" / "one.png", shirt)
+    write_png(tmp_path / "Bag" / "a.png", bag_a)
+    write_png(tmp_path / "Bag" / "b.png", bag_b)
+    (tmp_path / "Bag" / "notes.txt").write_text("not an image")
     (tmp_path / "README").write_text("a file at the top level is not a class")
 
-    images, labels, classes = load_image_folder(tmp_path, height=4, width=4, channels=1)
-    assert classes == ["bag", "shirt"]  # sorted class folders
-    assert images.shape == (3, 1, 4, 4) and images.dtype == torch.float32
-    assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 1]  # bag/a, bag/b, shirt/one
-    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
-    np.testing.assert_allclose(images[0, 0].numpy(), 1.0)
-    # area resize by an integer factor is the block mean (OpenCV rounds to uint8: 1/255 slack)
-    np.testing.assert_allclose(images[2, 0].numpy(), block_means(shirt, 2) / 255.0, atol=1.01 / 255)
+    loaded = load_image_folder(tmp_path, preprocess(4, 4, 1), FASHION_MNIST_CLASSES, 10)
+    assert loaded.folders == {"Bag": 8, "Shirt": 6}  # the model's class indices, not the folder order
+    assert loaded.skipped == ["Bag/notes.txt"]
+    assert loaded.images.shape == (3, 1, 4, 4) and loaded.images.dtype == torch.float32
+    assert loaded.labels.dtype == np.int64 and loaded.labels.tolist() == [8, 8, 6]  # Bag/a, Bag/b, Shirt/one
+    np.testing.assert_allclose(loaded.images[0, 0].numpy(), 1.0)
+    # area resize by an integer factor is the block mean, in float (no rounding to uint8 on the way)
+    np.testing.assert_allclose(loaded.images[2, 0].numpy(), block_means(shirt, 2) / 255.0, rtol=1e-6)
+
+
+def test_image_folder_goes_through_the_nodes_preprocessing(tmp_path: Path):
+    """Decoded as a CompressedImage and preprocessed by the node's Preprocessor: centre crop, then
+    area resize in float. A uint8 resize of the whole frame (no crop) gives other inputs."""
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    write_png(tmp_path / "3" / "frame.png", frame)
+    config = preprocess(12, 12, 1, crop_height=36, crop_width=36)
+    loaded = load_image_folder(tmp_path, config, [], 10)
+    expected = Preprocessor(config)([decode_compressed("png", (tmp_path / "3" / "frame.png").read_bytes())])
+    assert loaded.labels.tolist() == [3]
+    assert torch.equal(loaded.images, expected)
+    uncropped = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), (12, 12), interpolation=cv2.INTER_AREA)
+    assert not np.allclose(loaded.images[0, 0].numpy(), uncropped / 255.0, atol=0.05)
 
 
 def test_image_folder_colour_is_rgb(tmp_path: Path):
     red_in_bgr = np.zeros((6, 6, 3), np.uint8)
     red_in_bgr[..., 2] = 255  # OpenCV writes BGR: this is pure red
-    write_png(tmp_path / "red" / "r.png", red_in_bgr)
-    write_png(tmp_path / "grey" / "g.png", np.full((6, 6), 100, np.uint8))
+    write_png(tmp_path / "1" / "r.png", red_in_bgr)
+    write_png(tmp_path / "0" / "g.png", np.full((6, 6), 100, np.uint8))
 
-    images, labels, classes = load_image_folder(tmp_path, height=3, width=3, channels=3)
-    assert classes == ["grey", "red"] and labels.tolist() == [0, 1]
-    assert images.shape == (2, 3, 3, 3)
-    np.testing.assert_allclose(images[1, 0].numpy(), 1.0)  # red channel first
-    np.testing.assert_allclose(images[1, 1:].numpy(), 0.0)
-    np.testing.assert_allclose(images[0].numpy(), 100 / 255.0, atol=1e-6)  # grey file -> 3 equal channels
+    loaded = load_image_folder(tmp_path, preprocess(3, 3, 3), [], 2)
+    assert loaded.labels.tolist() == [0, 1]
+    assert loaded.images.shape == (2, 3, 3, 3)
+    np.testing.assert_allclose(loaded.images[1, 0].numpy(), 1.0)  # red channel first
+    np.testing.assert_allclose(loaded.images[1, 1:].numpy(), 0.0)
+    np.testing.assert_allclose(loaded.images[0].numpy(), 100 / 255.0, atol=1e-6)  # grey file -> 3 equal channels
 
 
 def test_image_folder_colour_file_read_as_grey(tmp_path: Path):
     colour = np.zeros((4, 4, 3), np.uint8)
     colour[..., 1] = 200  # pure green
-    write_png(tmp_path / "c" / "green.png", colour)
-    images, _, _ = load_image_folder(tmp_path, height=4, width=4, channels=1)
-    assert images.shape == (1, 1, 4, 4)
-    np.testing.assert_allclose(images.numpy(), 0.587 * 200 / 255.0, atol=1.01 / 255)  # BT.601 luma
+    write_png(tmp_path / "0" / "green.png", colour)
+    loaded = load_image_folder(tmp_path, preprocess(4, 4, 1), [], 1)
+    assert loaded.images.shape == (1, 1, 4, 4)
+    np.testing.assert_allclose(loaded.images.numpy(), 0.587 * 200 / 255.0, atol=1e-6)  # BT.601 luma
 
 
 def test_image_folder_without_classes_or_images(tmp_path: Path):
     with pytest.raises(DatasetMissingError, match="no class sub-folders"):
-        load_image_folder(tmp_path, 28, 28, 1)
-    (tmp_path / "empty_class").mkdir()
-    (tmp_path / "text_only").mkdir()
-    (tmp_path / "text_only" / "a.txt").write_text("hello")
+        load_image_folder(tmp_path, preprocess(28, 28, 1), [], 10)
+    (tmp_path / "0").mkdir()
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "a.txt").write_text("hello")
     with pytest.raises(DatasetMissingError, match="no readable images"):
-        load_image_folder(tmp_path, 28, 28, 1)
+        load_image_folder(tmp_path, preprocess(28, 28, 1), [], 10)
 
 
 def test_image_folder_that_does_not_exist(tmp_path: Path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_image_folder(missing, 28, 28, 1)
+        load_image_folder(missing, preprocess(28, 28, 1), [], 10)
+
+
+# ------------------------------------------------------------------------------ folder names -> classes
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_folders_named_like_the_classes_get_those_labels_not_the_alphabetical_order():
+    folders = ["Ankle boot", "bag", "coat", "DRESS", "pullover", "sandal", "shirt", "sneaker", "t-shirt_top",
+               "Trouser"]
+    labels = folder_labels(folders, FASHION_MNIST_CLASSES, 10)
+    assert labels == {"Ankle boot": 9, "bag": 8, "coat": 4, "DRESS": 3, "pullover": 2, "sandal": 5, "shirt": 6,
+                      "sneaker": 7, "t-shirt_top": 0, "Trouser": 1}
+    assert folder_labels([str(i) for i in range(10)], FASHION_MNIST_CLASSES, 10) == {str(i): i for i in range(10)}
+
+
+def test_folders_that_name_no_class_are_refused_with_the_class_list():
+    with pytest.raises(ImageFolderError, match=r"10 class folder\(s\) name no class.*'Trouser'"):
+        folder_labels(DIGIT_WORDS, FASHION_MNIST_CLASSES, 10)
+    with pytest.raises(ImageFolderError, match=r"index 0\.\.9"):
+        folder_labels(DIGIT_WORDS, [], 10)
+
+
+def test_an_eleventh_folder_is_a_clear_error_not_an_index_error():
+    with pytest.raises(ImageFolderError, match="11 class folders for a model with 10 classes"):
+        folder_labels([str(i) for i in range(11)], [], 10)
+    with pytest.raises(ImageFolderError, match="11 class folders for a model with 10 classes"):
+        folder_labels([*FASHION_MNIST_CLASSES[:9], "Ankle_boot", "Umbrella"], FASHION_MNIST_CLASSES, 10)
+
+
+def test_two_folders_for_one_class_need_a_class_map():
+    with pytest.raises(ImageFolderError, match="name the same class"):
+        folder_labels(["Bag", "bag"], FASHION_MNIST_CLASSES, 10)
+    assert folder_labels(["Bag", "bags"], FASHION_MNIST_CLASSES, 10, {"Bag": "Bag", "bags": "8"}) == {"Bag": 8,
+                                                                                                      "bags": 8}
+
+
+def test_class_map_file(tmp_path: Path):
+    (tmp_path / "map.yaml").write_text("".join(f"{word}: {index}\n" for index, word in enumerate(DIGIT_WORDS)))
+    mapping = read_class_map(tmp_path / "map.yaml")
+    assert folder_labels(DIGIT_WORDS, [], 10, mapping) == {word: i for i, word in enumerate(DIGIT_WORDS)}
+    with pytest.raises(ImageFolderError, match="extra"):
+        folder_labels([*DIGIT_WORDS, "extra"], [], 10, mapping)
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    with pytest.raises(ImageFolderError, match="expected a mapping"):
+        read_class_map(tmp_path / "bad.yaml")

@@ -1,4 +1,4 @@
-"""Tests of the evaluation CLI `mixclf-eval` (`mixclf_ros.evaluation.cli`) on tiny models and tiny data.
+"""Tests of the evaluation CLI `mixclf-eval` (`mixclf_ros.evaluation`) on tiny models and tiny data.
 
 Models are small MLPs trained for a second on a synthetic 10-class problem (class prototypes plus
 noise, 1x12x12 images), so the tests neither need the shipped zoo nor the Fashion-MNIST files.
@@ -16,8 +16,13 @@ import torch
 from torch import nn
 
 from mixclf_ros.core import lipschitz
-from mixclf_ros.evaluation import cli as evaluate
-from mixclf_ros.evaluation.cli import PGDSettings, Runtime
+from mixclf_ros.evaluation import cli
+from mixclf_ros.evaluation.attack_runs import final_iterate_pgd
+from mixclf_ros.evaluation.certification import CertifyResult, certified_accuracy_curve, certify_mixture
+from mixclf_ros.evaluation.margins import MARGIN_COLUMNS
+from mixclf_ros.evaluation.params_file import model_configs_from_parameters
+from mixclf_ros.evaluation.settings import AutoAttackSettings, CertifySettings, PGDSettings, Runtime, SweepSettings
+from mixclf_ros.evaluation.sweep import run_sweep
 
 CLASSES = 10
 SIDE = 12
@@ -102,8 +107,8 @@ RUNTIME = Runtime(batch_size=64, seed=0)
 def test_mix_attack_breaks_an_undefended_model(standard, data):
     """g = h = the same undefended network: the end-to-end attack drives every mixture to ~0."""
     x, y = data
-    result = evaluate.run_sweep(standard, standard, x, y, [0.0, 0.3, 0.5, 1.0], PGDSettings("linf", 0.3, 10),
-                                RUNTIME)
+    result = run_sweep(standard, standard, x, y, SweepSettings((0.0, 0.3, 0.5, 1.0), PGDSettings("linf", 0.3, 10)),
+                       RUNTIME)
     for row in result.rows:
         assert row["clean_accuracy"] >= 0.9
         assert row["mix_pgd_accuracy"] <= 0.05, row
@@ -113,8 +118,9 @@ def test_mix_attack_breaks_an_undefended_model(standard, data):
                                                  (PGDSettings("l2", 1.5, 5), False)])
 def test_attacked_accuracy_never_exceeds_clean_accuracy(standard, robust, data, attack, autoattack):
     x, y = data
-    result = evaluate.run_sweep(standard, robust, x, y, [0.0, 0.25, 0.5, 0.75, 1.0], attack, RUNTIME,
-                                autoattack=autoattack, autoattack_iterations=5, autoattack_targets=2)
+    settings = SweepSettings((0.0, 0.25, 0.5, 0.75, 1.0), attack,
+                             AutoAttackSettings(iterations=5, target_classes=2) if autoattack else None)
+    result = run_sweep(standard, robust, x, y, settings, RUNTIME)
     attacked = ["std_accuracy", "rob_accuracy", "mix_pgd_accuracy"]
     if autoattack:
         attacked += ["mix_apgd_ce_accuracy", "mix_apgd_t_accuracy", "mix_square_accuracy", "mix_worst_accuracy"]
@@ -132,10 +138,10 @@ def test_attacked_accuracy_never_exceeds_clean_accuracy(standard, robust, data, 
 def test_std_attack_at_alpha_zero_equals_the_attack_on_the_standard_model(standard, robust, data):
     x, y = data
     attack = PGDSettings("linf", 0.15, 10)
-    result = evaluate.run_sweep(standard, robust, x, y, [0.0, 1.0], attack, RUNTIME)
+    result = run_sweep(standard, robust, x, y, SweepSettings((0.0, 1.0), attack), RUNTIME)
     by_alpha = {row["alpha"]: row for row in result.rows}
     # Independently: the same seeded attack on g alone, scored on g alone.
-    x_adv, _ = evaluate.final_iterate_pgd(standard, x, y, attack, RUNTIME, "reference")
+    x_adv, _ = final_iterate_pgd(standard, x, y, attack, RUNTIME, "reference")
     with torch.no_grad():
         alone = ((standard(x).argmax(1) == y) & (standard(x_adv).argmax(1) == y)).float().mean().item()
     assert by_alpha[0.0]["std_accuracy"] == pytest.approx(alone, abs=0)
@@ -147,8 +153,7 @@ def test_std_attack_at_alpha_zero_equals_the_attack_on_the_standard_model(standa
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
 def test_final_iterate_pgd_stays_in_the_ball_and_the_box(standard, data, norm, eps):
     x, y = data
-    x_adv, seconds = evaluate.final_iterate_pgd(standard, x, y, PGDSettings(norm, eps, 5, restarts=2), RUNTIME,
-                                                "ball")
+    x_adv, seconds = final_iterate_pgd(standard, x, y, PGDSettings(norm, eps, 5, restarts=2), RUNTIME, "ball")
     delta = (x_adv - x).flatten(1)
     sizes = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
     assert float(sizes.max()) <= eps * (1 + 1e-5) and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -162,12 +167,12 @@ def test_certified_accuracy_curve_by_hand():
     radii = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0])
     certified_class = torch.tensor([0, 1, 2, -1, 4])
     labels = torch.tensor([0, 1, 9, 3, 4])
-    curve = evaluate.certified_accuracy_curve(radii, certified_class, labels, [0.0, 0.5, 0.75, 3.0, 3.5])
+    curve = certified_accuracy_curve(radii, certified_class, labels, [0.0, 0.5, 0.75, 3.0, 3.5])
     # sample 0: radius 0 (no certificate); 2: wrong class; 3: abstained. Samples 1 (r=0.5) and 4 (r=3).
     assert curve.tolist() == [0.4, 0.4, 0.2, 0.2, 0.0]
 
 
-def check_curves(result: evaluate.CertifyResult) -> None:
+def check_curves(result: CertifyResult) -> None:
     assert result.radii == sorted(result.radii)
     for curve in result.curves:
         accuracy = curve["accuracy"]
@@ -181,7 +186,7 @@ def test_certify_lipschitz_mixture(standard, robust, data):
     x, y = data
     constant = lipschitz.probability_lipschitz_bound(robust, "l2", INPUT_SHAPE)
     described = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=constant)
-    result = evaluate.certify_mixture(standard, described, x, y, [0.3, 0.5, 0.75, 1.0], RUNTIME, num_radii=21)
+    result = certify_mixture(standard, described, x, y, CertifySettings((0.3, 0.5, 0.75, 1.0), num_radii=21), RUNTIME)
     check_curves(result)
     by_alpha = {curve["alpha"]: curve for curve in result.curves if curve["model"] == "mixture"}
     assert by_alpha[1.0]["certified_fraction"] > 0.5  # the test exercises real certificates
@@ -194,8 +199,8 @@ def test_certify_smoothing_mixture_with_matched_baseline(standard, data):
     x, y = data
     base = train(linear(), seed=2, noise_std=0.25)
     described = Described(base, kind="smoothing", sigma=0.25, n0=8, n=64, beta=0.01)
-    result = evaluate.certify_mixture(standard, described, x[:32], y[:32], [0.4, 0.6, 1.0], RUNTIME,
-                                      num_radii=11, baseline_sigma=0.12)
+    settings = CertifySettings((0.4, 0.6, 1.0), num_radii=11, baseline_sigma=0.12)
+    result = certify_mixture(standard, described, x[:32], y[:32], settings, RUNTIME)
     check_curves(result)
     theorems = {(curve["model"], curve["theorem"]) for curve in result.curves}
     assert {("mixture", "theorem1"), ("mixture", "theorem2"), ("baseline", "theorem2"),
@@ -205,6 +210,20 @@ def test_certify_smoothing_mixture_with_matched_baseline(standard, data):
     one = {curve["theorem"]: curve for curve in result.curves if curve["model"] == "mixture"
            and curve["alpha"] == 1.0}
     assert all(a <= b for a, b in zip(one["theorem1"]["accuracy"], one["theorem2"]["accuracy"]))
+
+
+def test_certify_warns_when_every_radius_is_below_one_grey_level(standard, robust, data):
+    x, y = data
+    constant = lipschitz.probability_lipschitz_bound(robust, "l2", INPUT_SHAPE)
+    sound = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=constant)
+    assert certify_mixture(standard, sound, x, y, CertifySettings((0.6, 1.0), num_radii=5), RUNTIME).warnings == []
+    # The same network with a constant 1000x larger: some radii stay positive, all below 1/255.
+    loose = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=1000 * constant)
+    result = certify_mixture(standard, loose, x, y, CertifySettings((0.6, 1.0), num_radii=5), RUNTIME)
+    mixture = [curve for curve in result.curves if curve["model"] == "mixture"]
+    assert max(curve["certified_fraction"] for curve in mixture) > 0.5  # r > 0 for most samples ...
+    assert max(curve["median_radius"] for curve in mixture) < 1 / 255  # ... but tiny
+    assert len(result.warnings) == 1 and "below one grey level" in result.warnings[0]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -258,7 +277,7 @@ def workspace(tmp_path_factory, standard, robust) -> dict[str, Path]:
 
     images, labels = synthetic_data(64, seed=7)
     for index, (image, label) in enumerate(zip(images, labels)):
-        folder = root / "images" / f"class{int(label)}"
+        folder = root / "images" / str(int(label))  # class index (the tiny models have no class names)
         folder.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / f"{index:03d}.png"), (image[0] * 255).round().byte().numpy())
     yield {"root": root, "params": root / "params.yaml", "smoothing": root / "smoothing.yaml",
@@ -270,16 +289,38 @@ def workspace(tmp_path_factory, standard, robust) -> dict[str, Path]:
 def run_cli(workspace, out: Path, *arguments: str) -> None:
     common = ["--image-folder", str(workspace["images"]), "--out", str(out), "--device", "cpu",
               "--no-progress", "--batch-size", "64"]
-    assert evaluate.main([*arguments, *common]) == 0
+    assert cli.main([*arguments, *common]) == 0
 
 
 def test_read_ros_parameters_nested_dotted_and_node_overrides(workspace):
-    configs = evaluate.model_configs_from_parameters(workspace["params"])
+    configs = model_configs_from_parameters(workspace["params"])
     assert configs["standard_model"]["architecture"] == f"{TINY_MODULE}:tiny_mlp"
     assert configs["robust_model"]["kind"] == "lipschitz"
     assert configs["robust_model"]["input_width"] == SIDE  # the 'mixclf' section wins over '/**'
-    smoothing = evaluate.model_configs_from_parameters(workspace["smoothing"])["robust_model"]
+    smoothing = model_configs_from_parameters(workspace["smoothing"])["robust_model"]
     assert smoothing["beta"] == pytest.approx(0.01)  # 1 - confidence, as the node does
+
+
+def test_parameters_file_is_read_with_the_model_schema(workspace, tmp_path, capsys):
+    """Keys another kind uses are ignored (the node does not declare them); beta comes from the
+    node's confidence; an unknown key is refused by name (exit 2)."""
+    import yaml
+
+    params = yaml.safe_load(workspace["params"].read_text())
+    section = params["/**"]["ros__parameters"]
+    section.update({"robust_model.sigma": 0.5, "robust_model.n": 7, "confidence": 0.9})
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(params))
+    robust = model_configs_from_parameters(tmp_path / "extra.yaml")["robust_model"]
+    assert "sigma" not in robust and "n" not in robust and "beta" not in robust
+    smoothing = yaml.safe_load(workspace["smoothing"].read_text())
+    smoothing["/**"]["ros__parameters"]["robust_model"]["beta"] = 0.2  # the node takes 1 - confidence
+    (tmp_path / "beta.yaml").write_text(yaml.safe_dump(smoothing))
+    assert model_configs_from_parameters(tmp_path / "beta.yaml")["robust_model"]["beta"] == pytest.approx(0.01)
+    section["standard_model"]["colour"] = "rgb"
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["margins", "--params", str(tmp_path / "unknown.yaml"), "--out", str(tmp_path),
+                     "--image-folder", str(workspace["images"]), "--no-progress"]) == 2
+    assert "colour" in capsys.readouterr().err
 
 
 def test_cli_sweep(workspace, tmp_path, capsys):
@@ -303,7 +344,7 @@ def test_cli_margins(workspace, tmp_path):
     for row in table:
         assert row["count_clean_correct"] + row["count_clean_incorrect"] == 32
         assert all(value is None or 0.0 <= value <= 1.0 for key, value in row.items()
-                   if key in evaluate.MARGIN_COLUMNS)
+                   if key in MARGIN_COLUMNS)
     assert (tmp_path / "margins_l2.png").exists() and (tmp_path / "margins_l2.csv").exists()
 
 
@@ -346,9 +387,45 @@ def test_cli_design(workspace, tmp_path):
     resumed = json.loads((tmp_path / "design_linf.json").read_text())["rows"]
     assert resumed[:8] == rows and {row["trust"] for row in resumed[8:]} == {"grad_max_g"}
     assert len(resumed) == 12
-    assert evaluate.main(["design", "--params", str(workspace["params"]), "--image-folder", str(workspace["images"]),
+    assert cli.main(["design", "--params", str(workspace["params"]), "--image-folder", str(workspace["images"]),
                           "--out", str(tmp_path), "--no-progress", "--steps", "3", "--eps", "0.15",
                           "--limit", "16", "--resume"]) == 2  # other attack settings: refused
+
+
+def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path, capsys):
+    """Folders zero..nine name no class of a model without class names: a clear error (exit 2), not
+    a silently relabelled data set; an 11th folder too; a class map makes them usable."""
+    import shutil
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    renamed = tmp_path / "words"
+    for index, word in enumerate(words):
+        shutil.copytree(workspace["images"] / str(index), renamed / word)
+    arguments = ["margins", "--params", str(workspace["params"]), "--image-folder", str(renamed), "--steps", "1",
+                 "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    assert cli.main(arguments) == 2
+    assert "name no class of the model" in capsys.readouterr().err
+    (tmp_path / "map.yaml").write_text("".join(f"{word}: {index}\n" for index, word in enumerate(words)))
+    assert cli.main([*arguments, "--class-map", str(tmp_path / "map.yaml")]) == 0
+    mapped = json.loads((tmp_path / "margins_linf.json").read_text())
+    assert mapped["preprocessing"]["folders"] == {word: str(index) for index, word in enumerate(words)}
+    shutil.copytree(workspace["images"] / "0", renamed / "ten")
+    assert cli.main([*arguments, "--class-map", str(tmp_path / "map.yaml")]) == 2
+    assert "ten" in capsys.readouterr().err
+
+
+def test_cli_image_folder_uses_the_nodes_crop_and_resize(workspace, tmp_path):
+    """--params' crop_height / crop_width / resize (the node's parameters) preprocess --image-folder."""
+    import yaml
+
+    params = yaml.safe_load(workspace["params"].read_text())
+    params["/**"]["ros__parameters"].update(crop_height=8, crop_width=10, resize="bilinear")
+    (tmp_path / "cropped.yaml").write_text(yaml.safe_dump(params))
+    run_cli(workspace, tmp_path, "margins", "--params", str(tmp_path / "cropped.yaml"), "--steps", "1",
+            "--limit", "8")
+    report = json.loads((tmp_path / "margins_linf.json").read_text())
+    assert {key: report["preprocessing"][key] for key in ("crop_height", "crop_width", "resize", "path")} == {
+        "crop_height": 8, "crop_width": 10, "resize": "bilinear", "path": "vision.preprocess.Preprocessor"}
 
 
 def test_cli_default_data_is_fashion_mnist(workspace, tmp_path):
@@ -359,7 +436,7 @@ def test_cli_default_data_is_fashion_mnist(workspace, tmp_path):
         data.load_fashion_mnist("test")
     except data.DatasetMissingError:
         pytest.skip("Fashion-MNIST not installed")
-    assert evaluate.main(["margins", "--params", str(workspace["params"]), "--limit", "16", "--steps", "1",
+    assert cli.main(["margins", "--params", str(workspace["params"]), "--limit", "16", "--steps", "1",
                           "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "margins_linf.json").read_text())
     assert report["data"] == {"source": "Fashion-MNIST test set", "available": 10_000, "evaluated": 16,
@@ -367,12 +444,26 @@ def test_cli_default_data_is_fashion_mnist(workspace, tmp_path):
 
 
 def test_cli_reports_configuration_errors(tmp_path, capsys):
-    assert evaluate.main(["margins", "--standard", "no_such_model", "--out", str(tmp_path)]) == 2
+    assert cli.main(["margins", "--standard", "no_such_model", "--out", str(tmp_path)]) == 2
     assert "no_such_model" in capsys.readouterr().err
 
 
 def test_evaluation_does_not_import_ros():
     import subprocess
 
-    code = "import sys, mixclf_ros.evaluation.cli; assert not any(m.startswith('rclpy') for m in sys.modules)"
+    code = ("import sys, mixclf_ros.evaluation.cli, mixclf_ros.evaluation.commands; "
+            "assert not any(m.startswith('rclpy') for m in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_mixclf_eval_is_on_path_after_sourcing_env_sh(tmp_path):
+    """The documented commands start with `source env.sh; mixclf-eval ...`, from any directory."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    environment = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
+    commands = f"source '{repo}/env.sh' && mixclf-eval --help && mixclf-eval certify --help"
+    result = subprocess.run(["bash", "-c", commands], capture_output=True, text=True, cwd=tmp_path, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "usage: mixclf-eval" in result.stdout and "--radii" in result.stdout

@@ -2,8 +2,8 @@
 
 The zoo tests load the committed weights and check them against their sidecar
 `mixclf_ros/models/zoo/<name>.json` (written by `python -m mixclf_ros.train`): same sha256, and the same
-accuracy on the fixed 1 000-image test subset within 1 point. A zoo model whose files do not exist
-yet is skipped with the training command; the final suite loads all four.
+accuracy on the fixed 1 000-image test subset within 1 point. A zoo model whose files are missing
+fails its tests with the training command that makes them.
 """
 
 from __future__ import annotations
@@ -99,12 +99,13 @@ def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------------------ the shipped zoo
-def zoo_sidecar_or_skip(name: str) -> dict[str, Any]:
+def zoo_sidecar(name: str) -> dict[str, Any]:
+    """The sidecar of a shipped zoo model; fails (never skips) when its weights or sidecar are missing."""
     weights, card = ZOO_DIR / f"{name}.pt", ZOO_DIR / f"{name}.json"
     missing = [path.name for path in (weights, card) if not path.exists()]
     if missing:
-        pytest.skip(f"zoo model '{name}' not trained yet ({', '.join(missing)} missing in {ZOO_DIR}; "
-                    f"run python -m mixclf_ros.train {name}); the final suite must load all four")
+        pytest.fail(f"zoo model '{name}': {', '.join(missing)} missing in {ZOO_DIR} "
+                    f"(python -m mixclf_ros.train {name} makes them)")
     return json.loads(card.read_text())
 
 
@@ -116,9 +117,9 @@ def zoo_models() -> dict[str, tuple[LoadedModel, dict[str, Any]]]:
 
 def cached_zoo_model(zoo_models: dict[str, tuple[LoadedModel, dict[str, Any]]],
                      name: str) -> tuple[LoadedModel, dict[str, Any]]:
-    """(model, sidecar) of a zoo model, loaded once per module; skips when it is not trained yet."""
+    """(model, sidecar) of a zoo model, loaded once per module; fails when its files are missing."""
     if name not in zoo_models:
-        sidecar = zoo_sidecar_or_skip(name)
+        sidecar = zoo_sidecar(name)
         zoo_models[name] = (load_model(zoo_config(name)), sidecar)
     return zoo_models[name]
 
@@ -203,7 +204,7 @@ def test_zoo_lipschitz_certified_accuracy_matches_its_sidecar(test_set: tuple[to
 def test_zoo_adversarial_robustness_matches_its_sidecar(test_set: tuple[torch.Tensor, torch.Tensor],
                                                         zoo_models: dict):
     """PGD-20 linf 0.1 on the 1 000-image subset, the training script's own measurement rerun on the
-    committed weights: robust_at reproduces its sidecar within 1 point and meets the issue's targets
+    committed weights: robust_at reproduces its sidecar within 1 point and meets the zoo's targets
     (>= 80 % clean, >= 65 % attacked); the standard model is broken by the same attack."""
     from mixclf_ros.train import pgd_accuracy
 
@@ -225,11 +226,10 @@ def test_model_cards_are_generated_from_the_shipped_files():
 
 
 def test_zoo_models_are_compatible_with_each_other():
-    present = [name for name in ZOO_NAMES if (ZOO_DIR / f"{name}.pt").exists() and (ZOO_DIR / f"{name}.json").exists()]
-    if "standard" not in present or len(present) < 2:
-        pytest.skip(f"needs the standard and a robust zoo model (present: {present})")
+    for name in ZOO_NAMES:
+        zoo_sidecar(name)
     standard = load_model(zoo_config("standard"))
-    for name in present:
+    for name in ZOO_NAMES:
         if name != "standard":
             check_compatible(standard, load_model(zoo_config(name)))
 

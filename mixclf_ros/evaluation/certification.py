@@ -1,0 +1,173 @@
+"""Paper Fig. 3: certified accuracy vs radius of the mixture at each alpha (Theorems 1 and 2) and of a
+baseline robust model of equal clean accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixclf_ros.evaluation.attack_runs import mean_or_nan, predict_logits
+from mixclf_ros.evaluation.certificates import (
+    Certificates,
+    match_alpha,
+    mixture_clean_accuracy,
+    robust_certificates,
+)
+from mixclf_ros.evaluation.settings import CertifySettings, EvaluationError, Runtime, SmoothingOverrides
+
+
+def certified_accuracy_curve(radii: torch.Tensor, certified_class: torch.Tensor, labels: torch.Tensor,
+                             grid: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Certified accuracy at each radius of `grid`: the fraction of samples whose certified class is
+    the label and whose certified radius is positive and >= r. Non-increasing in r.
+
+    Args:
+        radii: (N,) certified radii (0 = no certificate), in the certificate's norm, [0,1] pixels.
+        certified_class: (N,) the class the certificate is for (-1 = none).
+        labels: (N,) true labels.
+        grid: radii r at which to evaluate, same units.
+
+    Returns:
+        (len(grid),) float64 fractions in [0, 1].
+    """
+    grid = torch.as_tensor(grid, dtype=torch.float64).flatten()
+    if radii.numel() == 0:
+        return torch.zeros_like(grid)
+    radii = radii.detach().double().cpu()
+    good = (certified_class.cpu() == labels.cpu()) & (radii > 0)
+    return ((radii[None, :] >= grid[:, None]) & good[None, :]).double().mean(dim=1)
+
+
+@dataclass
+class CertifyResult:
+    """Certified accuracy curves.
+
+    curves: one dict per (model, theorem, alpha): `model` ("mixture" or "baseline"), `theorem`,
+        `alpha`, `clean_accuracy`, `certified_fraction` (positive radius, correct class),
+        `median_radius` (over correct certified samples), `accuracy` (list over `radii`).
+    radii: the radius grid, in `norm`, [0,1] pixels.
+    baseline: how the baseline was chosen.
+    warnings: what makes the curves meaningless in practice (e.g. every radius below one grey level).
+    """
+
+    curves: list[dict[str, Any]]
+    radii: list[float]
+    norm: str
+    baseline: dict[str, Any]
+    certificate_settings: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _curve(model: str, theorem: str, alpha: float, clean_accuracy: float, certificates: Certificates,
+           labels: torch.Tensor) -> dict[str, Any]:
+    radius = certificates.radius(theorem, alpha)
+    good = (certificates.predicted == labels) & (radius > 0)
+    return {"model": model, "theorem": theorem, "alpha": float(alpha), "clean_accuracy": clean_accuracy,
+            "certified_fraction": mean_or_nan(good),
+            "median_radius": float(radius[good].median()) if bool(good.any()) else 0.0,
+            "_radius": radius, "_predicted": certificates.predicted}
+
+
+def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    settings: CertifySettings, runtime: Runtime | None = None, baseline: nn.Module | None = None,
+                    baseline_label: str = "") -> CertifyResult:
+    """Certified accuracy vs radius of the mixture at each alpha (Theorem 1; for a smoothed robust
+    model also Theorem 2), and of a baseline robust model of equal clean accuracy (paper Fig. 3).
+
+    Baseline: `baseline` (another loaded robust model, certified at alpha = 1), or for a smoothed
+    robust model `settings.baseline_sigma` (the same base network smoothed with that sigma); the
+    mixture is then also evaluated at the alpha in [1/2, 1] whose clean accuracy matches the
+    baseline's (`match_alpha`). Without either, the baseline is the robust model alone at alpha = 1.
+
+    `settings.smoothing` n0 / n / beta override the settings of both smoothed models, its sigma the
+    noise level of the robust model (e.g. a larger sigma than it was trained with, as the paper's
+    Fig. 3 mixes a large-sigma model and compares it with a smaller-sigma baseline).
+    """
+    runtime = runtime or Runtime()
+    overrides = settings.smoothing
+    logits_g = predict_logits(standard, images, runtime, "standard model").double()
+    if overrides.sigma is not None and getattr(robust, "kind", None) != "smoothing":
+        raise EvaluationError("--sigma applies to a smoothing robust model only")
+    certificates = robust_certificates(robust, images, runtime, overrides)
+    curves = []
+    for alpha in settings.alphas:
+        accuracy = mixture_clean_accuracy(logits_g, certificates, labels, alpha)
+        for theorem in certificates.theorems():
+            curves.append(_curve("mixture", theorem, alpha, accuracy, certificates, labels))
+
+    baseline_certificates, baseline_info = _baseline(robust, certificates, images, settings, runtime, baseline,
+                                                     baseline_label)
+    baseline_accuracy = mixture_clean_accuracy(logits_g, baseline_certificates, labels, 1.0)
+    baseline_info["clean_accuracy"] = baseline_accuracy
+    for theorem in baseline_certificates.theorems():
+        curves.append(_curve("baseline", theorem, 1.0, baseline_accuracy, baseline_certificates, labels))
+    if baseline_certificates is not certificates:
+        matched_alpha, matched_accuracy = match_alpha(logits_g, certificates, labels, baseline_accuracy)
+        baseline_info.update(matched_alpha=matched_alpha, matched_clean_accuracy=matched_accuracy)
+        for theorem in certificates.theorems():
+            curves.append(_curve("mixture_matched", theorem, matched_alpha, matched_accuracy, certificates,
+                                 labels))
+    warnings = _grey_level_warnings(curves, certificates.norm)
+    radii, num_radii = settings.radii, settings.num_radii
+    if radii is None:
+        largest = max((float(curve["_radius"].max()) for curve in curves if curve["_radius"].numel()),
+                      default=0.0)
+        largest = largest if math.isfinite(largest) and largest > 0 else 1.0
+        grid = torch.linspace(0.0, largest, max(num_radii, 2), dtype=torch.float64)
+    else:
+        grid = torch.as_tensor(radii, dtype=torch.float64)
+    for curve in curves:
+        curve["accuracy"] = certified_accuracy_curve(curve.pop("_radius"), curve.pop("_predicted"), labels,
+                                                     grid).tolist()
+    described: dict[str, Any] = {"kind": certificates.kind, "norm": certificates.norm,
+                                "lipschitz_constant": certificates.lipschitz}
+    if certificates.kind == "smoothing":
+        described.update(sigma=certificates.sigma, beta=certificates.beta,
+                         n0=int(overrides.n0 if overrides.n0 is not None else robust.n0),
+                         n=int(overrides.n if overrides.n is not None else robust.n),
+                         bounds="empirical Bernstein, union bound over classes, joint confidence 1 - beta")
+    return CertifyResult(curves, grid.tolist(), certificates.norm, baseline_info, described, warnings)
+
+
+GREY_LEVEL = 1.0 / 255.0
+"""One grey level of an 8-bit image in [0,1] pixels: the norm of changing one pixel by one level, in
+every lp norm. A certified radius below it excludes no perturbation a camera can produce."""
+
+
+def _grey_level_warnings(curves: Sequence[dict[str, Any]], norm: str) -> list[str]:
+    """A warning when the mixture certifies some samples, but none at a radius of one grey level or more
+    (radii at the model input, [0,1] pixels)."""
+    mixture = [curve for curve in curves if curve["model"] != "baseline"]
+    largest = max((float(curve["_radius"].max()) for curve in mixture if curve["_radius"].numel()), default=0.0)
+    if largest >= GREY_LEVEL or not largest > 0:
+        return []
+    return [f"every certified radius of the mixture is below one grey level (largest {largest:.3g} < 1/255 = "
+            f"{GREY_LEVEL:.4g} in {norm}, [0,1] pixels): these certificates exclude no perturbation an 8-bit "
+            "image can carry, so 'r>0' counts are not evidence of robustness"]
+
+
+def _baseline(robust: nn.Module, certificates: Certificates, images: torch.Tensor, settings: CertifySettings,
+              runtime: Runtime, baseline: nn.Module | None,
+              baseline_label: str) -> tuple[Certificates, dict[str, Any]]:
+    """Certificates of the baseline and how it was chosen (see `certify_mixture`)."""
+    overrides = settings.smoothing
+    if baseline is None and settings.baseline_sigma is None:
+        return certificates, {"description": "the robust model alone (alpha = 1): no robust model of equal "
+                                             "clean accuracy was given", "label": "robust model"}
+    if baseline is not None:
+        if getattr(baseline, "kind", None) != certificates.kind:
+            raise EvaluationError(f"the baseline must be of the robust model's kind ({certificates.kind})")
+        keep_sigma = SmoothingOverrides(None, overrides.n0, overrides.n, overrides.beta)
+        return (robust_certificates(baseline, images, runtime, keep_sigma),
+                {"description": f"robust model {baseline_label} alone (alpha = 1)", "label": baseline_label})
+    if certificates.kind != "smoothing":
+        raise EvaluationError("--baseline-sigma needs a smoothing robust model")
+    sigma = settings.baseline_sigma
+    return (robust_certificates(robust, images, runtime, replace(overrides, sigma=sigma)),
+            {"description": f"the robust base network smoothed with sigma={sigma:g} (alpha = 1)",
+             "label": f"sigma={sigma:g}"})

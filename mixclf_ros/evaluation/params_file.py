@@ -1,0 +1,90 @@
+"""Model configs from a ROS 2 parameters YAML file (`--params`): the node's file, read without ROS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mixclf_ros.evaluation.settings import EvaluationError
+
+MODEL_PREFIXES = ("standard_model", "robust_model")
+
+
+def _flatten_parameters(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2} (ROS parameter names, nested or dotted)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten_parameters(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def read_ros_parameters(path: str | Path) -> dict[str, Any]:
+    """Flat `{name: value}` of a ROS 2 parameters YAML file (`<node>: ros__parameters: ...`).
+
+    Sections of every node are merged, wildcard sections (`/**`, `*`) first so that a section
+    naming a node overrides them, as ROS does for that node."""
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise EvaluationError(f"--params {path}: {error}") from error
+    sections: list[tuple[bool, dict[str, Any]]] = []
+
+    def visit(node: Any, names: tuple[str, ...]) -> None:
+        if not isinstance(node, dict):
+            return
+        parameters = node.get("ros__parameters")
+        if isinstance(parameters, dict):
+            sections.append((any("*" in name for name in names), parameters))
+        for key, value in node.items():
+            if key != "ros__parameters":
+                visit(value, (*names, str(key)))
+
+    visit(document, ())
+    if not sections:
+        raise EvaluationError(f"--params {path}: no 'ros__parameters' section found")
+    merged: dict[str, Any] = {}
+    for _, parameters in sorted(sections, key=lambda section: not section[0]):
+        merged.update(_flatten_parameters(parameters))
+    return merged
+
+
+def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
+    """`{"standard_model": config, "robust_model": config}` from a ROS parameters file, read as the
+    node reads it (`models.schema`): the keys of the model's kind only (others are ignored, as the
+    node does not declare them); a key the node takes from another parameter (`beta` from
+    `confidence`: beta = 1 - confidence) comes from that one when the file sets it. Unknown keys are
+    kept, so that `models.loading` refuses them by name."""
+    from mixclf_ros.models import schema
+
+    parameters = read_ros_parameters(path)
+    configs: dict[str, dict[str, Any]] = {}
+    for prefix in MODEL_PREFIXES:
+        given = {name[len(prefix) + 1:]: value for name, value in parameters.items()
+                 if name.startswith(prefix + ".")}
+        if not given:
+            raise EvaluationError(f"--params {path}: no '{prefix}.*' parameters")
+        kind = given.get("kind", schema.DEFAULTS["kind"])
+        used = {key.name for key in schema.keys_for_kind(kind)} if isinstance(kind, str) else set(schema.KEYS)
+        config = {name: value for name, value in given.items() if name in used or name not in schema.KEYS}
+        for key in schema.keys_for_kind(kind) if isinstance(kind, str) else ():
+            if key.node_parameter and key.node_parameter in parameters:
+                config[key.name] = 1.0 - float(parameters[key.node_parameter])
+        configs[prefix] = config
+    return configs
+
+
+PREPROCESSING_KEYS = ("crop_height", "crop_width", "resize")
+"""The node's preprocessing parameters (`vision.preprocess.PreprocessConfig` fields of the same names)."""
+
+
+def preprocessing_from_parameters(path: str | Path) -> dict[str, Any]:
+    """`{crop_height, crop_width, resize}` as far as the ROS parameters file sets them."""
+    parameters = read_ros_parameters(path)
+    return {key: parameters[key] for key in PREPROCESSING_KEYS if key in parameters}
