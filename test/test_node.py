@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO_ROOT
-from rosutil import RosClient, image_message, node_with_client, rss_mb
+from rosutil import RosClient, camera_counters, image_message, node_with_client, rss_mb
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 
@@ -55,7 +55,8 @@ def newest_frame_node(tmp_path_factory, installed_prefix):
     log = tmp_path_factory.mktemp("newest") / "mixclf_node.log"
     # reliable depth 1: the newest frame is never lost in transport, older ones may be replaced
     reliable = ["-p", "qos_overrides./image.subscription.reliability:=reliable"]
-    with node_with_client("--params-file", str(CONFIG), *reliable, log_path=log, reliable=True,
+    integer_for_double = ["-p", "max_image_age:=5"]
+    with node_with_client("--params-file", str(CONFIG), *reliable, *integer_for_double, log_path=log, reliable=True,
                           domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 100) as (client, process):
         yield client, process, log
 
@@ -180,22 +181,6 @@ def test_stale_frame_is_stale(running_node, fashion_test):
     assert (got["stale-0"].header.stamp.sec, got["stale-0"].header.stamp.nanosec) == (stamp.sec, stamp.nanosec)
 
 
-def camera_counters(client: RosClient) -> dict[str, int]:
-    """The node's counters of camera `image`, from the next /diagnostics message."""
-    from diagnostic_msgs.msg import DiagnosticArray
-
-    arrays: list[DiagnosticArray] = []
-    subscription = client.node.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 10)
-    try:
-        deadline = time.monotonic() + 30
-        while not arrays and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        client.node.destroy_subscription(subscription)
-    [status] = [s for s in arrays[0].status if s.name.endswith("camera image")]
-    return {kv.key: int(kv.value) for kv in status.values if kv.value.isdigit()}
-
-
 def test_30hz_input_drops_older_frames_and_keeps_memory_bounded(newest_frame_node, fashion_test):
     """frame_policy newest at 30 Hz: no queue builds up (the last frame always gets a result), and
     every frame the node received is either classified or counted as dropped for a newer one."""
@@ -256,3 +241,130 @@ def test_launch_file_and_parameters_file_are_consistent(running_node, installed_
     declared = set(client.list_parameters())
     undeclared = set(flatten(parameters)) - declared
     assert not undeclared, f"parameters file sets undeclared parameters: {undeclared}"
+
+
+def flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_model_parameters_are_the_schema_keys_the_models_kind_uses(running_node):
+    from mixclf_ros.models import schema
+
+    client, _, _ = running_node
+    declared = set(client.list_parameters())
+    for prefix, kind in (("standard_model", "standard"), ("robust_model", "lipschitz")):
+        expected = {f"{prefix}.{key.name}" for key in schema.keys_for_kind(kind) if not key.node_parameter}
+        assert {name for name in declared if name.startswith(prefix + ".")} == expected, prefix
+    assert "standard_model.sigma" not in declared and "standard_model.n0" not in declared
+    assert "robust_model.sigma" not in declared and "robust_model.lipschitz_constant" in declared
+
+
+def test_integer_value_for_a_double_parameter_is_taken_as_that_double(running_node, fashion_test):
+    """`ros2 param set /mixclf alpha 1` sends an integer."""
+    from rcl_interfaces.msg import ParameterType, ParameterValue
+
+    client, _, _ = running_node
+    images, _ = fashion_test
+    result = client.set_raw_parameter("alpha", ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=1))
+    try:
+        assert result.successful, result.reason
+        [value] = client.get_parameters("alpha")
+        assert value.type == ParameterType.PARAMETER_DOUBLE and value.double_value == 1.0
+        got = publish_and_collect(client, {"alpha-int": demo_frame(images[4])})
+        assert got["alpha-int"].alpha == 1.0
+        out_of_range = client.set_raw_parameter(
+            "alpha", ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=2))
+        assert not out_of_range.successful and out_of_range.reason
+    finally:
+        assert client.set_parameters(alpha=0.6)[0].successful
+
+
+def test_integer_start_up_value_for_a_double_parameter_is_taken_as_that_double(newest_frame_node):
+    from rcl_interfaces.msg import ParameterType
+
+    client, _, _ = newest_frame_node
+    [value] = client.get_parameters("max_image_age")  # started with -p max_image_age:=5
+    assert value.type == ParameterType.PARAMETER_DOUBLE and value.double_value == 5.0
+
+
+def test_configure_parameters_are_refused_while_active_with_the_reason(running_node):
+    client, _, _ = running_node
+    for name, value in (("crop_height", 100), ("robust_model.kind", "smoothing"), ("device", "cpu")):
+        result = client.set_parameters(**{name: value})[0]
+        assert not result.successful and "deactivate" in result.reason, (name, result.reason)
+    assert client.get_parameters("crop_height")[0].integer_value == 476
+    read_only = client.set_parameters(autostart=False)[0]
+    assert not read_only.successful
+
+
+def test_no_parameters_file_runs_the_shipped_config_and_a_reconfigure_changes_the_model(
+        tmp_path, installed_prefix, fashion_test):
+    """Started with no parameters file, the node runs the shipped config; then the full lifecycle
+    cycle over DDS: deactivate, cleanup, switch the robust model to randomized smoothing and the
+    crop, configure, activate: results come from the new model."""
+    import os
+
+    from rclpy.parameter import parameter_value_to_python
+
+    from mixclf_ros.models import zoo_config
+    from mixclf_ros.msg import CertifiedClassification as Msg
+
+    images, _ = fashion_test
+    shipped = dict(flatten(yaml.safe_load(CONFIG.read_text())["/**"]["ros__parameters"]))
+    # no parameters file; reliable frames only, so that no frame is lost in transport
+    with node_with_client("-p", "qos_overrides./image.subscription.reliability:=reliable",
+                          log_path=tmp_path / "mixclf_node.log", reliable=True,
+                          domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 101) as (client, _):
+        values = client.get_parameters(*shipped)
+        running = {name: parameter_value_to_python(value) for name, value in zip(shipped, values)}
+        running = {name: list(value) if isinstance(value, (list, tuple)) else value for name, value in running.items()}
+        assert running == shipped
+        before = publish_and_collect(client, {"before": demo_frame(images[5])})["before"]
+        assert before.status == Msg.STATUS_OK and before.certificate_method == Msg.CERTIFICATE_LIPSCHITZ
+
+        assert client.lifecycle_state() == "active"
+        assert client.change_state("deactivate") and client.lifecycle_state() == "inactive"
+        inactive = publish_and_collect(client, {"inactive": demo_frame(images[5])})["inactive"]
+        assert inactive.status == Msg.STATUS_NOT_READY and not inactive.safe
+        assert client.change_state("cleanup") and client.lifecycle_state() == "unconfigured"
+
+        smoothing = zoo_config("robust_smoothing")
+        changes = {f"robust_model.{key}": smoothing[key]
+                   for key in ("kind", "architecture", "weights", "sha256", "mean", "std")}
+        for name, value in changes.items():
+            result = client.set_parameters(**{name: value})[0]
+            assert result.successful, (name, result.reason)
+        declared = set(client.list_parameters())
+        assert {"robust_model.sigma", "robust_model.n0", "robust_model.n"} <= declared
+        assert "robust_model.lipschitz_constant" not in declared
+        smaller = client.set_parameters(**{"robust_model.n": 200, "crop_height": 0, "crop_width": 0})
+        assert all(result.successful for result in smaller), smaller
+
+        assert client.change_state("configure") and client.change_state("activate")
+        assert client.lifecycle_state() == "active"
+        article = np.repeat(np.repeat(images[5], 2, axis=0), 2, axis=1)  # 56x56, no crop needed
+        after = publish_and_collect(client, {"after": article})["after"]
+        assert after.status == Msg.STATUS_OK, after.status_message
+        assert after.certificate_method == Msg.CERTIFICATE_RANDOMIZED_SMOOTHING
+        assert after.confidence == (pytest.approx(0.999) if after.certified_radius > 0 else 0.0)
+        # without the crop, the whole 56x56 frame is the model input: l2 gain of a 2x area resize is 1/2
+        if after.certified_radius > 0:
+            assert after.image_radius == pytest.approx(2 * after.certified_radius, rel=1e-3)
+
+
+@pytest.mark.parametrize("executable", ["mixclf_node", "mixclf_camera_sim", "mixclf_monitor", "mixclf_demo",
+                                        "mixclf_eval"])
+def test_installed_executables_print_usage_on_help_and_start_nothing(executable, installed_prefix):
+    import subprocess
+
+    path = installed_prefix / "lib" / "mixclf_ros" / executable
+    try:
+        result = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{executable} --help did not exit: it started instead of printing its usage")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage" in result.stdout.lower(), result.stdout[:2000]

@@ -95,7 +95,6 @@ class Monitor(Node):
         self.records: list[dict] = []
         self.alpha_requested: float | None = None
         self.results_received = 0
-        self.lock = threading.Lock()
         self.parameters = AsyncParameterClient(self, self.target)
         if not self.parameters.wait_for_services(timeout_sec=15.0):
             self.get_logger().warning(f"parameter services of /{self.target} not found: alpha cannot be changed")

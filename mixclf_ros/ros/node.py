@@ -12,6 +12,9 @@ Lifecycle (rclpy managed node):
   deactivate - stop it: frames get NOT_READY results; configure parameters may be changed again
   cleanup    - unsubscribe and release the models (GPU memory included)
   shutdown   - stop and release everything
+  error      - (a transition raised) release everything, back to unconfigured
+Output while configured but not active: every frame gets a NOT_READY result (safe = false), so a
+consumer can tell "no result yet" from "no camera". Unconfigured: no subscriptions, no output.
 `autostart` (default true) runs configure and activate at start-up.
 """
 
@@ -157,6 +160,14 @@ class MixclfNode(LifecycleNode):
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
         self._camera_subscriptions = []  # destroyed with the node
+        self._release_models()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """A transition raised: release everything and go back to unconfigured."""
+        self.get_logger().error(f"error during a transition from '{state.label}': releasing models and topics")
+        self.stop_worker()
+        self._unsubscribe()
         self._release_models()
         return TransitionCallbackReturn.SUCCESS
 

@@ -119,8 +119,20 @@ def model_defaults(prefix: str) -> dict[str, Any]:
     return zoo_config(MODELS[prefix])
 
 
+def _coerce_overrides(node: Node, types: dict[str, int]) -> None:
+    """Integers given for doubles at start-up (`-p alpha:=1`, a YAML `alpha: 1`) become doubles:
+    rclpy checks start-up values against the declared type before any callback runs."""
+    overrides = node._parameter_overrides  # rclpy keeps the start-up values here until declared
+    for name, expected in types.items():
+        if name in overrides:
+            overrides[name] = coerce(overrides[name], expected)
+
+
 def declare(node: Node) -> None:
     """Declares the node parameters and, for each model, the schema keys its kind uses."""
+    types = {parameter.name: parameter.type for parameter in NODE_PARAMETERS}
+    types.update({f"{prefix}.{key.name}": _TYPES[key.type] for prefix in MODELS for key in schema.SCHEMA})
+    _coerce_overrides(node, types)
     for parameter in NODE_PARAMETERS:
         node.declare_parameter(parameter.name, parameter.default, descriptor(
             f"{parameter.description} ({parameter.when})", parameter.type, read_only=parameter.when == STARTUP,
@@ -169,20 +181,20 @@ def model_config(node: Node, prefix: str, confidence: float) -> dict[str, Any]:
     return config
 
 
+def coerce(parameter: Parameter, expected: int) -> Parameter:
+    """An integer (array) given for a double (array) parameter, as that double (array)."""
+    if expected == ParameterType.PARAMETER_DOUBLE and parameter.type_ == Parameter.Type.INTEGER:
+        return Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+    if expected == ParameterType.PARAMETER_DOUBLE_ARRAY and parameter.type_ == Parameter.Type.INTEGER_ARRAY:
+        return Parameter(parameter.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in parameter.value])
+    return parameter
+
+
 def coerce_integers(parameters: list[Parameter], node: Node) -> list[Parameter]:
-    """Pre-set callback: an integer for a double parameter (`ros2 param set /mixclf alpha 1`)
-    becomes that double; integer arrays for double arrays likewise."""
-    converted = []
-    for parameter in parameters:
-        if node.has_parameter(parameter.name):
-            declared = node.describe_parameter(parameter.name).type
-            if declared == ParameterType.PARAMETER_DOUBLE and parameter.type_ == Parameter.Type.INTEGER:
-                parameter = Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
-            elif (declared == ParameterType.PARAMETER_DOUBLE_ARRAY
-                  and parameter.type_ == Parameter.Type.INTEGER_ARRAY):
-                parameter = Parameter(parameter.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in parameter.value])
-        converted.append(parameter)
-    return converted
+    """Pre-set callback: an integer for a double parameter (`ros2 param set /mixclf alpha 1` sends
+    an integer) becomes that double; integer arrays for double arrays likewise."""
+    return [coerce(parameter, node.describe_parameter(parameter.name).type)
+            if node.has_parameter(parameter.name) else parameter for parameter in parameters]
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,11 @@ def is_live(name: str) -> bool:
     return name in _BY_NAME and _BY_NAME[name].when == LIVE
 
 
+def needs_configure(name: str) -> bool:
+    """Read in on_configure (rclpy's own parameters, such as use_sim_time, are not)."""
+    return (name in _BY_NAME and _BY_NAME[name].when == CONFIGURE) or name.split(".", 1)[0] in MODELS
+
+
 def apply_changes(current: LiveParameters, parameters: list[Parameter], active: bool) -> LiveParameters:
     """The live parameters after `parameters`; raises ValueError (the reason) for a change that is
     invalid, or that needs a reconfigure while the node is active. Types and ranges of declared
@@ -212,7 +229,7 @@ def apply_changes(current: LiveParameters, parameters: list[Parameter], active: 
     changes: dict[str, float] = {}
     for parameter in parameters:
         if not is_live(parameter.name):
-            if active:
+            if active and needs_configure(parameter.name):
                 raise ValueError(f"{parameter.name} is read at configure: deactivate and clean up the node, "
                                  "set it, then configure and activate")
             continue
