@@ -236,6 +236,8 @@ def test_quiet_camera_is_reported_in_diagnostics(faulty_node):
         time.sleep(2.5)  # no frames for longer than camera_timeout (1 s)
         statuses = [s for a in arrays for s in a.status if "camera" in s.name]
         assert statuses, "no camera diagnostics"
+        # named by the fully qualified node name: instances in other namespaces do not collide
+        assert {s.name for s in statuses} == {"/mixclf: camera image"}
         latest = statuses[-1]
         assert latest.level == DiagnosticStatus.WARN and "quiet" in latest.message
         values = {kv.key: kv.value for kv in latest.values}

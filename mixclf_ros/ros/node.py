@@ -277,7 +277,7 @@ class MixclfNode(LifecycleNode):
             certificate_norm=classifier.norm if classifier else "", warmup_ms=self._warmup_ms,
             alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error)
         self._diagnostics.publish(diagnostics_array(
-            self.get_name(), self.get_fully_qualified_name(), info, self._queue.snapshot(), time.monotonic(),
+            self.get_fully_qualified_name(), info, self._queue.snapshot(), time.monotonic(),
             live.camera_timeout, self.get_clock().now().to_msg()))
 
 
