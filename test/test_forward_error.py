@@ -84,7 +84,7 @@ def crafted(models) -> list[torch.Tensor]:
             continue
         source, end = adversarial[k].double(), x[ends[0]].double()
 
-        def at(t: float) -> tuple[float, int, int, torch.Tensor]:
+        def at(t: float, source=source, end=end) -> tuple[float, int, int, torch.Tensor]:
             frame = ((1 - t) * source + t * end).float()
             with torch.no_grad():
                 n, y, i = _numerator(torch.softmax(robust64(frame[None].double()), 1))
