@@ -164,16 +164,19 @@ class Preprocessor:
             selected = samples  # already in order (mono is replicated after the resize for colour models)
         else:
             selected = samples[:, list(RGB_INDEX[order])]  # RGB order, alpha dropped
-        x = selected.to(torch.float32)
+        size = (config.output_height, config.output_width)
+        # An area average sums up to hundreds of samples: summed in float64 (error ~1e-13), then
+        # rounded once to float32, which keeps `preprocessing_float_error` near one float32 rounding.
+        wide = config.resize == "area" and tuple(selected.shape[-2:]) != size
+        x = selected.to(torch.float64 if wide else torch.float32)
         scale = first.scale
         if kind == "f":
             x = (x * scale).clamp(0.0, 1.0)  # float frames are [0, 1] intensities by contract
             scale = 1.0
         # Resize first, colour and scale last: the same linear map (the colour matrix acts on channels,
-        # the resize on pixels), with integer samples exact in float32 through the resize (the area
-        # average of equal samples is exact), and the colour conversion on the small output only.
+        # the resize on pixels), and the colour conversion on the small output only.
         # The grey conversion is an explicit weighted sum, not a matmul, so TF32 settings cannot touch it.
-        x = _resize(x, (config.output_height, config.output_width), config.resize)
+        x = _resize(x, size, config.resize).to(torch.float32)
         if config.output_channels == 1 and order != "mono":
             x = (x * self._grey).sum(dim=1, keepdim=True)
         if scale != 1.0:
@@ -272,32 +275,34 @@ def preprocessing_float_error(source_height: int, source_width: int, channel_ord
     """A bound e, in model-input [0, 1] units and `norm`, such that for any two frames x, x' of this
     geometry the model inputs `Preprocessor` computes satisfy ||P^(x) - P^(x')|| <= ||P|| ||x - x'|| + e.
 
-    Per output pixel, the float32 arithmetic (unit roundoff u = 2^-24) differs from the linear map
-    P by at most `(gamma_{k+2} + gamma_4 + 4 u) * 1.01` in [0, 1] units: a resize taking k samples
-    (bilinear: 4; area: at most (ceil(h / H) + 1)(ceil(w / W) + 1)) with non-negative weights summing
-    to 1, summed and divided in any order (gamma_{k+2}); the grey weighting, a 3-term weighted sum
-    (gamma_4); the float32 grey weights, the scaling by `DecodedImage.scale` and the float32 cast of
-    float64 frames (one u each, plus one spare); 1.01 covers second-order terms. Integer samples are
-    exact in float32 and clamps only shrink differences. Over the output: l2 `sqrt(C H W)` times
-    that, linf that; twice (once for x, once for x').
+    Per output pixel, the arithmetic differs from the linear map P by at most, in [0, 1] units (u =
+    2^-24 for float32, v = 2^-53 for float64, gamma_k(u) = k u / (1 - k u)): the resize, a
+    non-negative combination of k samples with weights summing to 1, evaluated in any order —
+    bilinear in float32, k = 4: gamma_6(u); area in float64, k <= (ceil(h / H) + 1)(ceil(w / W) + 1):
+    gamma_{k+2}(v) plus u for the rounding to float32; then the grey weighting, a 3-term weighted
+    sum (gamma_4(u)), the float32 grey weights, the scaling by `DecodedImage.scale` and the float32
+    cast of float64 frames (u each, plus one spare u), all times 1.01 for second-order terms.
+    Integer samples are exact; clamps only shrink differences. Over the output: l2 `sqrt(C H W)`
+    times that, linf that; twice (once for x, once for x').
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     check_frame_size(int(source_height), int(source_width))
     _, _, crop_height, crop_width = _crop_box(int(source_height), int(source_width), config)
     out_height, out_width = config.output_height, config.output_width
-    if (crop_height, crop_width) == (out_height, out_width):
-        taps = 1
-    elif config.resize == "bilinear":
-        taps = 4
-    else:
-        taps = (math.ceil(crop_height / out_height) + 1) * (math.ceil(crop_width / out_width) + 1)
-    unit = 2.0 ** -24
 
-    def gamma(count: int) -> float:
+    def gamma(count: int, unit: float) -> float:
         return count * unit / (1.0 - count * unit)
 
-    per_pixel = (gamma(taps + 2) + gamma(4) + 4.0 * unit) * 1.01
+    single, double = 2.0 ** -24, 2.0 ** -53
+    if (crop_height, crop_width) == (out_height, out_width):
+        resize = 0.0
+    elif config.resize == "bilinear":
+        resize = gamma(6, single)
+    else:
+        taps = (math.ceil(crop_height / out_height) + 1) * (math.ceil(crop_width / out_width) + 1)
+        resize = gamma(taps + 2, double) + single
+    per_pixel = (resize + gamma(4, single) + 4.0 * single) * 1.01
     pixels = config.output_channels * out_height * out_width
     return 2.0 * per_pixel * (math.sqrt(pixels) * (1.0 + 1e-12) if norm == "l2" else 1.0)
 
