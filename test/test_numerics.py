@@ -229,7 +229,8 @@ def test_robust_pass_runs_in_full_precision_and_standard_keeps_fast_paths(kind):
     standard model sees the process settings (here TF32 allowed for matmuls), restored afterwards."""
     torch.manual_seed(0)
     standard = FlagRecorder(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)))
-    attributes = dict(kind=kind, norm="l2", num_classes=3, lipschitz_constant=1.0, sigma=0.25, n0=4, n=8)
+    attributes = dict(kind=kind, norm="l2", num_classes=3, lipschitz_constant=1.0, sigma=0.25, n0=4, n=8,
+                      input_shape=(1, 4, 4))
     robust = FlagRecorder(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), **attributes)
     before = precision_flags()
     torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -237,6 +238,7 @@ def test_robust_pass_runs_in_full_precision_and_standard_keeps_fast_paths(kind):
         process = precision_flags()
         assert process != full_precision_flags()
         classifier = CertifiedClassifier(standard, robust, PreprocessConfig(1, 4, 4), torch.device("cpu"))
+        assert classifier.forward_error == ("estimated" if kind == "lipschitz" else "")
         frame = DecodedImage(np.full((4, 4, 1), 0.5, np.float32), "mono", 1.0)
         results = classifier.classify([frame], LiveSettings(alpha=0.75, safe_radius=0.0))
         assert results[0].status == 0
@@ -272,6 +274,12 @@ def test_float32_error_bound_covers_the_float32_error(network):
     assert (error <= bound32.double() + bound64).all()
     assert float(bound64.max()) < 1e-8  # float64: negligible against the certified margins
     torch.testing.assert_close(logits64, model.double()(x.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_zoo_lipschitz_model_gets_the_rigorous_bound():
+    classifier = CertifiedClassifier(load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz")),
+                                     PreprocessConfig(1, 28, 28), torch.device("cpu"))
+    assert classifier.forward_error == "bounded"
 
 
 def test_probability_error_bound():

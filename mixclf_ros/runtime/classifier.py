@@ -43,6 +43,10 @@ from mixclf_ros.vision.preprocess import (
     preprocessing_operator_norm,
 )
 
+FLOAT32_PROBABILITY_ERROR = 1e-4
+"""Probability error assumed for a Lipschitz robust model that runs only in float32 (an estimate:
+about 1 000 times the float32 unit roundoff)."""
+
 
 class Status(IntEnum):
     """Mirrors the STATUS_* constants of `CertifiedClassification.msg` (checked by a test)."""
@@ -176,7 +180,9 @@ class CertifiedClassifier:
             accounted for: "bounded" (rigorous running error bound of a float64 forward),
             "estimated" (the network has layers `ErrorBoundedForward` cannot bound: a float64 copy
             of the model, with the float32/float64 disagreement taken as its error, an estimate
-            with a wide safety factor, not a proof) or "" (not a Lipschitz certificate).
+            with a wide safety factor, not a proof), "estimated-float32" (the model does not run
+            in float64: float32 with `FLOAT32_PROBABILITY_ERROR` taken as its error, an estimate)
+            or "" (not a Lipschitz certificate).
     """
 
     def __init__(
@@ -211,8 +217,14 @@ class CertifiedClassifier:
                 self.robust_bounded = ErrorBoundedForward(getattr(robust, "network", robust)).to(device)
                 self.forward_error = "bounded"
             except UnboundedForwardError:
-                self.robust_float64 = copy.deepcopy(self.robust).to(torch.float64).eval()
                 self.forward_error = "estimated"
+                try:
+                    self.robust_float64 = copy.deepcopy(self.robust).to(torch.float64).eval()
+                    with torch.inference_mode():
+                        self.robust_float64(torch.zeros(1, *robust.input_shape, dtype=torch.float64, device=device))
+                except Exception:  # e.g. a TorchScript model with float32 hard-wired inside
+                    self.robust_float64 = None
+                    self.forward_error = "estimated-float32"
         self.preprocess_config = replace(preprocess, device=str(device))
         self.preprocess = Preprocessor(self.preprocess_config)
         self.smooth = None
@@ -304,6 +316,8 @@ class CertifiedClassifier:
                     if self.robust_float64 is not None:
                         probs_single = torch.softmax(self.robust(x).double(), dim=1)
                         probability_error = (probs_single - probs_h).abs().amax(dim=1) + 1e-12
+                    elif self.forward_error:
+                        probability_error = torch.full_like(probs_h[:, 0], FLOAT32_PROBABILITY_ERROR)
                 finite = torch.isfinite(logits_g).all(dim=1) & torch.isfinite(probs_h).all(dim=1)
                 if probability_error is not None:
                     finite &= torch.isfinite(probability_error)
