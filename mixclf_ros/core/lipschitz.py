@@ -297,8 +297,8 @@ def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor],
             if not isinstance(result, torch.Tensor):
                 raise UnsupportedLayerError(f"{name}: the forward returns a {type(result).__name__}, not a tensor")
             return (0.0 if bound is None else bound), result
-        arg_bounds = fx.node.map_arg(node.args, bounds.__getitem__)
-        kwarg_bounds = fx.node.map_arg(node.kwargs, bounds.__getitem__)
+        arg_bounds = fx.node.map_aggregate(node.args, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
+        kwarg_bounds = fx.node.map_aggregate(node.kwargs, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
         dependent = _dependent(arg_bounds) or _dependent(kwarg_bounds)
         target = node.target
         op = target if isinstance(target, str) else getattr(target, "__name__", "")
