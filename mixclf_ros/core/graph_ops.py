@@ -73,6 +73,8 @@ class OpCall:
 
 
 def _is_dependent(bound: Any) -> bool:
+    if isinstance(bound, dict):
+        return any(_is_dependent(b) for b in bound.values())
     if isinstance(bound, (list, tuple)):
         return any(_is_dependent(b) for b in bound)
     return bound is not None

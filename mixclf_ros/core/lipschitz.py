@@ -126,6 +126,8 @@ class _Tracer(fx.Tracer):
     """Keeps the bounded layers (and all torch.nn library layers, refused later if unknown) whole;
     keeps tensor constants out of the traced model (plain fx would store them on it)."""
 
+    proxy_buffer_attributes = True  # buffers become graph nodes, so writes to them are seen
+
     def __init__(self) -> None:
         super().__init__()
         self.constants: dict[str, torch.Tensor] = {}
@@ -265,6 +267,8 @@ def _check_batch(value: Any, batch: int, where: str) -> None:
 
 
 def _dependent(bound: Any) -> bool:
+    if isinstance(bound, dict):
+        return any(_dependent(b) for b in bound.values())
     if isinstance(bound, (tuple, list)):
         return any(_dependent(b) for b in bound)
     return bound is not None

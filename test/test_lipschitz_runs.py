@@ -1,0 +1,226 @@
+"""The Lipschitz bound describes what actually runs: in-place operations, wrappers, hooks.
+
+Each network here is one where a bound computed from the layers alone would not describe the
+function that runs; the bound must then account for it, or the model must be refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from slope_search import largest_slope
+from torch import nn
+from torch.nn.modules import module as module_globals
+
+from mixclf_ros.core.layers import Residual
+from mixclf_ros.core.lipschitz import UnsupportedLayerError, logit_lipschitz_bound
+
+NORMS = ["l2", "linf"]
+
+
+def identity_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(c_in, c_out, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(c_out, c_in).view(c_out, c_in, 1, 1))
+    return conv
+
+
+# ----------------------------------------------------------------------------- in-place operations
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_inplace_activation_at_the_start_of_a_residual_block_is_bounded_as_it_runs(norm):
+    """ELU(alpha=2, inplace=True) rewrites the block input, so the skip connection carries
+    ELU(x) too: the map is 2 ELU(x) (slope 4 for x < 0), not x + ELU(x) (slope 3)."""
+    model = nn.Sequential(identity_conv(1, 2), Residual(nn.Sequential(nn.ELU(alpha=2.0, inplace=True),
+                                                                    identity_conv(2, 2))), nn.Flatten())
+    model = model.double().eval()
+    bound = logit_lipschitz_bound(model, norm, (1, 3, 3))
+    found = largest_slope(model, norm, (1, 3, 3))
+    assert found > 3.9  # the search sees the real slope, 4
+    assert found <= bound
+
+
+class AliasedAugmentedAdd(nn.Module):
+    """`x += f(x)` while `skip` still refers to x: the final add reads the updated tensor twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 5 * 5, 4)
+
+    def forward(self, x):
+        x = self.conv0(x)
+        skip = x
+        x += self.conv(skip.clone())  # (the clone keeps autograd's saved input intact)
+        return self.fc((x + skip).flatten(1))
+
+
+class TorchvisionBlock(nn.Module):
+    """The torchvision BasicBlock pattern: in-place ReLUs and `out += identity` on fresh tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(2)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2)
+        self.fc = nn.Linear(2 * 5 * 5, 3)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_var.uniform_(0.2, 2.0)
+                bn.running_mean.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = torch.cat([x, -x], dim=1)
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(out, 1))
+
+
+@pytest.mark.parametrize("builder", [AliasedAugmentedAdd, TorchvisionBlock])
+@pytest.mark.parametrize("norm", NORMS)
+def test_augmented_assignments_and_inplace_layers_are_bounded_as_they_run(builder, norm):
+    torch.manual_seed(11)
+    model = builder().double().eval()
+    bound = logit_lipschitz_bound(model, norm, (1, 5, 5))
+    assert largest_slope(model, norm, (1, 5, 5)) <= bound
+
+
+def test_an_aliased_augmented_add_counts_the_skip_twice():
+    """x += c(x); return x + skip (skip is x): the map is 2 (x + c(x)), so the bound doubles."""
+    torch.manual_seed(12)
+    model = AliasedAugmentedAdd().double().eval()
+    x = torch.rand(2, 1, 5, 5, dtype=torch.float64)
+    inner = model.conv0(x)
+    torch.testing.assert_close(model(x), model.fc((2 * (inner + model.conv(inner))).flatten(1)))
+
+
+class WriteThroughView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        flat = x.flatten(1)  # a view of x
+        x.mul_(3.0)  # also scales flat
+        return self.fc(flat) + self.fc(x.flatten(1))
+
+
+class WriteToInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        F.relu(x, inplace=True)
+        return self.fc(x.flatten(1))
+
+
+class WriteToBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x):
+        self.calls.add_(1.0)
+        return self.fc(x.flatten(1)) * self.calls
+
+
+@pytest.mark.parametrize("model, match", [
+    (WriteThroughView(), "read later through a view"),
+    (WriteToInput(), "writes to the model input"),
+    (nn.Sequential(nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(16, 3)), "writes to the model input"),
+    (WriteToBuffer(), "writes to calls"),
+])
+def test_inplace_writes_that_cannot_be_followed_are_refused(model, match):
+    with pytest.raises(UnsupportedLayerError, match=match):
+        logit_lipschitz_bound(model, "l2", (1, 4, 4))
+
+
+# ----------------------------------------------------------------------------- wrappers and hooks
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(13)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def test_an_instance_level_forward_override_is_refused():
+    """A wrapper that replaces `forward` on the instance (as wrappers do) changes what runs; the
+    weights alone say nothing about it."""
+    model = mlp()
+    original = model[2].forward
+    model[2].forward = lambda x: 40.0 * original(x)
+    assert largest_slope(model.double(), "l2", (6,)) > 40 * 0.3  # the wrapper really scales
+    with pytest.raises(UnsupportedLayerError, match="instance-level forward override"):
+        logit_lipschitz_bound(model, "l2", (6,))
+
+
+def test_a_forward_override_on_the_root_module_is_refused():
+    model = mlp()
+    model.forward = lambda x: 40.0 * nn.Sequential.forward(model, x)
+    with pytest.raises(UnsupportedLayerError, match="instance-level forward override"):
+        logit_lipschitz_bound(model, "linf", (6,))
+
+
+def test_a_patched_library_forward_is_refused(monkeypatch):
+    original = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: 40.0 * original(self, x))
+    with pytest.raises(UnsupportedLayerError, match=r"Linear\.forward was replaced"):
+        logit_lipschitz_bound(mlp(), "l2", (6,))
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("register", [
+    lambda m: m[0].register_forward_hook(lambda module, args, output: 40.0 * output),
+    lambda m: m[0].register_forward_pre_hook(lambda module, args: (40.0 * args[0],)),
+    lambda m: m.register_forward_hook(lambda module, args, output: 40.0 * output),
+])
+def test_forward_hooks_and_pre_hooks_are_refused(register):
+    model = mlp()
+    handle = register(model)
+    with pytest.raises(UnsupportedLayerError, match="hooks"):
+        logit_lipschitz_bound(model, "l2", (6,))
+    handle.remove()
+    assert logit_lipschitz_bound(model, "l2", (6,)) > 0
+
+
+def test_a_hook_on_a_traced_through_module_is_refused():
+    model = Scaled()
+    handle = model.body.register_forward_hook(lambda module, args, output: 40.0 * output)
+    with pytest.raises(UnsupportedLayerError, match="hooks"):
+        logit_lipschitz_bound(model, "l2", (6,))
+    handle.remove()
+
+
+@pytest.mark.parametrize("register", [module_globals.register_module_forward_hook,
+                                      module_globals.register_module_forward_pre_hook])
+def test_global_hooks_are_refused(register):
+    if register is module_globals.register_module_forward_hook:
+        handle = register(lambda module, args, output: output)
+    else:
+        handle = register(lambda module, args: None)
+    try:
+        with pytest.raises(UnsupportedLayerError, match="global forward hooks"):
+            logit_lipschitz_bound(mlp(), "l2", (6,))
+    finally:
+        handle.remove()
+    assert logit_lipschitz_bound(mlp(), "l2", (6,)) > 0
