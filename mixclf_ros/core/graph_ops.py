@@ -66,17 +66,20 @@ class OpCall:
 
     def require_constant(self, *skip: int) -> None:
         """Every operand except positions `skip` must be input-independent."""
-        dependent = [i for i, b in enumerate(self.bounds) if i not in skip and _is_dependent(b)]
-        dependent += [k for k, b in self.kwarg_bounds.items() if _is_dependent(b)]
+        dependent = [i for i, b in enumerate(self.bounds) if i not in skip and is_dependent(b)]
+        dependent += [k for k, b in self.kwarg_bounds.items() if is_dependent(b)]
         if dependent:
             raise self.fail(f"operand(s) {dependent} depend on the input; only constants are supported there")
 
 
-def _is_dependent(bound: Any) -> bool:
+def is_dependent(bound: Any) -> bool:
+    """Whether a bound (or a structure of bounds, as operands are mapped) marks an input-dependent value."""
     if isinstance(bound, dict):
-        return any(_is_dependent(b) for b in bound.values())
+        return any(is_dependent(b) for b in bound.values())
     if isinstance(bound, (list, tuple)):
-        return any(_is_dependent(b) for b in bound)
+        return any(is_dependent(b) for b in bound)
+    if isinstance(bound, slice):
+        return any(is_dependent(b) for b in (bound.start, bound.stop, bound.step))
     return bound is not None
 
 
@@ -155,7 +158,7 @@ def _add(call: OpCall) -> float:
             continue
         scale = _max_abs(call.kwargs.get("alpha", 1)) if index == 1 else 1.0
         total += scale * _broadcast_factor(call.arg(index, "other"), call.out, call.norm, call) * bound
-    if _is_dependent(call.kwarg_bounds.get("alpha")):
+    if is_dependent(call.kwarg_bounds.get("alpha")):
         raise call.fail("alpha depends on the input")
     return total
 
@@ -292,7 +295,7 @@ def _concatenate(call: OpCall) -> float:
     dim = call.arg(1, "dim", 0)
     if _dim(int(dim), call.out.dim()) == 0:
         raise call.fail("concatenates along the batch dimension")
-    if _is_dependent(call.bounds[1:]) or _is_dependent(call.kwarg_bounds):
+    if is_dependent(call.bounds[1:]) or is_dependent(call.kwarg_bounds):
         raise call.fail("dim depends on the input")
     for tensor, bound in zip(tensors, bounds):
         if bound is not None and tensor.dim() != call.out.dim() and call.out.dim() != tensor.dim() + 1:
@@ -339,7 +342,7 @@ def _getitem(call: OpCall) -> Any:
     container, index = call.args
     if isinstance(container, (tuple, list)):
         return call.bounds[0][index] if isinstance(call.bounds[0], (tuple, list)) else call.bounds[0]
-    if _is_dependent(call.bounds[1]):
+    if is_dependent(call.bounds[1]):
         raise call.fail("indexing with input-dependent indices")
     items = index if isinstance(index, tuple) else (index,)
     if any(isinstance(item, (torch.Tensor, list)) for item in items):
@@ -433,10 +436,14 @@ _register(_getattr, getattr)
 
 
 def op_name(target: Any) -> str:
+    """`Tensor.exp`, `torch.exp`, `torch.nn.functional.gelu`, `operator.mul`, ..."""
     if isinstance(target, str):
         return f"Tensor.{target}"
+    name = getattr(target, "__name__", repr(target))
     module = getattr(target, "__module__", None) or "torch"
-    return f"{module}.{getattr(target, '__qualname__', getattr(target, '__name__', repr(target)))}"
+    if module.startswith("torch._C") or getattr(target, "__qualname__", "").startswith("_VariableFunctions"):
+        module = "torch"
+    return f"{module.lstrip('_')}.{name}"
 
 
 def op_bound(target: Any, call: OpCall) -> Any:

@@ -60,11 +60,6 @@ _GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 _CALL_OVERRIDES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl", "_slow_forward")
 
 
-def _conv_padding(conv: nn.Conv2d, kernel_extent: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) zero padding of a Conv2d."""
-    return lb.conv_padding(conv.padding, kernel_extent)
-
-
 # ----------------------------------------------------------------------------- what runs
 
 
@@ -266,14 +261,6 @@ def _check_batch(value: Any, batch: int, where: str) -> None:
                                         f"has lost the batch dimension")
 
 
-def _dependent(bound: Any) -> bool:
-    if isinstance(bound, dict):
-        return any(_dependent(b) for b in bound.values())
-    if isinstance(bound, (tuple, list)):
-        return any(_dependent(b) for b in bound)
-    return bound is not None
-
-
 def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor], dummy: torch.Tensor,
           norm: str, name: str) -> tuple[float, torch.Tensor]:
     """(bound, output) of the traced graph at the dummy batch."""
@@ -303,7 +290,7 @@ def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor],
             return (0.0 if bound is None else bound), result
         arg_bounds = fx.node.map_aggregate(node.args, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
         kwarg_bounds = fx.node.map_aggregate(node.kwargs, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
-        dependent = _dependent(arg_bounds) or _dependent(kwarg_bounds)
+        dependent = graph_ops.is_dependent(arg_bounds) or graph_ops.is_dependent(kwarg_bounds)
         target = node.target
         op = target if isinstance(target, str) else getattr(target, "__name__", "")
         if node.op in ("call_function", "call_method") and op in graph_ops.RANDOM_OPS:
