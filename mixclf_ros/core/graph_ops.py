@@ -150,27 +150,30 @@ def _expand(call: OpCall) -> float:
     return _broadcast_factor(call.args[0], call.out, call.norm, call) * call.bound(0)
 
 
+_BINARY = ("input", "other")
+
+
 def _add(call: OpCall) -> float:
     total = 0.0
-    for index in (0, 1):
-        bound = call.bound(index, "other")
+    for index, key in enumerate(_BINARY):
+        bound = call.bound(index, key)
         if bound is None:
             continue
         scale = _max_abs(call.kwargs.get("alpha", 1)) if index == 1 else 1.0
-        total += scale * _broadcast_factor(call.arg(index, "other"), call.out, call.norm, call) * bound
+        total += scale * _broadcast_factor(call.arg(index, key), call.out, call.norm, call) * bound
     if is_dependent(call.kwarg_bounds.get("alpha")):
         raise call.fail("alpha depends on the input")
     return total
 
 
 def _mul(call: OpCall) -> float:
-    dependent = [i for i in (0, 1) if call.bound(i, "other") is not None]
+    dependent = [i for i, key in enumerate(_BINARY) if call.bound(i, key) is not None]
     if len(dependent) != 1:
         raise call.fail("product of two input-dependent tensors (not globally Lipschitz)")
     index = dependent[0]
-    constant = call.arg(1 - index, "other")
-    return _max_abs(constant) * _broadcast_factor(call.arg(index, "other"), call.out, call.norm, call) \
-        * call.bound(index, "other")
+    constant = call.arg(1 - index, _BINARY[1 - index])
+    return _max_abs(constant) * _broadcast_factor(call.arg(index, _BINARY[index]), call.out, call.norm, call) \
+        * call.bound(index, _BINARY[index])
 
 
 def _div(call: OpCall) -> float:
@@ -332,6 +335,7 @@ def _pad(call: OpCall) -> float:
 
 def _dropout(training_index: int) -> Callable:
     def rule(call: OpCall) -> float:
+        call.require_constant(0)
         if call.arg(training_index, "training", True):
             raise call.fail("dropout in training mode")
         return call.bound(0)
@@ -370,6 +374,8 @@ _ONE = _elementwise(lambda call: 1.0)
 _CAST = _preserving(shape_args_may_depend=True)
 SHAPE_QUERIES = {"size", "dim", "ndimension", "numel", "shape", "ndim", "dtype", "device", "is_contiguous"}
 """Methods/attributes whose result depends only on the input's shape: constants."""
+SHAPE_ONLY = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full"}
+"""Tensors whose values depend only on the input's shape, dtype and device: constants."""
 
 RANDOM_OPS = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "normal", "bernoulli",
               "poisson", "multinomial", "randperm", "uniform_", "normal_", "bernoulli_", "exponential_",

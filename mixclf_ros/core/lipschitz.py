@@ -261,6 +261,38 @@ def _check_batch(value: Any, batch: int, where: str) -> None:
                                         f"has lost the batch dimension")
 
 
+def _call(node: fx.Node, modules: dict[str, nn.Module], args: Any, kwargs: Any, arg_bounds: Any, kwarg_bounds: Any,
+          norm: str, batch: int, where: str) -> tuple[Any, Any]:
+    """(value, bound) of one call node; bound None for a value that does not depend on the input."""
+    dependent = graph_ops.is_dependent(arg_bounds) or graph_ops.is_dependent(kwarg_bounds)
+    target = node.target
+    op = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if node.op in ("call_function", "call_method") and op in graph_ops.RANDOM_OPS:
+        raise UnsupportedLayerError(f"{where}: random operation {graph_ops.op_name(target)}")
+    if node.op == "call_module":
+        module = modules[target]
+        kind = lb.layer_type(module)
+        if dependent and (kind not in lb.LEAF_TYPES or len(args) != 1 or kwargs):
+            raise UnsupportedLayerError(f"{where}: unsupported layer {kind.__module__}.{kind.__qualname__}")
+        out = module(*args, **kwargs)
+        bound = lb.leaf_bound(module, args[0], out, norm, where) * arg_bounds[0] if dependent else None
+    else:
+        out = target(*args, **kwargs) if node.op == "call_function" else getattr(args[0], target)(*args[1:], **kwargs)
+        shape_query = op in graph_ops.SHAPE_QUERIES | graph_ops.SHAPE_ONLY or op == "len" or (
+            target is getattr and args[1] in graph_ops.SHAPE_QUERIES)
+        if not dependent or shape_query:
+            return out, None
+        call = graph_ops.OpCall(where, tuple(args), dict(kwargs), tuple(arg_bounds), dict(kwarg_bounds), out, norm,
+                                batch)
+        bound = graph_ops.op_bound(target, call)
+    if bound is not None:
+        if not isinstance(bound, tuple) and not math.isfinite(bound):
+            raise UnsupportedLayerError(f"{where}: uses a value that is not a Lipschitz function of the input "
+                                        f"(indices of a sort/max, or a non-finite bound)")
+        _check_batch(out, batch, where)
+    return out, bound
+
+
 def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor], dummy: torch.Tensor,
           norm: str, name: str) -> tuple[float, torch.Tensor]:
     """(bound, output) of the traced graph at the dummy batch."""
@@ -290,35 +322,12 @@ def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor],
             return (0.0 if bound is None else bound), result
         arg_bounds = fx.node.map_aggregate(node.args, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
         kwarg_bounds = fx.node.map_aggregate(node.kwargs, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
-        dependent = graph_ops.is_dependent(arg_bounds) or graph_ops.is_dependent(kwarg_bounds)
-        target = node.target
-        op = target if isinstance(target, str) else getattr(target, "__name__", "")
-        if node.op in ("call_function", "call_method") and op in graph_ops.RANDOM_OPS:
-            raise UnsupportedLayerError(f"{where}: random operation {graph_ops.op_name(target)}")
-        if node.op == "call_module":
-            module = modules[target]
-            kind = lb.layer_type(module)
-            if dependent and (kind not in lb.LEAF_TYPES or len(args) != 1 or kwargs):
-                raise UnsupportedLayerError(f"{where}: unsupported layer {kind.__module__}.{kind.__qualname__}")
-            out = module(*args, **kwargs)
-            bound = lb.leaf_bound(module, args[0], out, norm, where) * arg_bounds[0] if dependent else None
-        elif node.op == "call_function":
-            out = target(*args, **kwargs)
-        else:
-            out = getattr(args[0], target)(*args[1:], **kwargs)
-        if node.op != "call_module":
-            shape_query = op in graph_ops.SHAPE_QUERIES or (target is getattr and args[1] in graph_ops.SHAPE_QUERIES)
-            if not dependent or shape_query or op == "len":
-                bound = None
-            else:
-                call = graph_ops.OpCall(where, tuple(args), dict(kwargs), tuple(arg_bounds), dict(kwarg_bounds),
-                                        out, norm, batch)
-                bound = graph_ops.op_bound(target, call)
-        if dependent and bound is not None:
-            if any(isinstance(b, float) and math.isinf(b) for b in (bound if isinstance(bound, tuple) else (bound,))) \
-                    and not isinstance(bound, tuple):
-                raise UnsupportedLayerError(f"{where}: uses indices of a sort/max, which are not Lipschitz")
-            _check_batch(out, batch, where)
+        try:
+            out, bound = _call(node, modules, args, kwargs, arg_bounds, kwarg_bounds, norm, batch, where)
+        except UnsupportedLayerError:
+            raise
+        except Exception as error:  # a rule or the op itself fails on what it was given: refuse, naming it
+            raise UnsupportedLayerError(f"{where}: {type(error).__name__}: {error}") from error
         values[node], bounds[node] = out, bound
     raise UnsupportedLayerError(f"{name}: the traced graph has no output")
 
@@ -368,8 +377,12 @@ def logit_lipschitz_bound(model: nn.Module, norm: str, input_shape: Sequence[int
         graph, constants = _trace(model, name)
         resolve_inplace(graph, dict(model.named_modules()), name)
         bound, walked = _walk(model, graph, constants, dummy.clone(), norm, name)
-        direct = model(dummy.clone())
-        single = model(dummy[:1].clone())
+        try:
+            direct = model(dummy.clone())
+            single = model(dummy[:1].clone())
+        except Exception as error:
+            raise UnsupportedLayerError(f"{name}: the model fails on a dummy batch ({type(error).__name__}: "
+                                        f"{error})") from error
     if not isinstance(direct, torch.Tensor) or direct.shape != walked.shape or not torch.allclose(
             direct, walked, rtol=1e-4, atol=1e-5):
         raise UnsupportedLayerError(f"{name}: the model's outputs differ from those of its traced graph")
