@@ -151,6 +151,7 @@ LINEAR_GRAPHS = [
     ("broadcast", lambda x: x[:, :1] + torch.zeros(1, 2, 1, 1, dtype=torch.float64)),
     ("stack", lambda x: torch.stack([x, -x], dim=2).flatten(1)),
     ("chunk", lambda x: x.chunk(2, dim=1)[1] * 3),
+    ("unbind", lambda x: torch.cat([torch.unbind(x, 1)[0], x.unbind(dim=-1)[2] * 2], dim=1)),
 ]
 
 

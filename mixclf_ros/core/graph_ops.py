@@ -307,12 +307,14 @@ def _concatenate(call: OpCall) -> float:
     return max(parts) if call.norm == "linf" else math.sqrt(sum(b * b for b in parts))
 
 
-def _split(call: OpCall) -> tuple:
-    call.require_constant(0)
-    dim = call.arg(2, "dim", 0) if call.name.split(".")[-1] != "unbind" else call.arg(1, "dim", 0)
-    if _dim(int(dim), call.args[0].dim()) == 0:
-        raise call.fail("splits along the batch dimension")
-    return tuple(call.bound(0) for _ in call.out)
+def _split(dim_index: int) -> Callable:
+    """chunk/split (dim third) and unbind (dim second): each part is a restriction, bound L."""
+    def rule(call: OpCall) -> tuple:
+        call.require_constant(0)
+        if _dim(int(call.arg(dim_index, "dim", 0)), call.args[0].dim()) == 0:
+            raise call.fail("splits along the batch dimension")
+        return tuple(call.bound(0) for _ in call.out)
+    return rule
 
 
 def _sort(call: OpCall) -> tuple:
@@ -433,7 +435,8 @@ _register(_sum, torch.sum, "sum")
 _register(_extremum, torch.amax, torch.amin, "amax", "amin", torch.max, torch.min, "max", "min", torch.maximum,
           torch.minimum, "maximum", "minimum")
 _register(_concatenate, torch.cat, torch.concat, torch.concatenate, torch.stack)
-_register(_split, torch.chunk, "chunk", torch.split, "split", torch.unbind, "unbind")
+_register(_split(2), torch.chunk, "chunk", torch.split, "split")
+_register(_split(1), torch.unbind, "unbind")
 _register(_sort, torch.sort, "sort")
 _register(_pad, F.pad)
 _register(_dropout(2), F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
