@@ -166,6 +166,15 @@ def test_an_instance_level_forward_override_is_refused():
         logit_lipschitz_bound(model, "l2", (6,))
 
 
+def test_an_instance_level_override_of_a_helper_method_is_refused():
+    """Conv2d.forward calls self._conv_forward: replacing it on the instance changes what runs."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    original = model[0]._conv_forward
+    model[0]._conv_forward = lambda x, weight, bias: 40.0 * original(x, weight, bias)
+    with pytest.raises(UnsupportedLayerError, match="instance-level _conv_forward override"):
+        logit_lipschitz_bound(model, "l2", (1, 4, 4))
+
+
 def test_a_forward_override_on_the_root_module_is_refused():
     model = mlp()
     model.forward = lambda x: 40.0 * nn.Sequential.forward(model, x)

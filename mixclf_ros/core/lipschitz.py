@@ -17,13 +17,16 @@ claimed constant.
 
 What is refused, by name, with `UnsupportedLayerError` (the walker never guesses):
 - operations without a rule, on input-dependent values (and random operations anywhere);
-- forward hooks or pre-hooks (per module or global), instance-level `forward`/`__call__`
-  overrides, leaf layers whose class forward is not the library's own;
+- forward hooks or pre-hooks (per module or global), instance-level overrides of `forward`,
+  `__call__` or any other method (`Conv2d._conv_forward`, say), leaf layers whose class forward is
+  not the library's own;
 - in-place operations that mutate the model input, a parameter/buffer, or a tensor that is read
   later through another view. An in-place operation on a tensor read later directly (the skip input
   of a residual block, say) is bounded as what runs: later reads see the mutated value.
 - a forward whose traced graph does not reproduce the model's outputs on the dummy batch, or
   that mixes samples of a batch.
+The forward must be a pure function of its input, parameters and buffers: Python-side state that
+changes between calls is beyond what a trace can see.
 """
 
 from __future__ import annotations
@@ -78,11 +81,13 @@ def check_runs_as_traced(model: nn.Module, name: str) -> None:
         where = f"{name}.{path}" if path else name
         if module._forward_hooks or module._forward_pre_hooks:
             raise UnsupportedLayerError(f"{where}: has forward hooks that may change its output")
-        overridden = [attribute for attribute in _CALL_OVERRIDES if attribute in vars(module)]
-        if overridden:
-            raise UnsupportedLayerError(f"{where}: {type(module).__qualname__} has an instance-level "
-                                        f"{overridden[0]} override (a wrapper); the bound would not describe it")
         kind = type(module)
+        overridden = [attribute for attribute in _CALL_OVERRIDES if attribute in vars(module)]
+        overridden += [attribute for attribute, value in vars(module).items()
+                       if callable(value) and callable(getattr(kind, attribute, None)) and attribute not in overridden]
+        if overridden:
+            raise UnsupportedLayerError(f"{where}: {kind.__qualname__} has an instance-level "
+                                        f"{overridden[0]} override (a wrapper); the bound would not describe it")
         for attribute in ("__call__", "_call_impl", "_wrapped_call_impl"):
             if getattr(kind, attribute) is not getattr(nn.Module, attribute):
                 raise UnsupportedLayerError(f"{where}: {kind.__qualname__} overrides nn.Module.{attribute}")
