@@ -171,8 +171,8 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatt
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                    torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.detach, torch.t,
                    torch.movedim, torch.broadcast_to, torch.unflatten, torch.as_strided, operator.getitem, getattr,
-                   *(rule_target for rule_target in graph_ops.RULES if getattr(rule_target, "__name__", "")
-                     .endswith("dropout"))}
+                   *(target for target in graph_ops.RULES if "dropout" in getattr(target, "__name__", ""))}
+"""Functions whose result may share storage with their first operand (eval-mode dropout returns it)."""
 
 
 def _mutated_operand(node: fx.Node, modules: dict[str, nn.Module]) -> Any:
