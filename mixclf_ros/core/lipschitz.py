@@ -11,7 +11,8 @@ everything else is traced through. The graph is then evaluated node by node on a
 carrying for every input-dependent node a bound of its Lipschitz constant with respect to the model
 input: a layer or function multiplies its operand's bound by its own operator norm
 (`layer_bounds`, `graph_ops`), an add sums its operands' bounds (triangle inequality; residual
-connections of any depth), a cat combines them (l2 root of the sum of squares, linf max). Bounds
+connections of any depth), a cat combines them (l2 root of the sum of squares, linf max; jointly
+for MaxMin pairs, `graph_patterns`). Bounds
 come from the actual weights (parametrizations evaluated as they compute), never from a layer's
 claimed constant.
 
@@ -42,7 +43,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 
-from mixclf_ros.core import graph_ops
+from mixclf_ros.core import graph_ops, graph_patterns
 from mixclf_ros.core import layer_bounds as lb
 from mixclf_ros.core.certify import softmax_lipschitz_factor
 from mixclf_ros.core.layer_bounds import (  # noqa: F401  (re-exported: the per-layer API)
@@ -287,15 +288,28 @@ def _call(node: fx.Node, modules: dict[str, nn.Module], args: Any, kwargs: Any, 
             target is getattr and args[1] in graph_ops.SHAPE_QUERIES)
         if not dependent or shape_query:
             return out, None
+        selects = node.op == "call_function" and target in (operator.getitem, getattr)
+        if not selects and _uses_non_lipschitz((arg_bounds, kwarg_bounds)):
+            raise UnsupportedLayerError(f"{where}: uses a value that is not a Lipschitz function of the input "
+                                        f"(indices of a sort/max)")
         call = graph_ops.OpCall(where, tuple(args), dict(kwargs), tuple(arg_bounds), dict(kwarg_bounds), out, norm,
                                 batch)
         bound = graph_ops.op_bound(target, call)
     if bound is not None:
-        if not isinstance(bound, tuple) and not math.isfinite(bound):
-            raise UnsupportedLayerError(f"{where}: uses a value that is not a Lipschitz function of the input "
-                                        f"(indices of a sort/max, or a non-finite bound)")
+        selects = node.op == "call_function" and target in (operator.getitem, getattr)
+        if not isinstance(bound, tuple) and not math.isfinite(bound) and not selects:
+            raise UnsupportedLayerError(f"{where}: the bound is not finite ({bound})")
         _check_batch(out, batch, where)
     return out, bound
+
+
+def _uses_non_lipschitz(bounds: Any) -> bool:
+    """Whether an operand is an input-dependent value that is not Lipschitz (sort/max indices)."""
+    if isinstance(bounds, dict):
+        return any(_uses_non_lipschitz(b) for b in bounds.values())
+    if isinstance(bounds, (list, tuple)):
+        return any(_uses_non_lipschitz(b) for b in bounds)
+    return isinstance(bounds, float) and not math.isfinite(bounds)
 
 
 def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor], dummy: torch.Tensor,
@@ -324,6 +338,8 @@ def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor],
             result, bound = args[0], fx.node.map_arg(node.args[0], bounds.__getitem__)
             if not isinstance(result, torch.Tensor):
                 raise UnsupportedLayerError(f"{name}: the forward returns a {type(result).__name__}, not a tensor")
+            if bound is not None and not math.isfinite(bound):
+                raise UnsupportedLayerError(f"{name}: the output is not a Lipschitz function of the input")
             return (0.0 if bound is None else bound), result
         arg_bounds = fx.node.map_aggregate(node.args, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
         kwarg_bounds = fx.node.map_aggregate(node.kwargs, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
@@ -333,6 +349,9 @@ def _walk(model: nn.Module, graph: fx.Graph, constants: dict[str, torch.Tensor],
             raise
         except Exception as error:  # a rule or the op itself fails on what it was given: refuse, naming it
             raise UnsupportedLayerError(f"{where}: {type(error).__name__}: {error}") from error
+        if norm == "l2" and isinstance(bound, float):
+            joint = graph_patterns.joint_cat_l2(node, bounds, values)
+            bound = bound if joint is None else min(bound, joint)
         values[node], bounds[node] = out, bound
     raise UnsupportedLayerError(f"{name}: the traced graph has no output")
 
