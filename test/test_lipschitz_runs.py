@@ -84,7 +84,23 @@ class TorchvisionBlock(nn.Module):
         return self.fc(torch.flatten(out, 1))
 
 
-@pytest.mark.parametrize("builder", [AliasedAugmentedAdd, TorchvisionBlock])
+class ChainedInplace(nn.Module):
+    """Two in-place writes in a row, a skip that is the same tensor, a view sized by x.size(0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 5 * 5, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        skip = x
+        x.mul_(-2.0)
+        x.relu_()
+        return self.fc(x.view(x.size(0), -1)) + self.fc(skip.flatten(1))
+
+
+@pytest.mark.parametrize("builder", [AliasedAugmentedAdd, TorchvisionBlock, ChainedInplace])
 @pytest.mark.parametrize("norm", NORMS)
 def test_augmented_assignments_and_inplace_layers_are_bounded_as_they_run(builder, norm):
     torch.manual_seed(11)

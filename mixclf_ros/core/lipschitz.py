@@ -209,14 +209,25 @@ def _is_view_edge(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_function" and node.target in _VIEW_FUNCTIONS
 
 
-def _alias_class(start: fx.Node, modules: dict[str, nn.Module], mutated: dict[fx.Node, Any]) -> set[fx.Node]:
+def _aliased_operand(node: fx.Node, modules: dict[str, nn.Module], mutated: dict[fx.Node, fx.Node]) -> Any:
+    """The operand whose storage `node`'s result may share: the written operand of an in-place
+    node, the first operand of a view; None for fresh results."""
+    if node in mutated:
+        return mutated[node]
+    if _is_view_edge(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return None
+
+
+def _alias_class(start: fx.Node, modules: dict[str, nn.Module], mutated: dict[fx.Node, fx.Node]) -> set[fx.Node]:
     """Nodes that may share storage with `start`: connected through views and in-place ops."""
     seen, stack = {start}, [start]
     while stack:
         node = stack.pop()
-        neighbours = [user for user in node.users if _is_view_edge(user, modules) or mutated.get(user) is node]
-        if _is_view_edge(node, modules) or node in mutated:
-            neighbours += [arg for arg in node.all_input_nodes]
+        neighbours = [user for user in node.users if _aliased_operand(user, modules, mutated) is node]
+        source = _aliased_operand(node, modules, mutated)
+        if source is not None:
+            neighbours.append(source)
         for other in neighbours:
             if other not in seen:
                 seen.add(other)
@@ -227,11 +238,15 @@ def _alias_class(start: fx.Node, modules: dict[str, nn.Module], mutated: dict[fx
 def resolve_inplace(graph: fx.Graph, modules: dict[str, nn.Module], name: str) -> None:
     """Rewrites the graph so that it computes what runs: after an in-place node m writes to a, later
     reads of a read m. Refuses writes to the model input or a parameter/buffer, and writes to a
-    tensor that is read later through another view (those reads would see the new values too)."""
+    tensor that is read later through another view (those reads would see the new values too).
+    Nodes are taken in execution order, so chains of in-place writes see the rewritten operands."""
     order = {node: index for index, node in enumerate(graph.nodes)}
-    mutated = {node: _mutated_operand(node, modules) for node in graph.nodes}
-    mutated = {node: target for node, target in mutated.items() if isinstance(target, fx.Node)}
-    for node, target in mutated.items():
+    mutated: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        target = _mutated_operand(node, modules)
+        if not isinstance(target, fx.Node):
+            continue
+        mutated[node] = target
         aliases = _alias_class(target, modules, mutated)
         stored = [a for a in aliases if a.op in ("placeholder", "get_attr")]
         if stored:
