@@ -121,6 +121,68 @@ def test_branches_and_slices_are_attacked_without_exceeding_the_bound(norm):
     assert largest_slope(model, norm, (1, 7, 7)) <= logit_lipschitz_bound(model, norm, (1, 7, 7))
 
 
+# ----------------------------------------------------------------------------- random linear DAGs
+
+DAG_OPS = ["conv", "add", "sub_scaled", "cat_mix", "pool", "mean", "permute", "pad", "iadd", "bn"]
+
+
+class RandomDag(nn.Module):
+    """A random DAG of linear operations on (N, 2, 4, 4) tensors: each step combines earlier nodes."""
+
+    def __init__(self, program: list[tuple[str, int, int]]):
+        super().__init__()
+        self.program = program
+        self.layers = nn.ModuleDict()
+        for k, (op, _, _) in enumerate(program):
+            if op in ("conv", "iadd"):
+                self.layers[str(k)] = nn.Conv2d(2, 2, 3, padding=1)
+            elif op == "cat_mix":
+                self.layers[str(k)] = nn.Conv2d(4, 2, 1)
+            elif op == "bn":
+                self.layers[str(k)] = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        pool = [x]
+        for k, (op, i, j) in enumerate(self.program):
+            a, b = pool[i % len(pool)], pool[j % len(pool)]
+            if op in ("conv", "bn"):
+                y = self.layers[str(k)](a)
+            elif op == "add":
+                y = a + b
+            elif op == "sub_scaled":
+                y = a - 0.5 * b
+            elif op == "cat_mix":
+                y = self.layers[str(k)](torch.cat([a, b], dim=1))
+            elif op == "pool":
+                y = F.avg_pool2d(a, 3, 1, 1)
+            elif op == "mean":
+                y = a.mean(dim=(2, 3), keepdim=True).expand_as(a)
+            elif op == "permute":
+                y = a.permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+            elif op == "pad":
+                y = F.pad(a, (1, 1, 1, 1))[:, :, 1:-1, 1:-1]
+            else:  # iadd: in place on a fresh tensor
+                y = self.layers[str(k)](a)
+                y += b
+            pool.append(y)
+        return pool[-1].flatten(1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(program=st.lists(st.tuples(st.sampled_from(DAG_OPS), st.integers(0, 9), st.integers(0, 9)), min_size=1,
+                        max_size=8), seed=st.integers(0, 2**16))
+def test_random_linear_dags_are_bounded_above_their_exact_norm(program, seed):
+    """A linear network's Lipschitz constant is the norm of its (constant) Jacobian: l2 spectral
+    norm, linf max row sum. The bound may exceed it, never fall below."""
+    torch.manual_seed(seed)
+    model = RandomDag(program)
+    randomise_batch_norm(model, torch.Generator().manual_seed(seed))
+    model = model.double().eval()
+    matrix = dense_matrix(model, (1, 2, 4, 4))
+    assert logit_lipschitz_bound(model, "l2", (2, 4, 4)) >= float(torch.linalg.matrix_norm(matrix, 2)) * (1 - 1e-9)
+    assert logit_lipschitz_bound(model, "linf", (2, 4, 4)) >= float(matrix.abs().sum(1).max()) * (1 - 1e-9)
+
+
 # ----------------------------------------------------------------------------- exact values
 
 

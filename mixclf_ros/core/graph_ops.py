@@ -145,9 +145,12 @@ def _flatten_check(call: OpCall) -> None:
         raise call.fail("flattens the batch dimension")
 
 
-def _expand(call: OpCall) -> float:
-    call.require_constant(0)
-    return _broadcast_factor(call.args[0], call.out, call.norm, call) * call.bound(0)
+def _expand(shape_operand: bool) -> Callable:
+    """expand/broadcast_to (shape constant) and expand_as (the other tensor gives only its shape)."""
+    def rule(call: OpCall) -> float:
+        call.require_constant(*((0, 1) if shape_operand else (0,)))
+        return _broadcast_factor(call.args[0], call.out, call.norm, call) * call.bound(0)
+    return rule
 
 
 _BINARY = ("input", "other")
@@ -418,7 +421,8 @@ _register(_preserving(shape_args_may_depend=True), "view_as", "reshape_as")
 _register(_preserving(_flatten_check), "flatten", torch.flatten)
 _register(_preserving(_permute_check), "permute", torch.permute)
 _register(_preserving(_transpose_check), "transpose", torch.transpose, "swapaxes", "swapdims")
-_register(_expand, "expand", "expand_as", torch.broadcast_to)
+_register(_expand(False), "expand", torch.broadcast_to)
+_register(_expand(True), "expand_as")
 _register(_add, operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, torch.subtract,
           "add", "add_", "sub", "sub_", "subtract")
 _register(_mul, operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_", "multiply")
