@@ -6,9 +6,13 @@ function that runs; the bound must then account for it, or the model must be ref
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from slope_search import largest_slope
 from torch import nn
 from torch.nn.modules import module as module_globals
@@ -249,3 +253,70 @@ def test_global_hooks_are_refused(register):
     finally:
         handle.remove()
     assert logit_lipschitz_bound(mlp(), "l2", (6,)) > 0
+
+
+# ----------------------------------------------------------------------------- random DAGs with in-place ops
+
+DAG_OPS = ["conv", "add", "cat_mix", "elu2_", "relu_", "maxmin", "tanh", "pool", "mean", "view"]
+
+
+class InplaceDag(nn.Module):
+    """Each step combines earlier nodes of a (N, 2, 4, 4) pool; `elu2_` and `relu_` write in place to
+    a node that later steps may read again."""
+
+    def __init__(self, program: list[tuple[str, int, int]]):
+        super().__init__()
+        self.program = program
+        self.head = nn.Conv2d(1, 2, 1)
+        self.layers = nn.ModuleDict({str(k): nn.Conv2d(2 if op == "conv" else 4, 2, 3 if op == "conv" else 1,
+                                                       padding=1 if op == "conv" else 0)
+                                     for k, (op, _, _) in enumerate(program) if op in ("conv", "cat_mix")})
+
+    def forward(self, x):
+        pool = [self.head(x)]
+        for k, (op, i, j) in enumerate(self.program):
+            a, b = pool[i % len(pool)], pool[j % len(pool)]
+            if op == "conv":
+                y = self.layers[str(k)](a)
+            elif op == "add":
+                y = a + b
+            elif op == "cat_mix":
+                y = self.layers[str(k)](torch.cat([a, b], 1))
+            elif op == "elu2_":
+                y = F.elu(a, 2.0, inplace=True)
+            elif op == "relu_":
+                y = a.relu_()
+            elif op == "maxmin":
+                p, q = a.chunk(2, dim=1)
+                y = torch.cat([torch.maximum(p, q), torch.minimum(p, q)], 1)
+            elif op == "tanh":
+                y = torch.tanh(a)
+            elif op == "pool":
+                y = F.avg_pool2d(a, 3, 1, 1)
+            elif op == "mean":
+                y = a.mean((2, 3), keepdim=True).expand_as(a) * 3
+            else:
+                y = a.view(a.size(0), 2, 4, 4)
+            pool.append(y)
+        return pool[-1].flatten(1)
+
+
+@settings(max_examples=20, deadline=None)
+@given(program=st.lists(st.tuples(st.sampled_from(DAG_OPS), st.integers(0, 9), st.integers(0, 9)), min_size=1,
+                        max_size=7), seed=st.integers(0, 2**16), norm=st.sampled_from(NORMS))
+def test_random_dags_with_inplace_writes_are_bounded_or_refused(program, seed, norm):
+    """Difference quotients of random nearby pairs (no autograd: in-place writes may forbid it)."""
+    torch.manual_seed(seed)
+    model = InplaceDag(program).double().eval()
+    try:
+        bound = logit_lipschitz_bound(model, norm, (1, 4, 4))
+    except UnsupportedLayerError as error:
+        assert "read later through a view" in str(error)
+        return
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 1, 4, 4, generator=generator, dtype=torch.float64) * 3
+    delta = torch.randn(x.shape, generator=generator, dtype=torch.float64) * 1e-3
+    p = math.inf if norm == "linf" else 2
+    with torch.no_grad():
+        quotient = (model(x + delta) - model(x)).flatten(1).norm(p=p, dim=1) / delta.flatten(1).norm(p=p, dim=1)
+    assert float(quotient.max()) <= bound * (1 + 1e-9)
