@@ -25,9 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mixclf_ros.core.certify import NORMS
 from mixclf_ros.core.layers import GroupSort, Normalize
-
-NORMS = ("l2", "linf")
 
 NUMERIC_SLACK = 1e-9
 """Relative enlargement of bounds computed by SVD/FFT in float64 (their rounding error is ~1e-15)."""

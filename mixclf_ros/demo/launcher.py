@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixclf_ros.demo.render import article_budget
+from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget
 
 
 def default_params_file() -> str:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     python = [sys.executable, "-m"]
     summary_file = args.summary_file or os.path.join(tempfile.mkdtemp(prefix="mixclf_demo_"), "summary.json")
-    safe_radius = article_budget(args.attack_eps, "l2", scale=17) if args.attack_eps > 0 else 0.0
+    safe_radius = article_budget(args.attack_eps, "l2", scale=ARTICLE_SCALE) if args.attack_eps > 0 else 0.0
     node_args = ["--ros-args", "--params-file", args.params_file, "-p", f"alpha:={args.alpha}",
                  "-p", f"safe_radius:={safe_radius}", "-p", f"device:={args.device}",
                  "-p", f"enable_compressed:={str(args.compressed).lower()}",
