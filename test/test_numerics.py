@@ -51,18 +51,27 @@ def exact_lipschitz_radius(probs: list[float], lipschitz: list[float], alpha: fl
     return max(best, Fraction(0))
 
 
+def exact_ndtri(p: mpmath.mpf) -> mpmath.mpf:
+    """Phi^-1(p) to the working precision: Newton steps on ncdf(x) = p from the float64 value."""
+    if p <= 0:
+        return -mpmath.inf
+    if p >= 1:
+        return mpmath.inf
+    x = mpmath.mpf(float(torch.special.ndtri(torch.tensor(float(p), dtype=torch.float64))))
+    for _ in range(6):
+        x -= (mpmath.ncdf(x) - p) / mpmath.npdf(x)
+    return x
+
+
 def exact_smoothing_radius(lower: float, upper: float, sigma: float, alpha: float) -> mpmath.mpf:
     """Theorem 2 at 60 digits on the given float values (clipped at 0)."""
     with mpmath.workdps(60):
         a, lo, up, s = (mpmath.mpf(Fraction(v).numerator) / Fraction(v).denominator
                         for v in (alpha, lower, upper, sigma))
         first, second = a * lo, a * up + 1 - a
-        if first <= 0 or second >= 1:
+        if first <= 0 or second >= 1:  # Phi^-1 = -inf or +inf: no certificate
             return mpmath.mpf(0)
-        if second <= 0:  # Phi^-1(0) = -inf: the exact radius is unbounded
-            return mpmath.inf
-        value = s / 2 * (mpmath.sqrt(2) * mpmath.erfinv(2 * first - 1) - mpmath.sqrt(2) * mpmath.erfinv(2 * second - 1))
-        return max(value, mpmath.mpf(0))
+        return max(s / 2 * (exact_ndtri(first) - exact_ndtri(second)), mpmath.mpf(0))
 
 
 # ----------------------------------------------------------------------------- Theorem 1 rounding
@@ -162,9 +171,7 @@ def test_ndtri_error_is_within_the_stated_bound():
     values = torch.special.ndtri(torch.tensor(points, dtype=torch.float64)).tolist()
     with mpmath.workdps(50):
         for p, value in zip(points.tolist(), values):
-            exact = mpmath.mpf(value)
-            for _ in range(4):  # Newton on ncdf(x) = p from the float64 value
-                exact -= (mpmath.ncdf(exact) - mpmath.mpf(p)) / mpmath.npdf(exact)
+            exact = exact_ndtri(mpmath.mpf(p))
             assert abs(mpmath.mpf(value) - exact) <= certify.NDTRI_RELATIVE_ERROR * abs(exact) + mpmath.mpf(1e-300)
 
 

@@ -188,10 +188,13 @@ def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alp
         # Lower bound of the numerator, upper bound of the denominator, lower bound of the quotient.
         gap = _down(_down(p_top - probs) - 2.0 * error[:, None])
         numerator = _down(_down(a * gap) - (1.0 - a))
-        denominator = a * (lip_top + lip[None, :])
-        denominator = torch.where(denominator == 0, denominator, _up(a * _up(lip_top + lip[None, :])))
+        constants = lip_top + lip[None, :]  # 0 only if both constants are 0 (non-negative terms)
+        denominator = torch.where(constants == 0, constants, _up(a * _up(constants)))
         per_class = numerator / denominator
         per_class = torch.where(torch.isfinite(per_class) & (per_class > 0), _down(per_class), per_class)
+        # Overflow with positive constants: the largest float, not inf (reserved for constant models).
+        per_class = torch.where((per_class == math.inf) & (constants > 0),
+                                torch.full_like(per_class, torch.finfo(torch.float64).max), per_class)
         # 0/0 (zero margin at alpha = 1 with zero constants) certifies nothing.
         per_class = torch.where(torch.isnan(per_class), torch.full_like(per_class, -math.inf), per_class)
         per_class.scatter_(1, top[:, None], math.inf)
