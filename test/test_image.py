@@ -118,7 +118,7 @@ def test_odd_step_not_multiple_of_sample_size():
 
 
 @pytest.mark.parametrize(("args", "kwargs", "reason"), [
-    (("yuv422", 4, 4, 8, bytes(32)), {}, "unsupported encoding 'yuv422'"),
+    (("64FC1", 4, 4, 32, bytes(128)), {}, "unsupported encoding '64FC1'"),
     (("RGB8", 4, 4, 12, bytes(48)), {}, "unsupported encoding"),
     ((None, 4, 4, 12, bytes(48)), {}, "unsupported encoding"),
     (("rgb8", 4, 4, 11, bytes(44)), {}, "step 11 bytes is shorter than a row"),
@@ -134,8 +134,9 @@ def test_odd_step_not_multiple_of_sample_size():
     (("mono8", 2, 2, 2, np.zeros((2, 4), np.uint8)[:, ::2]), {}, "bytes-like"),
     (("mono8", 2, 2, 2, np.array([object()] * 4)), {}, "objects"),
     (("mono8", 2.0, 2, 2, bytes(4)), {}, "height must be an integer"),
-    (("32FC1", 1, 2, 8, np.array([0.5, np.nan], np.float32).tobytes()), {}, "NaN or infinite"),
-    (("32FC1", 1, 2, 8, np.array([np.inf, 0.5], ">f4").tobytes()), {"is_bigendian": True}, "NaN or infinite"),
+    (("32FC1", 1, 2, 8, np.array([0.5, np.nan], np.float32).tobytes()), {"input_kind": "depth"}, "NaN or infinite"),
+    (("32FC1", 1, 2, 8, np.array([np.inf, 0.5], ">f4").tobytes()), {"is_bigendian": True, "input_kind": "depth"},
+     "NaN or infinite"),
 ])
 def test_bad_raw_images_raise_with_reason(args, kwargs, reason):
     with pytest.raises(BadImageError, match=reason):
@@ -148,7 +149,7 @@ def test_big_endian_scale_and_float_clamp():
     out = Preprocessor(PreprocessConfig(output_height=1, output_width=3))([decoded])
     np.testing.assert_allclose(out[0, 0, 0].numpy(), [0.0, 1.0, 32768 / 65535], atol=1e-7)
     floats = np.array([[-1.0, 0.25, 7.0]], np.float32)
-    decoded = decode_image("32FC1", 1, 3, 12, floats.tobytes())
+    decoded = decode_image("32FC1", 1, 3, 12, floats.tobytes(), input_kind="depth")
     out = Preprocessor(PreprocessConfig(output_height=1, output_width=3))([decoded])
     np.testing.assert_allclose(out[0, 0, 0].numpy(), [0.0, 0.25, 1.0])
 
@@ -379,7 +380,8 @@ def test_output_on_cuda_matches_cpu():
 
 
 # ------------------------------------------------------------------------------ fuzzing
-FUZZ_ENCODINGS = sorted(ENCODINGS) * 3 + ["yuv422", "bayer_rggb8", "64FC1", "", "RGB8"]  # mostly valid
+FUZZ_ENCODINGS = sorted(ENCODINGS) * 3 + ["yuv422", "yuv422_yuy2", "nv21", "nv24", "bayer_rggb8", "bayer_gbrg16",
+                                          "16UC1", "32FC1", "64FC1", "", "RGB8"]  # mostly valid
 
 
 @st.composite

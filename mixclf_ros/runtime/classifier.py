@@ -410,7 +410,8 @@ class CertifiedClassifier:
                 height, width, decoded.channel_order, self.preprocess_config, self.norm)
             has_certificate = method != CertificateMethod.NONE and certified_radius > 0.0
             source_radius = 0.0
-            if has_certificate:
+            # Frames converted from YUV/Bayer are no linear map of the message: no image-space claim.
+            if has_certificate and decoded.linear_in_message:
                 float_error = preprocessing_float_error(height, width, decoded.channel_order,
                                                         self.preprocess_config, self.norm)
                 source_radius = certify.float32_toward_zero(
