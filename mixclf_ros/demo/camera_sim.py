@@ -36,6 +36,7 @@ from std_msgs.msg import String
 from mixclf_ros.attacks import pgd
 from mixclf_ros.data import load_fashion_mnist
 from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget, embed_article, quantize_towards
+from mixclf_ros.interrupts import ignore_repeated_interrupts
 from mixclf_ros.models.loading import load_model, zoo_config
 
 
@@ -140,10 +141,12 @@ class CameraSimulator(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    ignore_repeated_interrupts()  # before rclpy.init, whose handler chains to it
     rclpy.init(args=args)
     torch.set_num_threads(1)
-    node = CameraSimulator()
+    node = None
     try:
+        node = CameraSimulator()  # loads data and waits for subscribers: Ctrl-C may come here too
         while rclpy.ok() and not node.done:
             rclpy.spin_once(node, timeout_sec=0.1)
         # a reliable sample lost on the way is re-sent only after the next heartbeat: stay until
@@ -152,7 +155,8 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
     return 0
 
