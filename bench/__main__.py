@@ -15,6 +15,8 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
              batched forward pass of the same base model.
 - certify:   certificate arithmetic against one forward pass (bench/bench_certify.py).
 - soak:      resident memory of the node at 30 Hz over --soak-seconds.
+- transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
+             machine, per Fast DDS configuration (bench/bench_transport.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
 from bench.bench_certify import median_seconds  # noqa: E402
+from bench.bench_transport import bench_transport  # noqa: E402
+from bench.bench_transport import markdown as transport_markdown  # noqa: E402
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # Reliable frames everywhere: Fast DDS drops best-effort 900 KB frames between processes here
@@ -525,6 +529,8 @@ def write_markdown(report: dict) -> None:
                   f"RSS first {soak['rss_mb_first']:.0f} MiB, "
                   f"last {soak['rss_mb_last']:.0f} MiB, max {soak['rss_mb_max']:.0f} MiB, slope "
                   f"{soak['rss_slope_mb_per_min']:.2f} MiB/min.", ""]
+    if report.get("transport"):
+        lines += transport_markdown(report["transport"])
     notes = REPO_ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]
@@ -534,10 +540,11 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak,transport")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--transport-frames", type=int, default=1000)
     args = parser.parse_args(argv)
     selected = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="mixclf_bench_"))
@@ -552,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "certify": bench_certify,
         "attacks": bench_attacks,
         "soak": lambda: bench_soak(work, args.soak_seconds),
+        "transport": lambda: bench_transport(work, args.transport_frames),
     }
     for name in selected:
         start = time.monotonic()
