@@ -29,7 +29,7 @@ DEMO_ARGUMENTS = {
     "attack_steps": ("20", "PGD steps"),
     "noise_std": ("0.0", "Gaussian noise std in [0,1] pixels"),
     "alpha_schedule": ("20:0.3,40:1.0", "result index:alpha pairs set live by the monitor"),
-    "compressed": ("false", "also publish and classify PNG frames"),
+    "compressed": ("false", "the camera also publishes PNG frames, the node classifies those"),
     "log_level": ("info", "logger level of the mixclf node"),
 }
 PARAMETER_ARGUMENTS = {
@@ -71,7 +71,7 @@ def demo_nodes(context: LaunchContext) -> list:
         package="mixclf_ros", executable="mixclf_node", name="mixclf", output="screen",
         parameters=[config["params_file"], {
             "safe_radius": article_budget(attack_eps, "l2", scale=17) if attack_eps > 0 else 0.0,
-            "enable_compressed": compressed,
+            "image_transport": "compressed" if compressed else "raw",  # one result per frame
             "frame_policy": "every",  # the demo shows a result for every frame
             **IMAGE_QOS,
         }, parameter_overrides(context, PARAMETER_ARGUMENTS)],
@@ -80,7 +80,7 @@ def demo_nodes(context: LaunchContext) -> list:
     monitor = Node(
         package="mixclf_ros", executable="mixclf_monitor", name="mixclf_monitor", output="screen",
         emulate_tty=True,
-        parameters=[{"frames": frames * (2 if compressed else 1), "alpha_schedule": config["alpha_schedule"]}],
+        parameters=[{"frames": frames, "alpha_schedule": config["alpha_schedule"]}],
     )
     camera = Node(
         package="mixclf_ros", executable="mixclf_camera_sim", name="camera_sim", output="screen",
@@ -88,6 +88,7 @@ def demo_nodes(context: LaunchContext) -> list:
             "rate": float(config["rate"]), "frames": frames, "attack_eps": attack_eps,
             "attack_steps": int(config["attack_steps"]), "noise_std": float(config["noise_std"]),
             "publish_compressed": compressed,
+            "wait_for_active_node": "mixclf",  # an inactive node publishes nothing: start with its first result
         }],
     )
     end = [

@@ -74,6 +74,10 @@ class CameraSimulator(Node):
         wait_s = declare("wait_for_subscribers", 10.0).value
         if wait_s > 0 and not self.wait_for_subscribers(wait_s):
             self.get_logger().warning(f"no subscriber on image and ground_truth after {wait_s} s; publishing anyway")
+        # A managed node publishes nothing until it is active: frames sent before would get no result.
+        classifier = declare("wait_for_active_node", "").value
+        if classifier and not self.wait_until_active(classifier, timeout=declare("wait_for_active_s", 180.0).value):
+            self.get_logger().warning(f"node {classifier} is not active; publishing anyway")
         self.timer = self.create_timer(1.0 / self.rate, self._publish_next)
         self.get_logger().info(
             f"publishing {self.width}x{self.height} rgb8 at {self.rate} Hz"
@@ -89,6 +93,25 @@ class CameraSimulator(Node):
                 return True
             rclpy.spin_once(self, timeout_sec=0.1)
         return False
+
+    def wait_until_active(self, node_name: str, timeout: float) -> bool:
+        """Polls the lifecycle state of `node_name` (its get_state service) until it is active."""
+        from lifecycle_msgs.msg import State
+        from lifecycle_msgs.srv import GetState
+
+        client = self.create_client(GetState, f"{node_name}/get_state")
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if client.wait_for_service(timeout_sec=0.5):
+                    future = client.call_async(GetState.Request())
+                    rclpy.spin_until_future_complete(self, future, timeout_sec=2.0)
+                    if future.done() and future.result().current_state.id == State.PRIMARY_STATE_ACTIVE:
+                        return True
+                time.sleep(0.2)
+            return False
+        finally:
+            self.destroy_client(client)
 
     def wait_for_acknowledgements(self, timeout_s: float) -> bool:
         """True when reliable subscribers acknowledged everything published (best-effort ones

@@ -5,17 +5,22 @@ Camera frames are queued per camera (`frame_queue`), classified in batches by
 (`messages`). Parameters are declared and validated in `parameters`, diagnostics built in
 `diagnostics`. The node holds no math.
 
-Lifecycle (rclpy managed node):
-  configure  - read the configure parameters, subscribe (frames get NOT_READY), load both models,
-               move them to the device, warm up (time reported in the log and diagnostics)
-  activate   - start the inference thread: frames get certified results
-  deactivate - stop it: frames get NOT_READY results; configure parameters may be changed again
-  cleanup    - unsubscribe and release the models (GPU memory included)
+Lifecycle (rclpy managed node, as nav2 runs them):
+  configure  - read the configure parameters, subscribe (one transport per camera, `image_transport`),
+               load both models, move them to the device, warm up (time reported in the log and
+               diagnostics), create the lifecycle publishers (`certified_classification`, and
+               `outputs`: debug image, vision_msgs)
+  activate   - enable the publishers, publish the label info, start the inference thread: frames
+               get certified results
+  deactivate - stop it and disable the publishers; configure parameters may be changed again
+  cleanup    - unsubscribe, release the models (GPU memory included), destroy the publishers
   shutdown   - stop and release everything
   error      - (a transition raised) release everything, back to unconfigured
-Output while configured but not active: every frame gets a NOT_READY result (safe = false), so a
-consumer can tell "no result yet" from "no camera". Unconfigured: no subscriptions, no output.
-`autostart` (default true) runs configure and activate at start-up.
+Output while not active: nothing, as nav2 nodes do (frames are counted in diagnostics as
+`not_ready`). No result is never a safe result: a consumer must treat a missing or late result as
+unsafe (`max_image_age` on its side). `autostart` (default true) runs configure and activate at start-up.
+Diagnostics: one classifier status and one per camera, named "<fully qualified node name>: classifier"
+and "<fully qualified node name>: camera <topic>" (two namespaced instances never collide).
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ from mixclf_ros.msg import CertifiedClassification
 from mixclf_ros.ros import parameters
 from mixclf_ros.ros.diagnostics import ClassifierState, diagnostics_array
 from mixclf_ros.ros.frame_queue import FrameQueue, PendingFrame
-from mixclf_ros.ros.messages import decode_message, result_message, stale_reason, stamp_ns
+from mixclf_ros.ros.messages import camera_topics, decode_message, result_message, stale_reason, stamp_ns
+from mixclf_ros.ros.outputs import Outputs
 from mixclf_ros.runtime.classifier import CertifiedClassifier, FrameResult, Status, select_device
-from mixclf_ros.vision.decode import BadImageError
+from mixclf_ros.vision.decode import INPUT_KINDS, BadImageError, DecodedImage
 from mixclf_ros.vision.preprocess import PreprocessConfig
 
 
@@ -65,7 +71,9 @@ class MixclfNode(LifecycleNode):
         self._log_times: dict[str, float] = {}
         self._frames_cb_group = ReentrantCallbackGroup()
 
-        self._publisher = self.create_publisher(CertifiedClassification, "certified_classification", 10)
+        self._publisher = None  # lifecycle publishers: created at configure, destroyed at cleanup
+        self._outputs: Outputs | None = None
+        self._input_kind = "intensity"
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(self.get_parameter("diagnostics_period").value, self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
@@ -108,6 +116,10 @@ class MixclfNode(LifecycleNode):
             for prefix in parameters.MODELS:
                 parameters.declare_model_keys(self, prefix)
             self._queue.set_policy(value("frame_policy"))
+            input_kind = value("input_kind")
+            if input_kind not in INPUT_KINDS:
+                raise ValueError(f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
+            self._input_kind = input_kind
             self._subscribe()
             torch.set_num_threads(value("torch_threads"))
             device = select_device(value("device"))
@@ -123,10 +135,13 @@ class MixclfNode(LifecycleNode):
             classifier = CertifiedClassifier(standard, robust, preprocess, device,
                                              standard_precision=value("standard_precision"), seed=value("seed"))
             self._warmup_ms = classifier.warm_up(self._live.classifier)
+            self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
+            self._outputs = Outputs(self, debug_image=value("debug_image"))
         except Exception as error:  # every configuration mistake is one clear log line
             self._last_error = f"configure failed: {error}"
             self.get_logger().error(self._last_error)
             self._unsubscribe()
+            self._destroy_publishers()
             return TransitionCallbackReturn.FAILURE
         self._class_names = list(robust.class_names)
         self._classifier = classifier
@@ -141,6 +156,9 @@ class MixclfNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        super().on_activate(state)  # enables the lifecycle publishers
+        if self._outputs is not None:
+            self._outputs.publish_labels(self._class_names)
         self._queue.open()
         self._worker = threading.Thread(target=self._inference_loop, name="mixclf-inference", daemon=True)
         self._worker.start()
@@ -149,18 +167,20 @@ class MixclfNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
-        return TransitionCallbackReturn.SUCCESS
+        return super().on_deactivate(state)  # disables the lifecycle publishers
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
         self._unsubscribe()
         self._release_models()
+        self._destroy_publishers()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
         self._camera_subscriptions = []  # destroyed with the node
         self._release_models()
+        self._destroy_publishers()
         return TransitionCallbackReturn.SUCCESS
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -169,7 +189,16 @@ class MixclfNode(LifecycleNode):
         self.stop_worker()
         self._unsubscribe()
         self._release_models()
+        self._destroy_publishers()
         return TransitionCallbackReturn.SUCCESS
+
+    def _destroy_publishers(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            self.destroy_lifecycle_publisher(publisher)
+        outputs, self._outputs = self._outputs, None
+        if outputs is not None:
+            outputs.destroy()
 
     def _release_models(self) -> None:
         classifier, self._classifier = self._classifier, None
@@ -194,9 +223,7 @@ class MixclfNode(LifecycleNode):
             return
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
         overrides = QoSOverridingOptions.with_default_policies()
-        topics = [(topic, Image) for topic in self._topic_names()]
-        if self.get_parameter("enable_compressed").value:
-            topics += [(f"{topic}/compressed", CompressedImage) for topic in self._topic_names()]
+        topics = camera_topics(self._topic_names(), self.get_parameter("image_transport").value)
         for topic, message_type in topics:
             self._queue.add_camera(topic)
             self._camera_subscriptions.append(self.create_subscription(
@@ -210,9 +237,7 @@ class MixclfNode(LifecycleNode):
 
     # ---------------------------------------------------------------- frames
     def _on_frame(self, topic: str, message: Image | CompressedImage) -> None:
-        if not self._queue.put(topic, message, stamp_ns(message.header) * 1e-9):
-            self._publish(message.header, FrameResult.failure(
-                Status.NOT_READY, "models loading or node not active", self._live.classifier))
+        self._queue.put(topic, message, stamp_ns(message.header) * 1e-9)  # not active: counted, no output
 
     def _inference_loop(self) -> None:
         while (frames := self._queue.take_batch()) is not None:
@@ -235,7 +260,7 @@ class MixclfNode(LifecycleNode):
                 self._finish(frame, FrameResult.failure(Status.STALE, reason, live.classifier))
                 continue
             try:
-                decoded.append(decode_message(frame.message))
+                decoded.append(decode_message(frame.message, self._input_kind))
                 batch.append(frame)
             except BadImageError as error:
                 self._finish(frame, FrameResult.failure(Status.BAD_INPUT, str(error), live.classifier))
@@ -246,20 +271,24 @@ class MixclfNode(LifecycleNode):
             for frame in batch:
                 self._finish(frame, FrameResult.failure(Status.NOT_READY, "models not loaded", live.classifier))
             return
-        for frame, result in zip(batch, classifier.classify(decoded, live.classifier)):
-            self._finish(frame, result)
+        for frame, result, image in zip(batch, classifier.classify(decoded, live.classifier), decoded):
+            self._finish(frame, result, image)
 
-    def _finish(self, frame: PendingFrame, result: FrameResult) -> None:
+    def _finish(self, frame: PendingFrame, result: FrameResult, decoded: DecodedImage | None = None) -> None:
         self._queue.record(frame, result)
         if result.status != Status.OK:
             self._log_limited(f"{frame.topic}:{result.status.name}",
                               f"{frame.topic}: {result.status.name}: {result.status_message}")
             if result.status == Status.MODEL_ERROR:
                 self._last_error = result.status_message
-        self._publish(frame.message.header, result)
+        self._publish(frame.message.header, result, decoded)
 
-    def _publish(self, header, result: FrameResult) -> None:
-        self._publisher.publish(result_message(header, result, self._class_names))
+    def _publish(self, header, result: FrameResult, decoded: DecodedImage | None = None) -> None:
+        publisher, outputs = self._publisher, self._outputs
+        if publisher is not None:
+            publisher.publish(result_message(header, result, self._class_names))
+        if outputs is not None:
+            outputs.publish(header, result, decoded, self._class_names)
 
     def _log_limited(self, key: str, text: str, period_s: float = 5.0) -> None:
         now = time.monotonic()

@@ -68,8 +68,15 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
                   "seconds without frames after which a camera is reported WARN", (0.1, 3600.0)),
     NodeParameter("image_topics", ["image"], _SA, CONFIGURE,
                   "camera topics (sensor_msgs/Image), relative names so remapping and namespaces apply"),
-    NodeParameter("enable_compressed", False, _B, CONFIGURE,
-                  "also subscribe to sensor_msgs/CompressedImage on <topic>/compressed"),
+    NodeParameter("image_transport", "raw", _S, CONFIGURE,
+                  "one transport per camera, image_transport's convention: raw (sensor_msgs/Image on each "
+                  "topic) | compressed (sensor_msgs/CompressedImage on <topic>/compressed)"),
+    NodeParameter("input_kind", "intensity", _S, CONFIGURE,
+                  "what the model takes: intensity (camera images; depth encodings 16UC1/32FC1 are refused) | "
+                  "depth (REP-118 depth images only)"),
+    NodeParameter("debug_image", False, _B, CONFIGURE,
+                  "publish ~/debug_image (the frame with class, probability, radius and a safe badge) while "
+                  "someone subscribes"),
     NodeParameter("device", "auto", _S, CONFIGURE, "auto (first CUDA device, else CPU), cpu, cuda:N"),
     NodeParameter("standard_precision", "float32", _S, CONFIGURE,
                   "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
