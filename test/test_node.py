@@ -222,8 +222,13 @@ def test_launch_file_and_parameters_file_are_consistent(running_node, installed_
     assert ast.literal_eval(keywords["package"]) == "mixclf_ros"
     executable = ast.literal_eval(keywords["executable"])
     assert (installed_prefix / "lib" / "mixclf_ros" / executable).exists()
-    arguments = {ast.literal_eval(call.args[0]) for call in ast.walk(tree)
-                 if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument"}
+    arguments = {call.args[0].value for call in ast.walk(tree)
+                 if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "DeclareLaunchArgument"
+                 and isinstance(call.args[0], ast.Constant)}
+    # the arguments that stand for parameters are declared from one table
+    [table] = [node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+               and getattr(node.targets[0], "id", "") == "PARAMETER_ARGUMENTS"]
+    arguments |= {key.value for key in table.keys}
     assert {"namespace", "params_file", "image_topic", "device", "alpha"} <= arguments
     assert '"config", "mixclf.yaml"' in source
     assert (installed_prefix / "share" / "mixclf_ros" / "config" / "mixclf.yaml").exists()
