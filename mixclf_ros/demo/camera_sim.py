@@ -89,7 +89,9 @@ class CameraSimulator(Node):
         """Waits until the classifier and the monitor are matched, so no frame goes to nobody."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.image_publisher.get_subscription_count() and self.truth_publisher.get_subscription_count():
+            cameras = self.image_publisher.get_subscription_count() + (
+                self.compressed_publisher.get_subscription_count() if self.publish_compressed else 0)
+            if cameras and self.truth_publisher.get_subscription_count():  # a node takes one transport
                 return True
             rclpy.spin_once(self, timeout_sec=0.1)
         return False
