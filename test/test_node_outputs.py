@@ -209,3 +209,30 @@ def test_results_publisher_lives_from_configure_to_cleanup(front_node):
     assert change(Transition.TRANSITION_ACTIVATE)
     client.publish_both(frames[3], "reactivated")
     assert client.wait(lambda: client.results_for("reactivated"))
+
+
+# ------------------------------------------------------------------------------ without DDS
+def test_camera_topics_follow_image_transport_naming():
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from mixclf_ros.ros.messages import camera_topics
+
+    assert camera_topics(["image", "", "rear/image"], "raw") == [("image", Image), ("rear/image", Image)]
+    assert camera_topics(["image"], "compressed") == [("image/compressed", CompressedImage)]
+    with pytest.raises(ValueError, match="image_transport"):
+        camera_topics(["image"], "theora")
+
+
+def test_a_depth_model_takes_raw_depth_only():
+    from sensor_msgs.msg import CompressedImage, Image
+
+    from mixclf_ros.ros.messages import decode_message
+    from mixclf_ros.vision.decode import BadImageError
+
+    depth = Image(encoding="16UC1", height=2, width=2, step=4, data=bytes(8))
+    assert decode_message(depth, "depth").pixels.shape == (2, 2, 1)
+    with pytest.raises(BadImageError, match="REP-118"):
+        decode_message(depth)
+    with pytest.raises(BadImageError, match="depth model"):
+        decode_message(CompressedImage(format="png", data=cv2.imencode(".png", np.zeros((2, 2), np.uint16))[1]
+                                       .tobytes()), "depth")
