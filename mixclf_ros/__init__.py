@@ -12,6 +12,7 @@ Layout (imports only run downwards; `ros`, `evaluation` and `demo` are leaves):
     evaluation/  the `mixclf-eval` CLI
     ros/         the lifecycle node (rclpy)
     demo/        camera simulator, monitor, the one-command demo
+    interrupts   Ctrl-C for the executables (imports nothing of the package)
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ PACKAGE = REPO_ROOT / "mixclf_ros"
 
 # Layers from the bottom up: a module may import its own layer and the layers below, never above.
 LAYERS: dict[str, int] = {
-    "core": 0,
+    "core": 0, "interrupts": 0,
     "vision": 1, "attacks": 1,
     "data": 2,
     "models": 3,
