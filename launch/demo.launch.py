@@ -34,7 +34,8 @@ def generate_launch_description() -> LaunchDescription:
     arguments = [DeclareLaunchArgument(name, default_value=default, description=description)
                  for name, (default, description) in options.items()]
     config = LaunchConfiguration
-    safe_radius = PythonExpression(["max(0.0, ", config("attack_eps"), ") / (17 * 3 ** 0.5)"])
+    # never below the node's shipped threshold, one grey level (1/255): no attack keeps that in force
+    safe_radius = PythonExpression(["max(1 / 255, max(0.0, ", config("attack_eps"), ") / (17 * 3 ** 0.5))"])
     camera = Node(
         package="mixclf_ros", executable="mixclf_camera_sim", name="camera_sim", output="screen",
         parameters=[{
