@@ -3,7 +3,6 @@ frame can be safe, the smoothing seed, and certificates resting on a declared Li
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -74,14 +73,24 @@ def test_shipped_thresholds_are_one_grey_level_and_the_seed_os_entropy_in_declar
     assert declared["seed"] == shipped["seed"] == OS_ENTROPY_SEED < 0
 
 
-@pytest.fixture(scope="module")
+# Every node here runs on this session's own domain, one at a time (a fixed offset from it could be
+# another session's domain): the shipped node lives as long as the class that uses it.
+@pytest.fixture(scope="class")
 def shipped_node(tmp_path_factory, installed_prefix):
     log = tmp_path_factory.mktemp("safe") / "mixclf_node.log"
     with node_with_client("--params-file", str(CONFIG), *EVERY_FRAME, log_path=log, reliable=True) as (client, _):
         yield client, log
 
 
-def test_live_safe_image_radius_decides_safe(shipped_node, articles):
+class TestShippedNode:
+    def test_live_safe_image_radius_decides_safe(self, shipped_node, articles):
+        live_safe_image_radius_decides_safe(shipped_node, articles)
+
+    def test_warns_when_no_frame_can_be_safe_and_stops_when_a_threshold_is_lowered(self, shipped_node, articles):
+        warns_when_no_frame_can_be_safe(shipped_node, articles)
+
+
+def live_safe_image_radius_decides_safe(shipped_node, articles):
     client, _ = shipped_node
     before = classify(client, {f"img-{i}": pixels for i, pixels in enumerate(articles)})
     safe = [frame_id for frame_id, result in before.items() if result.safe]
@@ -107,7 +116,7 @@ def test_live_safe_image_radius_decides_safe(shipped_node, articles):
         assert client.set_parameters(safe_image_radius=1 / 255)[0].successful
 
 
-def test_warns_when_no_frame_can_be_safe_and_stops_when_a_threshold_is_lowered(shipped_node, articles):
+def warns_when_no_frame_can_be_safe(shipped_node, articles):
     from diagnostic_msgs.msg import DiagnosticStatus
 
     client, log = shipped_node
@@ -147,8 +156,7 @@ def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, 
 
     # above the sound bound the node computes (0.579), so any check of declared constants accepts it
     with node_with_client("--params-file", str(CONFIG), *EVERY_FRAME, "-p", "robust_model.lipschitz_constant:=0.6",
-                          log_path=tmp_path / "mixclf_node.log", reliable=True,
-                          domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 102) as (client, _):
+                          log_path=tmp_path / "mixclf_node.log", reliable=True) as (client, _):
         results = classify(client, {f"declared-{i}": pixels for i, pixels in enumerate(articles[:3])})
         for result in results.values():
             assert result.status == Msg.STATUS_OK
@@ -170,7 +178,7 @@ def smoothing_run(tmp_path, name: str, seed: int | None, frames: dict[str, np.nd
     model += [] if seed is None else [f"seed:={seed}"]
     arguments = [argument for parameter in model for argument in ("-p", parameter)]
     with node_with_client("--params-file", str(CONFIG), *EVERY_FRAME, *arguments, log_path=tmp_path / f"{name}.log",
-                          reliable=True, domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 103) as (client, _):
+                          reliable=True) as (client, _):
         for transition in ("deactivate", "cleanup", "configure", "activate"):
             assert client.change_state(transition), transition
         results = classify(client, frames)
