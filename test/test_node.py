@@ -369,3 +369,5 @@ def test_installed_executables_print_usage_on_help_and_start_nothing(executable,
         pytest.fail(f"{executable} --help did not exit: it started instead of printing its usage")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower(), result.stdout[:2000]
+    if executable == "mixclf_node":
+        assert "alpha = 0.6 (live)" in result.stdout and "crop_height = 476 (configure)" in result.stdout

@@ -195,7 +195,7 @@ def test_frame_policy_every_classifies_each_frame_in_order_through_a_stall(tmp_p
         client.image_publisher.publish(image_message(grey_frame(191), "stall", client.node))
         time.sleep(0.2)
         during = {f"during-{i}": grey_frame(60) for i in range(8)}  # arrive while the model stalls
-        got = send(client, during, period=0.05, timeout=10.0)
+        got = send(client, during, period=0.05, timeout=30.0)
         assert set(got) == set(during), f"frames lost behind the stall: {sorted(set(during) - set(got))}"
         assert all(result.status == Msg.STATUS_OK for result in got.values())
         with client.lock:
@@ -236,6 +236,8 @@ def test_quiet_camera_is_reported_in_diagnostics(faulty_node):
         time.sleep(2.5)  # no frames for longer than camera_timeout (1 s)
         statuses = [s for a in arrays for s in a.status if "camera" in s.name]
         assert statuses, "no camera diagnostics"
+        # named by the fully qualified node name: instances in other namespaces do not collide
+        assert {s.name for s in statuses} == {"/mixclf: camera image"}
         latest = statuses[-1]
         assert latest.level == DiagnosticStatus.WARN and "quiet" in latest.message
         values = {kv.key: kv.value for kv in latest.values}

@@ -102,7 +102,7 @@ class CertificateMonitor:
             self._frame_rate_hz = (frames_classified - self._rate_sample[1]) / (now - self._rate_sample[0])
         self._rate_sample = (now, frames_classified)
 
-    def status(self, node_name: str, hardware_id: str) -> DiagnosticStatus:
+    def status(self, node: str) -> DiagnosticStatus:
         """The certificate's diagnostic status: WARN when no frame can be safe, when the smoothing
         seed is fixed, or when the certificate rests on a declared Lipschitz constant."""
         with self._lock:
@@ -134,7 +134,7 @@ class CertificateMonitor:
             values["smoothing_beta_per_frame"] = f"{beta:.6g}"
             values["frame_rate_hz"] = f"{self._frame_rate_hz:.3f}"
             values["smoothing_worst_case_wrong_certificates_per_hour"] = f"{beta * self._frame_rate_hz * 3600:.3f}"
-        status = DiagnosticStatus(name=f"{node_name}: certificate", hardware_id=hardware_id)
+        status = DiagnosticStatus(name=f"{node}: certificate", hardware_id=node)
         status.level = DiagnosticStatus.WARN if problems else DiagnosticStatus.OK
         status.message = "; ".join(problems) if problems else "thresholds reachable"
         status.values = [KeyValue(key=key, value=str(value)) for key, value in values.items()]

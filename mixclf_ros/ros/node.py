@@ -289,11 +289,11 @@ class MixclfNode(LifecycleNode):
             certificate_norm=classifier.norm if classifier else "", warmup_ms=self._warmup_ms,
             alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error)
         cameras, now = self._queue.snapshot(), time.monotonic()
-        array = diagnostics_array(self.get_name(), self.get_fully_qualified_name(), info, cameras, now,
-                                  live.camera_timeout, self.get_clock().now().to_msg())
+        array = diagnostics_array(self.get_fully_qualified_name(), info, cameras, now, live.camera_timeout,
+                                  self.get_clock().now().to_msg())
         if (monitor := self._monitor) is not None:
             monitor.measure_rate(now, sum(stats.processed for stats in cameras.values()))
-            array.status.append(monitor.status(self.get_name(), self.get_fully_qualified_name()))
+            array.status.append(monitor.status(self.get_fully_qualified_name()))
         self._diagnostics.publish(array)
 
 

@@ -275,3 +275,15 @@ def apply_changes(current: LiveParameters, parameters: list[Parameter], active: 
     classifier = {key: changes[key] for key in CLASSIFIER_SETTINGS if key in changes}
     node_side = {key: changes[key] for key in ("max_image_age", "camera_timeout") if key in changes}
     return replace(current, classifier=replace(current.classifier, **classifier), **node_side)
+
+
+def usage() -> str:
+    """The parameters, their defaults and when they are read, for `mixclf_node --help`."""
+    lines = ["parameters (live: any time; configure: read at configure, changed only while not active; "
+             "startup: read once):"]
+    for parameter in NODE_PARAMETERS:
+        lines.append(f"  {parameter.name} = {parameter.default!r} ({parameter.when}): {parameter.description}")
+    for prefix, zoo_name in MODELS.items():
+        lines.append(f"  {prefix}.<key> (configure; default: the zoo's {zoo_name} model): the model config keys "
+                     "its kind uses, see mixclf_ros/models/schema.py")
+    return "\n".join(lines)
