@@ -354,7 +354,8 @@ def test_no_parameters_file_runs_the_shipped_config_and_a_reconfigure_changes_th
         assert after.confidence == (pytest.approx(0.999) if after.certified_radius > 0 else 0.0)
         # without the crop, the whole 56x56 frame is the model input: l2 gain of a 2x area resize is 1/2
         if after.certified_radius > 0:
-            assert after.image_radius == pytest.approx(2 * after.certified_radius, rel=1e-3)
+            # (less the preprocessing's floating-point error bound, and never above)
+            assert 0.99 * 2 * after.certified_radius <= after.image_radius <= 2 * after.certified_radius
 
 
 @pytest.mark.parametrize("executable", ["mixclf_node", "mixclf_camera_sim", "mixclf_monitor", "mixclf_demo",

@@ -84,69 +84,61 @@ def shipped_node(tmp_path_factory, installed_prefix):
 
 class TestShippedNode:
     def test_live_safe_image_radius_decides_safe(self, shipped_node, articles):
-        live_safe_image_radius_decides_safe(shipped_node, articles)
+        client, _ = shipped_node
+        before = classify(client, {f"img-{i}": pixels for i, pixels in enumerate(articles)})
+        safe = [frame_id for frame_id, result in before.items() if result.safe]
+        assert safe, "no safe frame at the shipped thresholds"
+        frame_id = safe[0]
+        first = before[frame_id]
+        assert first.safe_image_radius == pytest.approx(1 / 255) and first.safe_radius == pytest.approx(1 / 255)
+        frame = articles[int(frame_id.split("-")[1])]
+        try:
+            # just above the frame's image radius: the model-input threshold is met, the image one is not
+            above = 1.5 * first.image_radius
+            assert client.set_parameters(safe_image_radius=above)[0].successful
+            got = classify(client, {"above": frame})["above"]
+            assert got.image_radius == pytest.approx(first.image_radius) and got.certified_radius >= got.safe_radius
+            assert not got.safe and got.safe_image_radius == pytest.approx(above)
+            below = 0.5 * first.image_radius
+            assert client.set_parameters(safe_image_radius=below)[0].successful
+            got = classify(client, {"below": frame})["below"]
+            assert got.safe and got.safe_image_radius == pytest.approx(below)
+            result = client.set_parameters(safe_image_radius=-1.0)[0]
+            assert not result.successful and result.reason
+        finally:
+            assert client.set_parameters(safe_image_radius=1 / 255)[0].successful
 
     def test_warns_when_no_frame_can_be_safe_and_stops_when_a_threshold_is_lowered(self, shipped_node, articles):
-        warns_when_no_frame_can_be_safe(shipped_node, articles)
+        from diagnostic_msgs.msg import DiagnosticStatus
 
-
-def live_safe_image_radius_decides_safe(shipped_node, articles):
-    client, _ = shipped_node
-    before = classify(client, {f"img-{i}": pixels for i, pixels in enumerate(articles)})
-    safe = [frame_id for frame_id, result in before.items() if result.safe]
-    assert safe, "no safe frame at the shipped thresholds"
-    frame_id = safe[0]
-    first = before[frame_id]
-    assert first.safe_image_radius == pytest.approx(1 / 255) and first.safe_radius == pytest.approx(1 / 255)
-    frame = articles[int(frame_id.split("-")[1])]
-    try:
-        # just above the frame's image radius: the model-input threshold is met, the image one is not
-        above = 1.5 * first.image_radius
-        assert client.set_parameters(safe_image_radius=above)[0].successful
-        got = classify(client, {"above": frame})["above"]
-        assert got.image_radius == pytest.approx(first.image_radius) and got.certified_radius >= got.safe_radius
-        assert not got.safe and got.safe_image_radius == pytest.approx(above)
-        below = 0.5 * first.image_radius
-        assert client.set_parameters(safe_image_radius=below)[0].successful
-        got = classify(client, {"below": frame})["below"]
-        assert got.safe and got.safe_image_radius == pytest.approx(below)
-        result = client.set_parameters(safe_image_radius=-1.0)[0]
-        assert not result.successful and result.reason
-    finally:
-        assert client.set_parameters(safe_image_radius=1 / 255)[0].successful
-
-
-def warns_when_no_frame_can_be_safe(shipped_node, articles):
-    from diagnostic_msgs.msg import DiagnosticStatus
-
-    client, log = shipped_node
-    classify(client, {"size": articles[0]})  # the camera's 640x480 frame size is known
-    status = certificate_status(client, lambda s: any(k.startswith("max_image_radius") for k in values(s)))
-    assert status is not None, "no certificate diagnostics with the image's largest radius"
-    largest = float(values(status)["max_certified_radius"])
-    [largest_image] = [float(v) for k, v in values(status).items() if k.startswith("max_image_radius")]
-    # Theorem 1 at a one-hot output: (2 alpha - 1) / (2 alpha L), L = 0.579 for the shipped model
-    assert 0.2 < largest < 0.4 and largest_image > largest
-    assert status.level == DiagnosticStatus.OK and "no frame can be safe" not in status.message
-    try:
-        for parameter, too_large in (("safe_radius", 2 * largest), ("safe_image_radius", 2 * largest_image)):
-            assert client.set_parameters(**{parameter: too_large})[0].successful
-            warned = certificate_status(client, lambda s: "no frame can be safe" in s.message)
-            assert warned is not None, f"no warning for {parameter} {too_large}"
-            assert warned.level == DiagnosticStatus.WARN and parameter in warned.message
-            assert f"{too_large:.6g}" in warned.message
-            assert f"{largest if parameter == 'safe_radius' else largest_image:.6g}" in warned.message
-            got = classify(client, {f"too-large-{parameter}": articles[0]})[f"too-large-{parameter}"]
-            assert not got.safe
-            assert client.set_parameters(**{parameter: 1 / 255})[0].successful
-            cleared = certificate_status(client, lambda s: "no frame can be safe" not in s.message)
-            assert cleared is not None and cleared.level == DiagnosticStatus.OK, f"warning stayed ({parameter})"
-        # alpha lowered live: at 0.5 nothing can be certified
-        assert client.set_parameters(alpha=0.5)[0].successful
-        assert certificate_status(client, lambda s: "no frame can be safe" in s.message) is not None
-    finally:
-        assert client.set_parameters(alpha=0.6, safe_radius=1 / 255, safe_image_radius=1 / 255)[0].successful
-    assert "no frame can be safe" in log.read_text()  # the log says it too
+        client, log = shipped_node
+        classify(client, {"size": articles[0]})  # the camera's 640x480 frame size is known
+        status = certificate_status(client, lambda s: any(k.startswith("max_image_radius") for k in values(s)))
+        assert status is not None, "no certificate diagnostics with the image's largest radius"
+        largest = float(values(status)["max_certified_radius"])
+        [largest_image] = [float(v) for k, v in values(status).items() if k.startswith("max_image_radius")]
+        # Theorem 1 at a one-hot output: (2 alpha - 1) / (2 alpha L), L = 0.579 for the shipped model
+        assert 0.2 < largest < 0.4 and largest_image > largest
+        assert status.level == DiagnosticStatus.OK and "no frame can be safe" not in status.message
+        try:
+            for parameter, too_large in (("safe_radius", 2 * largest), ("safe_image_radius", 2 * largest_image)):
+                assert client.set_parameters(**{parameter: too_large})[0].successful
+                warned = certificate_status(client, lambda s: "no frame can be safe" in s.message)
+                assert warned is not None, f"no warning for {parameter} {too_large}"
+                assert warned.level == DiagnosticStatus.WARN and parameter in warned.message
+                assert f"{too_large:.6g}" in warned.message
+                assert f"{largest if parameter == 'safe_radius' else largest_image:.6g}" in warned.message
+                got = classify(client, {f"too-large-{parameter}": articles[0]})[f"too-large-{parameter}"]
+                assert not got.safe
+                assert client.set_parameters(**{parameter: 1 / 255})[0].successful
+                cleared = certificate_status(client, lambda s: "no frame can be safe" not in s.message)
+                assert cleared is not None and cleared.level == DiagnosticStatus.OK, f"warning stayed ({parameter})"
+            # alpha lowered live: at 0.5 nothing can be certified
+            assert client.set_parameters(alpha=0.5)[0].successful
+            assert certificate_status(client, lambda s: "no frame can be safe" in s.message) is not None
+        finally:
+            assert client.set_parameters(alpha=0.6, safe_radius=1 / 255, safe_image_radius=1 / 255)[0].successful
+        assert "no frame can be safe" in log.read_text()  # the log says it too
 
 
 def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, articles):
