@@ -39,6 +39,8 @@ _PUBLIC: dict[str, str] = {
     "UnsupportedLayerError": "core.lipschitz",
     "logit_lipschitz_bound": "core.lipschitz",
     "probability_lipschitz_bound": "core.lipschitz",
+    "probability_gradient_norm_search": "core.lipschitz",
+    "check_declared_lipschitz": "models.loading",
     "Smooth": "core.smoothing",
     "SmoothingCertificate": "core.smoothing",
     "LoadedModel": "models.loading",

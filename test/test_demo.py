@@ -95,7 +95,7 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
     library directly: the node's predictions, radii and the monitor's counts must agree."""
     from mixclf_ros.attacks import pgd
     from mixclf_ros.data import load_fashion_mnist
-    from mixclf_ros.demo.render import article_budget, embed_article, quantize_towards
+    from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget, embed_article, quantize_towards
     from mixclf_ros.models.loading import load_model, zoo_config
     from mixclf_ros.runtime.classifier import CertifiedClassifier, LiveSettings
     from mixclf_ros.vision.decode import decode_image
@@ -105,7 +105,7 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
     standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
     classifier = CertifiedClassifier(standard, robust, PreprocessConfig(crop_height=476, crop_width=476),
                                      torch.device("cpu"))
-    budget = article_budget(ATTACK_EPS, "l2", scale=17)
+    budget = article_budget(ATTACK_EPS, "l2", scale=ARTICLE_SCALE)
     records = demo_run["summary"]["records"]
     correct = {"standard": 0, "robust": 0, "mixed": 0}
     for record in records:

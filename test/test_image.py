@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mixclf_ros.demo.render import embed_article
+from mixclf_ros.demo.render import ARTICLE_SCALE, embed_article
 from mixclf_ros.vision import decode as decode_module
 from mixclf_ros.vision import preprocess as preprocess_module
 from mixclf_ros.vision.decode import ENCODINGS, BadImageError, DecodedImage, decode_compressed, decode_image
@@ -331,12 +331,12 @@ def test_article_in_camera_frame_is_recovered_exactly():
     np.testing.assert_allclose(colour[0].numpy(), np.broadcast_to(article / 255.0, (3, 28, 28)), atol=1e-6)
 
     l2 = preprocessing_operator_norm(480, 640, "rgb", config, "l2")
-    assert l2 == pytest.approx(math.hypot(*GREY_WEIGHTS) / 17, rel=1e-6)
-    assert 17 * l2 == pytest.approx(0.6686, abs=5e-5)
+    assert l2 == pytest.approx(math.hypot(*GREY_WEIGHTS) / ARTICLE_SCALE, rel=1e-6)
+    assert ARTICLE_SCALE * l2 == pytest.approx(0.6686, abs=5e-5)
     assert preprocessing_operator_norm(480, 640, "rgb", config, "linf") == pytest.approx(1.0, rel=1e-6)
     assert preprocessing_operator_norm(480, 640, "mono", PreprocessConfig(3, 28, 28, 476, 476), "l2") == \
-        pytest.approx(math.sqrt(3) / 17, rel=1e-6)
-    assert image_radius(0.5, l2) == pytest.approx(0.5 * 17 / math.hypot(*GREY_WEIGHTS), rel=1e-6)
+        pytest.approx(math.sqrt(3) / ARTICLE_SCALE, rel=1e-6)
+    assert image_radius(0.5, l2) == pytest.approx(0.5 * ARTICLE_SCALE / math.hypot(*GREY_WEIGHTS), rel=1e-6)
 
 
 def test_operator_norm_is_cached():

@@ -179,7 +179,7 @@ def test_float32_toward_zero(value):
     assert float(np.nextafter(np.float32(single), np.float32(np.inf))) > value or single == value
 
 
-def test_issue_example_values_are_rounded_down():
+def test_reported_overstated_values_are_rounded_down():
     assert certify.float32_toward_zero(0.17740311863154093) < 0.17740311863154093
     assert float(np.float32(0.17740311863154093)) > 0.17740311863154093  # what nearest rounding gave
 

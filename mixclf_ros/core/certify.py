@@ -1,4 +1,4 @@
-"""Certified radii of the mixed classifier (paper section "Certified robustness", FORMULAS.md §3).
+"""Certified radii of the mixed classifier (paper section "Certified robustness": Lemma 1, Theorems 1 and 2).
 
 All radii are in the attack norm, in [0,1]-pixel units at the model input (the models take [0,1]
 pixels and normalise internally). A radius `r > 0` for sample x means: for every perturbation
@@ -93,8 +93,8 @@ def softmax_lipschitz_factor(norm: str) -> float:
 def smoothed_lipschitz_constant(sigma: float) -> float:
     """l2 Lipschitz constant `sqrt(2 / (pi sigma^2))` of each output of a Gaussian-smoothed model.
 
-    For `h(x) = E[hbar(x + xi)]`, `xi ~ N(0, sigma^2 I)` and `hbar` valued in [0, 1] (FORMULAS.md
-    §3, after Theorem 1). Units: per unit of l2 distance in [0,1]-pixel space. Lets Theorem 1 be
+    For `h(x) = E[hbar(x + xi)]`, `xi ~ N(0, sigma^2 I)` and `hbar` valued in [0, 1] (the paper,
+    after Theorem 1). Units: per unit of l2 distance in [0,1]-pixel space. Lets Theorem 1 be
     applied to a smoothed robust model (with sound bounds on `h`, see `smoothing.Smooth`).
     """
     if not (sigma > 0 and math.isfinite(sigma)):

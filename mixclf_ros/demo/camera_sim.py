@@ -35,7 +35,7 @@ from std_msgs.msg import String
 
 from mixclf_ros.attacks import pgd
 from mixclf_ros.data import load_fashion_mnist
-from mixclf_ros.demo.render import article_budget, embed_article, quantize_towards
+from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget, embed_article, quantize_towards
 from mixclf_ros.models.loading import load_model, zoo_config
 
 
@@ -47,7 +47,7 @@ class CameraSimulator(Node):
         self.frames = declare("frames", 0).value  # 0: until stopped
         self.start_index = declare("start_index", 0).value
         self.width, self.height = declare("width", 640).value, declare("height", 480).value
-        self.scale = declare("scale", 17).value
+        self.scale = declare("scale", ARTICLE_SCALE).value
         self.frame_id = declare("frame_id", "camera").value
         self.publish_compressed = declare("publish_compressed", False).value
         self.noise_std = declare("noise_std", 0.0).value

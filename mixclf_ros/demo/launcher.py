@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixclf_ros.demo.render import article_budget
+from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget
 
 
 def default_params_file() -> str:
@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL  # (torch: not needed for --help)
 
     # with no attack, the shipped threshold (one grey level) stays in force rather than none
-    safe_radius = article_budget(args.attack_eps, "l2", scale=17) if args.attack_eps > 0 else ONE_GREY_LEVEL
+    safe_radius = (article_budget(args.attack_eps, "l2", scale=ARTICLE_SCALE) if args.attack_eps > 0
+                   else ONE_GREY_LEVEL)
     node_args = ["--ros-args", "--params-file", args.params_file, "-p", f"alpha:={args.alpha}",
                  "-p", f"safe_radius:={safe_radius}", "-p", f"device:={args.device}",
                  "-p", f"enable_compressed:={str(args.compressed).lower()}",
