@@ -63,6 +63,7 @@ def parameter_overrides(context: LaunchContext, arguments: dict) -> dict:
 
 def demo_nodes(context: LaunchContext) -> list:
     from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget
+    from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL
 
     config = context.launch_configurations
     frames, attack_eps = int(config["frames"]), float(config["attack_eps"])
@@ -70,7 +71,8 @@ def demo_nodes(context: LaunchContext) -> list:
     classifier = Node(
         package="mixclf_ros", executable="mixclf_node", name="mixclf", output="screen",
         parameters=[config["params_file"], {
-            "safe_radius": article_budget(attack_eps, "l2", scale=ARTICLE_SCALE) if attack_eps > 0 else 0.0,
+            # the attack's size at the model input, never below the shipped one grey level
+            "safe_radius": max(ONE_GREY_LEVEL, article_budget(attack_eps, "l2", scale=ARTICLE_SCALE)),
             "image_transport": "compressed" if compressed else "raw",  # one result per frame
             "frame_policy": "every",  # the demo shows a result for every frame
             **IMAGE_QOS,

@@ -62,6 +62,8 @@ _PUBLIC: dict[str, str] = {
     "LiveSettings": "runtime.classifier",
     "Status": "runtime.classifier",
     "is_safe": "runtime.classifier",
+    "threshold_reachable": "runtime.reachability",
+    "unreachable_warning": "runtime.reachability",
     "pgd": "attacks",
     "load_fashion_mnist": "data",
 }

@@ -96,7 +96,8 @@ def test_classifies_real_frames_with_certificates(running_node, fashion_test):
             assert result.class_id == result.robust_class_id  # Lemma 1
             # the preprocessing (crop, grey, 17x area resize) shrinks perturbations: l2 gain 0.6686/17
             assert result.image_radius == pytest.approx(result.certified_radius * ARTICLE_SCALE / 0.66863, rel=1e-3)
-        assert result.safe == (result.certified_radius > 0 and result.certified_radius >= result.safe_radius)
+        assert result.safe == (result.certified_radius > 0 and result.certified_radius >= result.safe_radius
+                               and result.image_radius >= result.safe_image_radius)
         correct += int(result.class_id == labels[int(frame_id.split("-")[1])])
     assert correct >= 15, f"{correct}/20 correct"
 

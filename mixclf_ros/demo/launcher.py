@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     python = [sys.executable, "-m"]
     summary_file = args.summary_file or os.path.join(tempfile.mkdtemp(prefix="mixclf_demo_"), "summary.json")
-    safe_radius = article_budget(args.attack_eps, "l2", scale=ARTICLE_SCALE) if args.attack_eps > 0 else 0.0
+    from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL  # (torch: not needed for --help)
+
+    # with no attack, the shipped threshold (one grey level) stays in force rather than none
+    safe_radius = (article_budget(args.attack_eps, "l2", scale=ARTICLE_SCALE) if args.attack_eps > 0
+                   else ONE_GREY_LEVEL)
     node_args = ["--ros-args", "--params-file", args.params_file, "-p", f"alpha:={args.alpha}",
                  "-p", f"safe_radius:={safe_radius}", "-p", f"device:={args.device}",
                  "-p", f"image_transport:={'compressed' if args.compressed else 'raw'}",

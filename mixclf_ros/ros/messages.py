@@ -64,6 +64,7 @@ def result_message(header, result: FrameResult, class_names: list[str]) -> Certi
     message.image_radius = result.image_radius
     message.confidence = result.confidence
     message.safe_radius = result.safe_radius
+    message.safe_image_radius = result.safe_image_radius
     message.safe = result.safe
     message.robust_class_id = result.robust_class_id
     message.robust_margin = result.robust_margin

@@ -41,6 +41,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from mixclf_ros.msg import CertifiedClassification
 from mixclf_ros.ros import parameters
+from mixclf_ros.ros.certifiable import CertificateMonitor
 from mixclf_ros.ros.diagnostics import ClassifierState, diagnostics_array
 from mixclf_ros.ros.frame_queue import FrameQueue, PendingFrame
 from mixclf_ros.ros.messages import camera_topics, decode_message, result_message, stale_reason, stamp_ns
@@ -63,6 +64,7 @@ class MixclfNode(LifecycleNode):
 
         self._queue = FrameQueue(parameters.MAX_QUEUED_FRAMES)
         self._classifier: CertifiedClassifier | None = None
+        self._monitor: CertificateMonitor | None = None
         self._class_names: list[str] = []
         self._worker: threading.Thread | None = None
         self._camera_subscriptions = []
@@ -91,6 +93,8 @@ class MixclfNode(LifecycleNode):
         if live.classifier.alpha < 0.5 <= self._live.classifier.alpha:
             self.get_logger().warning(f"alpha = {live.classifier.alpha} < 0.5: no certificate, every frame unsafe")
         self._live = live
+        if (monitor := self._monitor) is not None:
+            monitor.settings_changed(live.classifier)
         return SetParametersResult(successful=True)
 
     def _after_set_parameters(self, changes) -> None:
@@ -124,8 +128,8 @@ class MixclfNode(LifecycleNode):
             torch.set_num_threads(value("torch_threads"))
             device = select_device(value("device"))
             confidence = self._live.classifier.confidence
-            standard = load_model(parameters.model_config(self, "standard_model", confidence))
-            robust = load_model(parameters.model_config(self, "robust_model", confidence))
+            standard = load_model(parameters.model_config(self, "standard_model", confidence), name="standard_model")
+            robust = load_model(parameters.model_config(self, "robust_model", confidence), name="robust_model")
             check_compatible(standard, robust)
             channels, height, width = robust.input_shape
             preprocess = PreprocessConfig(
@@ -133,8 +137,11 @@ class MixclfNode(LifecycleNode):
                 crop_height=value("crop_height"), crop_width=value("crop_width"), resize=value("resize"),
                 device=str(device))
             classifier = CertifiedClassifier(standard, robust, preprocess, device,
-                                             standard_precision=value("standard_precision"), seed=value("seed"))
+                                             standard_precision=value("standard_precision"),
+                                             seed=parameters.smoothing_seed(self))
             self._warmup_ms = classifier.warm_up(self._live.classifier)
+            monitor = CertificateMonitor(classifier, parameters.smoothing_seed(self), self.get_logger().warning)
+            monitor.settings_changed(self._live.classifier)
             self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
             self._outputs = Outputs(self, debug_image=value("debug_image"))
         except Exception as error:  # every configuration mistake is one clear log line
@@ -145,6 +152,8 @@ class MixclfNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._class_names = list(robust.class_names)
         self._classifier = classifier
+        self._monitor = monitor
+        monitor.settings_changed(self._live.classifier)  # a live change made while configuring
         self._last_error = ""
         self.get_logger().info(
             f"configured on {device}: standard={standard.config['architecture']}, "
@@ -202,6 +211,7 @@ class MixclfNode(LifecycleNode):
 
     def _release_models(self) -> None:
         classifier, self._classifier = self._classifier, None
+        self._monitor = None
         if classifier is not None and classifier.device.type == "cuda":
             import torch
 
@@ -266,13 +276,15 @@ class MixclfNode(LifecycleNode):
                 self._finish(frame, FrameResult.failure(Status.BAD_INPUT, str(error), live.classifier))
         if not batch:
             return
-        classifier = self._classifier
-        if classifier is None:
+        classifier, monitor = self._classifier, self._monitor
+        if classifier is None or monitor is None:
             for frame in batch:
                 self._finish(frame, FrameResult.failure(Status.NOT_READY, "models not loaded", live.classifier))
             return
-        for frame, result, image in zip(batch, classifier.classify(decoded, live.classifier), decoded):
-            self._finish(frame, result, image)
+        for frame, image, result in zip(batch, decoded, classifier.classify(decoded, live.classifier)):
+            if result.status == Status.OK:
+                monitor.frame_seen(frame.topic, image)
+            self._finish(frame, monitor.annotate(result), image)
 
     def _finish(self, frame: PendingFrame, result: FrameResult, decoded: DecodedImage | None = None) -> None:
         self._queue.record(frame, result)
@@ -305,9 +317,13 @@ class MixclfNode(LifecycleNode):
             device=str(classifier.device) if classifier else "", robust_kind=classifier.kind if classifier else "",
             certificate_norm=classifier.norm if classifier else "", warmup_ms=self._warmup_ms,
             alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error)
-        self._diagnostics.publish(diagnostics_array(
-            self.get_fully_qualified_name(), info, self._queue.snapshot(), time.monotonic(),
-            live.camera_timeout, self.get_clock().now().to_msg()))
+        cameras, now = self._queue.snapshot(), time.monotonic()
+        array = diagnostics_array(self.get_fully_qualified_name(), info, cameras, now, live.camera_timeout,
+                                  self.get_clock().now().to_msg())
+        if (monitor := self._monitor) is not None:
+            monitor.measure_rate(now, sum(stats.processed for stats in cameras.values()))
+            array.status.append(monitor.status(self.get_fully_qualified_name()))
+        self._diagnostics.publish(array)
 
 
 def main(args: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from mixclf_ros.models import schema
-from mixclf_ros.runtime.classifier import LiveSettings
+from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL, LiveSettings
 
 MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz"}
 """The two model parameter prefixes and the shipped zoo model each defaults to."""
@@ -32,6 +32,9 @@ MAX_QUEUED_FRAMES = 100
 """frame_policy every: frames kept per camera before the oldest is dropped."""
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
+
+OS_ENTROPY_SEED = -1
+"""`seed` value (the default) that draws the smoothing noise seed from the OS's entropy."""
 
 _TYPES = {
     schema.STRING: ParameterType.PARAMETER_STRING, schema.INTEGER: ParameterType.PARAMETER_INTEGER,
@@ -57,8 +60,15 @@ _S, _B, _SA = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_BOOL, Para
 NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("alpha", 0.6, _D, LIVE,
                   "weight of the robust model in the mixture; certificates need alpha >= 0.5", (0.0, 1.0)),
-    NodeParameter("safe_radius", 0.0, _D, LIVE,
-                  "safe = true needs certified_radius >= this (model-input [0,1] pixel units)", (0.0, 1e6)),
+    # Both thresholds default to one grey level of an 8-bit camera: a certificate smaller than that
+    # protects against nothing a camera can show.
+    NodeParameter("safe_radius", ONE_GREY_LEVEL, _D, LIVE,
+                  "safe = true needs certified_radius >= this; model input: [0,1] pixels at the model's input "
+                  "size, before mean/std, in the certificate norm; 0 = not set; default one grey level, 1/255",
+                  (0.0, 1e6)),
+    NodeParameter("safe_image_radius", ONE_GREY_LEVEL, _D, LIVE,
+                  "safe = true needs image_radius >= this; source image pixels scaled to [0,1], in the "
+                  "certificate norm; 0 = not set; default one grey level, 1/255", (0.0, 1e6)),
     NodeParameter("max_image_age", 1.0, _D, LIVE,
                   "frames whose header stamp is older than this many seconds are STALE; 0 disables",
                   (0.0, 3600.0)),
@@ -92,7 +102,11 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
                   "newest: classify only the newest frame of each camera (real time; older frames are "
                   "dropped and counted) | every: classify every frame in order, up to "
                   f"{MAX_QUEUED_FRAMES} queued per camera (playback, evaluation)"),
-    NodeParameter("seed", 0, _I, CONFIGURE, "seed of the randomized-smoothing noise"),
+    NodeParameter("seed", OS_ENTROPY_SEED, _I, CONFIGURE,
+                  f"seed of the randomized-smoothing noise: {OS_ENTROPY_SEED} = fresh operating-system entropy in "
+                  "every process (the 1 - beta guarantee needs noise the attacker cannot predict); >= 0 = fixed, "
+                  "for tests and replay only: it voids the guarantee against anyone who knows it",
+                  integer_range=(OS_ENTROPY_SEED, 2**63 - 1)),
     NodeParameter("diagnostics_period", 1.0, _D, STARTUP, "seconds between /diagnostics messages", (0.05, 60.0)),
     NodeParameter("autostart", True, _B, STARTUP, "configure and activate at start-up"),
 )
@@ -216,8 +230,18 @@ class LiveParameters:
 def initial_live(node: Node) -> LiveParameters:
     value = lambda name: node.get_parameter(name).value  # noqa: E731
     return LiveParameters(LiveSettings(alpha=value("alpha"), safe_radius=value("safe_radius"),
-                                       confidence=value("confidence")),
+                                       confidence=value("confidence"), safe_image_radius=value("safe_image_radius")),
                           max_image_age=value("max_image_age"), camera_timeout=value("camera_timeout"))
+
+
+CLASSIFIER_SETTINGS = ("alpha", "safe_radius", "safe_image_radius", "confidence")
+"""The live parameters that are `LiveSettings` fields (they decide whether a frame can be safe)."""
+
+
+def smoothing_seed(node: Node) -> int | None:
+    """The `seed` parameter for `CertifiedClassifier`: None (OS entropy) for a negative value."""
+    seed = node.get_parameter("seed").value
+    return None if seed < 0 else int(seed)
 
 
 def is_live(name: str) -> bool:
@@ -248,13 +272,14 @@ def apply_changes(current: LiveParameters, parameters: list[Parameter], active: 
         changes[parameter.name] = float(value)
     if "alpha" in changes and not 0.0 <= changes["alpha"] <= 1.0:
         raise ValueError("alpha must be in [0, 1]")
-    if changes.get("safe_radius", 0.0) < 0.0 or changes.get("max_image_age", 0.0) < 0.0:
-        raise ValueError("safe_radius and max_image_age must be >= 0")
+    for name in ("safe_radius", "safe_image_radius", "max_image_age"):
+        if changes.get(name, 0.0) < 0.0:
+            raise ValueError(f"{name} must be >= 0")
     if "confidence" in changes and not 0.5 <= changes["confidence"] < 1.0:
         raise ValueError("confidence must be in [0.5, 1)")
     if changes.get("camera_timeout", 1.0) <= 0.0:
         raise ValueError("camera_timeout must be > 0")
-    classifier = {key: changes[key] for key in ("alpha", "safe_radius", "confidence") if key in changes}
+    classifier = {key: changes[key] for key in CLASSIFIER_SETTINGS if key in changes}
     node_side = {key: changes[key] for key in ("max_image_age", "camera_timeout") if key in changes}
     return replace(current, classifier=replace(current.classifier, **classifier), **node_side)
 
