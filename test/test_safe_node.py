@@ -156,6 +156,7 @@ def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, 
         status = certificate_status(client)
         assert status is not None
         assert values(status)["lipschitz_source"] == "declared"
+        assert values(status)["forward_error"] == "bounded"  # the zoo model's float64 error bound
         assert status.level == DiagnosticStatus.WARN and "declared Lipschitz constant" in status.message
 
 

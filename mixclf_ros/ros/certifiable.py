@@ -121,8 +121,12 @@ class CertificateMonitor:
             values[f"max_image_radius {topic} ({width}x{height} {order})"] = f"{radius:.6g}"
         if classifier.kind == "lipschitz":
             values["lipschitz_source"] = classifier.robust.lipschitz_source
+            values["forward_error"] = classifier.forward_error
             if self.declared_constant:
                 problems.append(DECLARED_CONSTANT_NOTE)
+            if classifier.forward_error.startswith("estimated"):
+                problems.append(f"the robust model's floating-point error is {classifier.forward_error}, not bounded "
+                                "(layers the error-bounded forward does not cover)")
         if smoothing:
             if self._fixed_seed is None:
                 values["smoothing_seed"] = "os entropy (fresh in every process)"
