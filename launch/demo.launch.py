@@ -20,6 +20,7 @@ from launch.launch_context import LaunchContext
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+from mixclf_ros.ros.launch_arguments import parameter_overrides
 
 DEMO_ARGUMENTS = {
     # name: (default, description)
@@ -44,21 +45,6 @@ IMAGE_QOS = {  # what `make demo` sets: reliable, depth 10 (the camera publishes
 }
 LAST_RESULTS_GRACE_S = 10.0  # after the camera's last frame: then the launch ends even if results are missing
 
-
-def parameter_overrides(context: LaunchContext, arguments: dict) -> dict:
-    """{parameter: typed value} for the launch arguments in `arguments` that were given (not empty)."""
-    overrides = {}
-    for name, (kind, _) in arguments.items():
-        text = context.launch_configurations.get(name, "").strip()
-        if not text:
-            continue
-        if kind is bool:
-            if text.lower() not in ("true", "false"):
-                raise ValueError(f"launch argument {name} must be true or false, got {text!r}")
-            overrides[name] = text.lower() == "true"
-        else:
-            overrides[name] = kind(text)
-    return overrides
 
 
 def demo_nodes(context: LaunchContext) -> list:

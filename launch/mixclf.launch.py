@@ -17,6 +17,7 @@ from launch.launch_context import LaunchContext
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+from mixclf_ros.ros.launch_arguments import parameter_overrides
 
 PARAMETER_ARGUMENTS = {
     # launch argument = node parameter: (type, description)
@@ -26,21 +27,6 @@ PARAMETER_ARGUMENTS = {
     "use_sim_time": (bool, "take time from /clock (bag playback, simulation)"),
 }
 
-
-def parameter_overrides(context: LaunchContext, arguments: dict) -> dict:
-    """{parameter: typed value} for the launch arguments in `arguments` that were given (not empty)."""
-    overrides = {}
-    for name, (kind, _) in arguments.items():
-        text = context.launch_configurations.get(name, "").strip()
-        if not text:
-            continue
-        if kind is bool:
-            if text.lower() not in ("true", "false"):
-                raise ValueError(f"launch argument {name} must be true or false, got {text!r}")
-            overrides[name] = text.lower() == "true"
-        else:
-            overrides[name] = kind(text)
-    return overrides
 
 
 def classifier_node(context: LaunchContext) -> list:
