@@ -18,16 +18,17 @@ class DataSettings:
 
     image_folder: one sub-folder per class, named by a class name or index of the model (None: the
         Fashion-MNIST test set). class_map: YAML/JSON file {folder: class name or index}.
-    crop_height, crop_width, resize: the node's parameters of the same names (centre crop in source
-        pixels, 0 = none; "area" or "bilinear"); the crop applies to image-folder images only.
+    crop_height, crop_width, resize: the model config keys of the same names (centre crop in source
+        pixels, 0 = none; "area" or "bilinear"); None: each model's own (`evaluation.input_space`).
+        The crop applies to image-folder images only.
     limit: evaluate a seeded random subset of this many images (None: all). seed: of that subset.
     """
 
     image_folder: str | None = None
     class_map: str | None = None
-    crop_height: int = 0
-    crop_width: int = 0
-    resize: str = "area"
+    crop_height: int | None = 0
+    crop_width: int | None = 0
+    resize: str | None = "area"
     limit: int | None = None
     seed: int = 0
 

@@ -86,6 +86,9 @@ SCHEMA: tuple[ConfigKey, ...] = (
 )
 
 KEYS: dict[str, ConfigKey] = {key.name: key for key in SCHEMA}
+FORMER_NODE_PARAMETERS = ("crop_height", "crop_width", "resize")
+"""Keys that were once node parameters (one preprocessing for both models): the node and
+`mixclf-eval --params` refuse them at the top level, naming `<model>.<key>`."""
 DEFAULTS: dict[str, Any] = {key.name: key.default for key in SCHEMA}
 
 

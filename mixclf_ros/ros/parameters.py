@@ -132,9 +132,6 @@ DEMO_CROP = 476
 """Default centre crop of both models, in source pixels: the demo camera renders each 28x28 article
 at 17x (476x476) in the centre of its 640x480 frame."""
 
-MOVED_TO_MODELS = ("crop_height", "crop_width", "resize")
-"""Former node parameters, now keys of each model's config (`<model>.crop_height`, ...)."""
-
 
 def model_defaults(prefix: str) -> dict[str, Any]:
     """The shipped config of the model under `prefix`: a zoo model, cropped as the demo camera needs."""
@@ -146,7 +143,7 @@ def model_defaults(prefix: str) -> dict[str, Any]:
 def moved_parameters(node: Node) -> str:
     """Why the start-up parameters cannot be used as given ('' if they can): a former node
     parameter that is now a key of each model's config was set."""
-    given = [name for name in MOVED_TO_MODELS if name in node._parameter_overrides]
+    given = [name for name in schema.FORMER_NODE_PARAMETERS if name in node._parameter_overrides]
     if not given:
         return ""
     return ("parameter(s) " + ", ".join(given) + " moved into each model's config, since each model preprocesses "
