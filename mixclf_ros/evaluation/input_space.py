@@ -10,8 +10,8 @@ evaluation at the model input, unchanged.
 Certificates in the source space: a Lipschitz robust model behind its preprocessing P has the
 constant L ||P|| (operator norm of P for the source geometry, `preprocessing_operator_norm`), so its
 radii are in source [0,1] pixels, as the node's `image_radius` (which also subtracts the float32
-rounding of P, about 1e-5, ignored here). A smoothing robust model must take the source as it is
-(its noise would otherwise be drawn in another space than its sigma states).
+rounding of P, about 1e-5, ignored here). A smoothing robust model draws its noise at its own input,
+as in the node, and its radii are divided by ||P|| (`Certificates.radius_scale`).
 """
 
 from __future__ import annotations
@@ -73,8 +73,12 @@ class PreprocessedModel(nn.Module):
         if getattr(model, "lipschitz_constant", 0.0):
             self.lipschitz_constant = float(model.lipschitz_constant) * self.operator_norm
 
+    def to_model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Source images -> the model's input (differentiable)."""
+        return self.preprocessor.differentiable(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocessor.differentiable(x))
+        return self.model(self.to_model_input(x))
 
 
 def takes_source_as_is(config: PreprocessConfig, source_shape: tuple[int, int, int]) -> bool:
@@ -87,14 +91,10 @@ def in_source_space(pair: ModelPair, configs: tuple[PreprocessConfig, Preprocess
                     source_shape: tuple[int, int, int], device: torch.device) -> ModelPair:
     """The pair with each model that does not take the source as it is put behind its preprocessing."""
     wrapped = []
-    for model, config, role in ((pair.standard, configs[0], "standard"), (pair.robust, configs[1], "robust")):
+    for model, config in ((pair.standard, configs[0]), (pair.robust, configs[1])):
         if takes_source_as_is(config, source_shape):
             wrapped.append(model)
             continue
-        if role == "robust" and getattr(model, "kind", None) == "smoothing":
-            raise EvaluationError(f"the smoothing robust model takes {tuple(model.input_shape)}, the source images are "
-                                  f"{tuple(source_shape)}: its noise (sigma) is drawn at its own input, so evaluate it "
-                                  "on images of its input size")
         wrapped.append(PreprocessedModel(model, config, source_shape, device).to(device).eval())
     return ModelPair(wrapped[0], wrapped[1], pair.standard_label, pair.robust_label)
 
