@@ -57,7 +57,7 @@ class EvaluationData:
     skipped: list[str] = field(default_factory=list)
 
 
-def load_evaluation_data(model: Any, settings: DataSettings) -> EvaluationData:
+def load_evaluation_data(model: Any, settings: DataSettings, folder_as_source: bool = False) -> EvaluationData:
     """The evaluated data at the input of `model` (a loaded model: `input_shape` (C, H, W),
     `num_classes`, `class_names`), through `vision.preprocess.Preprocessor` as in the node.
 
@@ -65,6 +65,8 @@ def load_evaluation_data(model: Any, settings: DataSettings) -> EvaluationData:
     resized and colour-converted to the model input. Image folder: `data.load_image_folder`, each
     file decoded like a `CompressedImage` and preprocessed with the crop and resize mode of
     `settings`; folders are matched to the model's classes by name or index, never by order.
+    `folder_as_source`: the image-folder images as they are, [0, 1] grey or RGB at their own size
+    (all one size), for a pair of models that preprocess differently (`evaluation.input_space`).
     """
     from mixclf_ros import data
     from mixclf_ros.vision.decode import BadImageError, DecodedImage
@@ -95,7 +97,8 @@ def load_evaluation_data(model: Any, settings: DataSettings) -> EvaluationData:
         raise EvaluationError(f"--image-folder {root}: not a directory")
     try:
         class_map = data.read_class_map(settings.class_map) if settings.class_map else None
-        loaded = data.load_image_folder(root, config, class_names, num_classes, class_map)
+        loaded = data.load_image_folder(root, None if folder_as_source else config, class_names, num_classes,
+                                        class_map)
     except FileNotFoundError as error:
         raise EvaluationError(f"--image-folder {root}: {error}") from error
     except (data.ImageFolderError, BadImageError) as error:

@@ -3,7 +3,8 @@ input space: the source image. Each model is put behind its own preprocessing (t
 `vision.preprocess.Preprocessor`, in its differentiable form), so attacks, budgets and the mixture
 all live on the source image, as on the robot, where both models see the same camera frame.
 
-For the Fashion-MNIST test set the source is the 28x28 grey image. A model that takes the source as
+For the Fashion-MNIST test set the source is the 28x28 grey image; for an image folder, its images
+(grey or RGB, all of one size, e.g. camera frames), each model applying its own crop. A model that takes the source as
 it is (same size and channels, no crop) is used unwrapped. A pair that preprocesses alike keeps the
 evaluation at the model input, unchanged.
 
@@ -113,7 +114,8 @@ def evaluation_inputs(pair: ModelPair, settings: DataSettings,
     Each model's preprocessing comes from its config (crop, resize, input size and channels), with
     `settings`' crop_height / crop_width / resize, where set, for both. Models that preprocess alike:
     the images at their input (`load_evaluation_data`), the pair as it is. Otherwise: the source
-    images (Fashion-MNIST: 28x28 grey) and the pair `in_source_space`."""
+    images (Fashion-MNIST: 28x28 grey; an image folder: its images, all of one size) and the pair
+    `in_source_space`."""
     folder = settings.image_folder is not None
     overrides = {"crop_height": settings.crop_height, "crop_width": settings.crop_width, "resize": settings.resize}
     configs = (model_preprocessing(pair.standard, folder, overrides),
@@ -123,20 +125,17 @@ def evaluation_inputs(pair: ModelPair, settings: DataSettings,
         resolved = replace(settings, crop_height=robust.crop_height, crop_width=robust.crop_width,
                            resize=robust.resize)
         return load_evaluation_data(pair.robust, resolved), pair
-    if folder:
-        standard = configs[0]
-        raise EvaluationError(
-            "--image-folder with models that preprocess differently (standard: input "
-            f"{standard.output_channels}x{standard.output_height}x{standard.output_width}, crop "
-            f"{standard.crop_height}x{standard.crop_width}, {standard.resize}; robust: input "
-            f"{robust.output_channels}x{robust.output_height}x{robust.output_width}, crop "
-            f"{robust.crop_height}x{robust.crop_width}, {robust.resize}): not supported; evaluate such a pair on the "
-            "Fashion-MNIST test set, or give both models the same preprocessing")
-    source = FASHION_MNIST_SOURCE
-    source_model = SimpleNamespace(input_shape=source, num_classes=pair.robust.num_classes,
+    source_model = SimpleNamespace(input_shape=FASHION_MNIST_SOURCE, num_classes=pair.robust.num_classes,
                                    class_names=getattr(pair.robust, "class_names", []))
-    data = load_evaluation_data(source_model, replace(settings, crop_height=0, crop_width=0, resize="area"))
+    data = load_evaluation_data(source_model, replace(settings, crop_height=0, crop_width=0, resize="area"),
+                                folder_as_source=True)
+    source = tuple(int(size) for size in data.images.shape[1:])
+    for config, role in ((configs[0], "standard"), (robust, "robust")):
+        if config.crop_height > source[1] or config.crop_width > source[2]:
+            raise EvaluationError(f"the {role} model's crop {config.crop_height}x{config.crop_width} is larger than "
+                                  f"the images, {source[1]}x{source[2]}")
+    folders = {key: value for key, value in data.preprocessing.items() if key == "folders"}
     data.preprocessing = {"input_space": "source image", "source": list(source),
                           "standard": describe(configs[0], source), "robust": describe(robust, source),
-                          "path": "vision.preprocess.Preprocessor"}
+                          "path": "vision.preprocess.Preprocessor", **folders}
     return data, in_source_space(pair, configs, source, device)
