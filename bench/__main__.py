@@ -201,8 +201,10 @@ def bench_latency(work: Path, count: int) -> dict:
                            "mean": "[0.485, 0.456, 0.406]", "std": "[0.229, 0.224, 0.225]"}.items():
             model_args += ["-p", f"{prefix}.{key}:={value}"]
     model_args += ["-p", "robust_model.kind:=lipschitz", "-p", "robust_model.lipschitz_constant:=1000.0",
-                   "-p", "standard_model.kind:=standard", "-p", "crop_height:=0", "-p", "crop_width:=0",
-                   "-p", "resize:=bilinear", "-p", "max_image_age:=0.0", "-p", "class_names:=['']"]
+                   "-p", "standard_model.kind:=standard", "-p", "max_image_age:=0.0", "-p", "class_names:=['']"]
+    for prefix in ("standard_model", "robust_model"):
+        model_args += ["-p", f"{prefix}.crop_height:=0", "-p", f"{prefix}.crop_width:=0",
+                       "-p", f"{prefix}.resize:=bilinear"]
     session = Session("bench_latency_resnet")
     try:
         with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, *RELIABLE,

@@ -434,12 +434,14 @@ def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path,
     assert "ten" in capsys.readouterr().err
 
 
-def test_cli_image_folder_uses_the_nodes_crop_and_resize(workspace, tmp_path):
-    """--params' crop_height / crop_width / resize (the node's parameters) preprocess --image-folder."""
+def test_cli_image_folder_uses_the_models_crop_and_resize(workspace, tmp_path):
+    """--params' <model>.crop_height / crop_width / resize (as the node reads them) preprocess --image-folder."""
     import yaml
 
     params = yaml.safe_load(workspace["params"].read_text())
-    params["/**"]["ros__parameters"].update(crop_height=8, crop_width=10, resize="bilinear")
+    for prefix in ("standard_model", "robust_model"):
+        params["/**"]["ros__parameters"].update({f"{prefix}.crop_height": 8, f"{prefix}.crop_width": 10,
+                                                 f"{prefix}.resize": "bilinear"})
     (tmp_path / "cropped.yaml").write_text(yaml.safe_dump(params))
     run_cli(workspace, tmp_path, "margins", "--params", str(tmp_path / "cropped.yaml"), "--steps", "1",
             "--limit", "8")

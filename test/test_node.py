@@ -298,10 +298,10 @@ def test_integer_start_up_value_for_a_double_parameter_is_taken_as_that_double(n
 
 def test_configure_parameters_are_refused_while_active_with_the_reason(running_node):
     client, _, _ = running_node
-    for name, value in (("crop_height", 100), ("robust_model.kind", "smoothing"), ("device", "cpu")):
+    for name, value in (("standard_model.crop_height", 100), ("robust_model.kind", "smoothing"), ("device", "cpu")):
         result = client.set_parameters(**{name: value})[0]
         assert not result.successful and "deactivate" in result.reason, (name, result.reason)
-    assert client.get_parameters("crop_height")[0].integer_value == 476
+    assert client.get_parameters("standard_model.crop_height")[0].integer_value == 476
     read_only = client.set_parameters(autostart=False)[0]
     assert not read_only.successful
 
@@ -347,7 +347,8 @@ def test_no_parameters_file_runs_the_shipped_config_and_a_reconfigure_changes_th
         declared = set(client.list_parameters())
         assert {"robust_model.sigma", "robust_model.n0", "robust_model.n"} <= declared
         assert "robust_model.lipschitz_constant" not in declared
-        smaller = client.set_parameters(**{"robust_model.n": 200, "crop_height": 0, "crop_width": 0})
+        smaller = client.set_parameters(**{"robust_model.n": 200, **{f"{model}.{key}": 0 for model in (
+            "standard_model", "robust_model") for key in ("crop_height", "crop_width")}})
         assert all(result.successful for result in smaller), smaller
 
         assert client.change_state("configure") and client.change_state("activate")
@@ -377,4 +378,4 @@ def test_installed_executables_print_usage_on_help_and_start_nothing(executable,
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower(), result.stdout[:2000]
     if executable == "mixclf_node":
-        assert "alpha = 0.6 (live)" in result.stdout and "crop_height = 476 (configure)" in result.stdout
+        assert "alpha = 0.6 (live)" in result.stdout and "frame_policy = 'newest' (configure)" in result.stdout

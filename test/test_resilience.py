@@ -124,7 +124,10 @@ def tripwire_node(directory: Path, reliable: bool = False, domain_id: int | None
         "robust_model.architecture": "faulty_models:tripwire", "robust_model.weights": str(weights),
         "robust_model.sha256": "''", "robust_model.kind": "lipschitz", "robust_model.lipschitz_constant": 0.05,
         "robust_model.mean": "[0.0]", "robust_model.std": "[1.0]", "camera_timeout": 1.0,
-        "diagnostics_period": 0.25, "max_image_age": 5.0, "crop_height": 0, "crop_width": 0, **extra_overrides,
+        "diagnostics_period": 0.25, "max_image_age": 5.0,
+        **{f"{model}.{key}": 0 for model in ("standard_model", "robust_model")
+           for key in ("crop_height", "crop_width")},
+        **extra_overrides,
     }
     args = ["--params-file", str(REPO_ROOT / "config" / "mixclf.yaml")]
     for name, value in overrides.items():

@@ -87,8 +87,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         value = merged[key.name]
         if key.type == STRING and not isinstance(value, str):
             fail(key.name, "must be a string")
-        if key.type == INTEGER and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            fail(key.name, "must be a positive integer")
+        if key.type == INTEGER and (isinstance(value, bool) or not isinstance(value, int) or value < key.minimum):
+            fail(key.name, "must be a positive integer" if key.minimum == 1 else f"must be an integer >= {key.minimum}")
         if key.type == DOUBLE and (isinstance(value, bool) or not isinstance(value, (int, float))
                                    or not math.isfinite(value)):
             fail(key.name, "must be a finite number")
@@ -100,6 +100,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         fail("weights", "is required")
     if merged["kind"] not in KINDS:
         fail("kind", f"must be one of {KINDS}")
+    if merged["resize"] not in ("area", "bilinear"):
+        fail("resize", "must be area or bilinear")
     if merged["norm"] not in ("l2", "linf"):
         fail("norm", "must be l2 or linf")
     if merged["kind"] == "smoothing" and merged["norm"] != "l2":
@@ -349,14 +351,13 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
 
 
 def check_compatible(standard: LoadedModel, robust: LoadedModel) -> None:
-    """The mixture needs the same classes and the same input."""
+    """The mixture needs the same classes and a robust model with a certificate kind. The inputs may
+    differ (size, channels, crop): each model preprocesses the frame its own way, and by Lemma 1 the
+    certificate depends on the robust model's input only."""
     if standard.num_classes != robust.num_classes:
         raise ModelConfigError(f"key 'num_classes': the standard model ({standard.weights_path}) has "
                                f"{standard.num_classes} classes, the robust model ({robust.weights_path}) "
                                f"{robust.num_classes}")
-    if standard.input_shape != robust.input_shape:
-        raise ModelConfigError(f"keys 'input_*': the standard model ({standard.weights_path}) takes "
-                               f"{standard.input_shape}, the robust model ({robust.weights_path}) {robust.input_shape}")
     if robust.kind not in ("lipschitz", "smoothing", "empirical"):
         raise ModelConfigError(f"key 'kind' of the robust model ({robust.weights_path}): '{robust.kind}' gives no "
                                "certificate; use lipschitz, smoothing or empirical")

@@ -25,11 +25,16 @@ class ClassifierState:
     alpha: float
     safe_radius: float
     last_error: str
+    configure_error: str = ""
+    """Why the last configure failed ('' after a successful one): reported as ERROR."""
 
 
 def classifier_status(node: str, info: ClassifierState) -> DiagnosticStatus:
     status = DiagnosticStatus(name=f"{node}: classifier", hardware_id=node)
-    status.level = DiagnosticStatus.OK if info.state == "active" else DiagnosticStatus.WARN
+    if info.configure_error:
+        status.level = DiagnosticStatus.ERROR
+    else:
+        status.level = DiagnosticStatus.OK if info.state == "active" else DiagnosticStatus.WARN
     status.message = info.state if not info.last_error else f"{info.state}; last error: {info.last_error}"
     status.values = [
         KeyValue(key="state", value=info.state),

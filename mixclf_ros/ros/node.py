@@ -18,7 +18,10 @@ Lifecycle (rclpy managed node, as nav2 runs them):
   error      - (a transition raised) release everything, back to unconfigured
 Output while not active: nothing, as nav2 nodes do (frames are counted in diagnostics as
 `not_ready`). No result is never a safe result: a consumer must treat a missing or late result as
-unsafe (`max_image_age` on its side). `autostart` (default true) runs configure and activate at start-up.
+unsafe (`max_image_age` on its side). One exception: after a failed configure the node stays
+subscribed and every frame gets a NOT_READY result whose `status_message` is the reason, with an
+ERROR on /diagnostics, until a configure succeeds (a configuration mistake is never silent).
+`autostart` (default true) runs configure and activate at start-up.
 Diagnostics: one classifier status and one per camera, named "<fully qualified node name>: classifier"
 and "<fully qualified node name>: camera <topic>" (two namespaced instances never collide).
 """
@@ -48,7 +51,6 @@ from mixclf_ros.ros.messages import camera_topics, decode_message, result_messag
 from mixclf_ros.ros.outputs import Outputs
 from mixclf_ros.runtime.classifier import CertifiedClassifier, FrameResult, Status, select_device
 from mixclf_ros.vision.decode import INPUT_KINDS, BadImageError, DecodedImage
-from mixclf_ros.vision.preprocess import PreprocessConfig
 
 
 class MixclfNode(LifecycleNode):
@@ -70,6 +72,7 @@ class MixclfNode(LifecycleNode):
         self._camera_subscriptions = []
         self._warmup_ms = math.nan
         self._last_error = ""
+        self._configure_error = ""
         self._log_times: dict[str, float] = {}
         self._frames_cb_group = ReentrantCallbackGroup()
 
@@ -114,6 +117,7 @@ class MixclfNode(LifecycleNode):
 
         value = lambda name: self.get_parameter(name).value  # noqa: E731
         started = time.perf_counter()
+        self._configure_error = ""  # frames get "models loading" while this runs
         try:
             import torch
 
@@ -124,19 +128,20 @@ class MixclfNode(LifecycleNode):
             if input_kind not in INPUT_KINDS:
                 raise ValueError(f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
             self._input_kind = input_kind
+            self._destroy_publishers()  # the failure publisher of an earlier failed configure
+            self._unsubscribe()  # the topics may have changed since a failed configure
             self._subscribe()
+            moved = parameters.moved_parameters(self)
+            if moved:
+                raise ValueError(moved)
             torch.set_num_threads(value("torch_threads"))
             device = select_device(value("device"))
             confidence = self._live.classifier.confidence
             standard = load_model(parameters.model_config(self, "standard_model", confidence), name="standard_model")
             robust = load_model(parameters.model_config(self, "robust_model", confidence), name="robust_model")
             check_compatible(standard, robust)
-            channels, height, width = robust.input_shape
-            preprocess = PreprocessConfig(
-                output_channels=channels, output_height=height, output_width=width,
-                crop_height=value("crop_height"), crop_width=value("crop_width"), resize=value("resize"),
-                device=str(device))
-            classifier = CertifiedClassifier(standard, robust, preprocess, device,
+            # each model its own preprocessing, from its config (crop, resize, input size and channels)
+            classifier = CertifiedClassifier(standard, robust, None, device,
                                              standard_precision=value("standard_precision"),
                                              seed=parameters.smoothing_seed(self))
             self._warmup_ms = classifier.warm_up(self._live.classifier)
@@ -145,16 +150,17 @@ class MixclfNode(LifecycleNode):
             self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
             self._outputs = Outputs(self, debug_image=value("debug_image"))
         except Exception as error:  # every configuration mistake is one clear log line
-            self._last_error = f"configure failed: {error}"
+            # Stay subscribed: every frame gets NOT_READY with this reason, /diagnostics an ERROR.
+            self._last_error = self._configure_error = f"configure failed: {error}"
             self.get_logger().error(self._last_error)
-            self._unsubscribe()
             self._destroy_publishers()
+            self._publish_configure_failures(state)
             return TransitionCallbackReturn.FAILURE
         self._class_names = list(robust.class_names)
         self._classifier = classifier
         self._monitor = monitor
         monitor.settings_changed(self._live.classifier)  # a live change made while configuring
-        self._last_error = ""
+        self._last_error = self._configure_error = ""
         self.get_logger().info(
             f"configured on {device}: standard={standard.config['architecture']}, "
             f"robust={robust.config['architecture']} ({robust.kind}, {classifier.norm}"
@@ -200,6 +206,15 @@ class MixclfNode(LifecycleNode):
         self._release_models()
         self._destroy_publishers()
         return TransitionCallbackReturn.SUCCESS
+
+    def _publish_configure_failures(self, state: LifecycleState) -> None:
+        """After a failed configure: a results publisher, enabled, for the NOT_READY results that carry
+        the reason (the node stays unconfigured; the next configure replaces it)."""
+        try:
+            self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
+            self._publisher.on_activate(state)
+        except Exception as error:  # the reason is still logged and on /diagnostics
+            self.get_logger().error(f"cannot publish the configure failure on certified_classification: {error}")
 
     def _destroy_publishers(self) -> None:
         publisher, self._publisher = self._publisher, None
@@ -247,7 +262,9 @@ class MixclfNode(LifecycleNode):
 
     # ---------------------------------------------------------------- frames
     def _on_frame(self, topic: str, message: Image | CompressedImage) -> None:
-        self._queue.put(topic, message, stamp_ns(message.header) * 1e-9)  # not active: counted, no output
+        if not self._queue.put(topic, message, stamp_ns(message.header) * 1e-9) and self._configure_error:
+            self._publish(message.header, FrameResult.failure(  # not active: counted, no output, unless
+                Status.NOT_READY, self._configure_error, self._live.classifier))  # configure failed
 
     def _inference_loop(self) -> None:
         while (frames := self._queue.take_batch()) is not None:
@@ -316,7 +333,8 @@ class MixclfNode(LifecycleNode):
             state="active" if active else ("configured" if classifier else "unconfigured"),
             device=str(classifier.device) if classifier else "", robust_kind=classifier.kind if classifier else "",
             certificate_norm=classifier.norm if classifier else "", warmup_ms=self._warmup_ms,
-            alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error)
+            alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error,
+            configure_error=self._configure_error)
         cameras, now = self._queue.snapshot(), time.monotonic()
         array = diagnostics_array(self.get_fully_qualified_name(), info, cameras, now, live.camera_timeout,
                                   self.get_clock().now().to_msg())

@@ -93,11 +93,6 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "1")), _I, CONFIGURE,
                   "CPU threads for torch (1 is fastest for small models, one frame at a time)",
                   integer_range=(1, 256)),
-    NodeParameter("crop_height", 476, _I, CONFIGURE, "centre crop height in source pixels, 0 = none",
-                  integer_range=(0, 100000)),
-    NodeParameter("crop_width", 476, _I, CONFIGURE, "centre crop width in source pixels, 0 = none",
-                  integer_range=(0, 100000)),
-    NodeParameter("resize", "area", _S, CONFIGURE, "resize mode to the model input: area | bilinear"),
     NodeParameter("frame_policy", "newest", _S, CONFIGURE,
                   "newest: classify only the newest frame of each camera (real time; older frames are "
                   "dropped and counted) | every: classify every frame in order, up to "
@@ -133,11 +128,27 @@ def _as_parameter_value(value: Any, key: schema.ConfigKey) -> Any:
     return value
 
 
+DEMO_CROP = 476
+"""Default centre crop of both models, in source pixels: the demo camera renders each 28x28 article
+at 17x (476x476) in the centre of its 640x480 frame."""
+
+
 def model_defaults(prefix: str) -> dict[str, Any]:
-    """The shipped config of the model under `prefix` (a zoo model)."""
+    """The shipped config of the model under `prefix`: a zoo model, cropped as the demo camera needs."""
     from mixclf_ros.models.loading import zoo_config
 
-    return zoo_config(MODELS[prefix])
+    return {**zoo_config(MODELS[prefix]), "crop_height": DEMO_CROP, "crop_width": DEMO_CROP}
+
+
+def moved_parameters(node: Node) -> str:
+    """Why the start-up parameters cannot be used as given ('' if they can): a former node
+    parameter that is now a key of each model's config was set."""
+    given = [name for name in schema.FORMER_NODE_PARAMETERS if name in node._parameter_overrides]
+    if not given:
+        return ""
+    return ("parameter(s) " + ", ".join(given) + " moved into each model's config, since each model preprocesses "
+            "the frame its own way: set " + ", ".join(f"{prefix}.{name}" for name in given for prefix in MODELS)
+            + " instead")
 
 
 def _coerce_overrides(node: Node, types: dict[str, int]) -> None:

@@ -183,6 +183,15 @@ class _CastInput(torch.nn.Module):
         return self.model(x.to(self.dtype)).float()
 
 
+def _model_config(model: torch.nn.Module) -> dict:
+    """The model config of a loaded model (`models.LoadedModel.config`); a bare module must be
+    given its preprocessing explicitly."""
+    config = getattr(model, "config", None)
+    if not config:
+        raise ValueError("the standard model has no model config: give standard_preprocess")
+    return config
+
+
 class CertifiedClassifier:
     """Mixed classification with a certificate for a batch of camera frames.
 
@@ -191,7 +200,13 @@ class CertifiedClassifier:
         robust: robust model h (a `models.LoadedModel`), with `kind` in {lipschitz, smoothing,
             empirical}; lipschitz models carry `lipschitz_constant` (probability outputs, in
             `norm`), smoothing models `sigma`, `n0`, `n`.
-        preprocess: how frames become model inputs.
+        preprocess: how frames become the robust model's input (None: from its config,
+            `PreprocessConfig.for_model`). The certificate, `image_radius` and its operator norm go
+            through this preprocessing only: by Lemma 1 the certified class and radius do not depend
+            on the standard model's input.
+        standard_preprocess: how frames become the standard model's input (None: from its config
+            when `preprocess` is None, else `preprocess` at the standard model's input size and
+            channels). Each model may take its own size, channels, crop and resize.
         device: where preprocessing, both models and the certificate run.
         standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
             does not depend on g). The robust model runs in float32 (smoothing) or float64
@@ -214,10 +229,11 @@ class CertifiedClassifier:
         self,
         standard: torch.nn.Module,
         robust: torch.nn.Module,
-        preprocess: PreprocessConfig,
+        preprocess: PreprocessConfig | None,
         device: torch.device,
         standard_precision: str = "float32",
         seed: int | None = None,
+        standard_preprocess: PreprocessConfig | None = None,
     ):
         if standard_precision not in _PRECISIONS:
             raise ValueError(f"standard_precision must be one of {sorted(_PRECISIONS)}")
@@ -250,8 +266,20 @@ class CertifiedClassifier:
                 except Exception:  # e.g. a TorchScript model with float32 hard-wired inside
                     self.robust_float64 = None
                     self.forward_error = "estimated-float32"
+        if standard_preprocess is None:
+            if preprocess is None:
+                standard_preprocess = PreprocessConfig.for_model(_model_config(standard))
+            else:
+                channels, height, width = getattr(standard, "input_shape", robust.input_shape)
+                standard_preprocess = replace(preprocess, output_channels=channels, output_height=height,
+                                              output_width=width)
+        if preprocess is None:
+            preprocess = PreprocessConfig.for_model(robust.config)
         self.preprocess_config = replace(preprocess, device=str(device))
         self.preprocess = Preprocessor(self.preprocess_config)
+        self.standard_preprocess_config = replace(standard_preprocess, device=str(device))
+        self.standard_preprocess = (self.preprocess if self.standard_preprocess_config == self.preprocess_config
+                                    else Preprocessor(self.standard_preprocess_config))
         self.smooth = None
         if self.kind == "smoothing":
             self.smooth = Smooth(self.robust, self.num_classes, robust.sigma)
@@ -288,9 +316,10 @@ class CertifiedClassifier:
 
     def warm_up(self, settings: LiveSettings, repeats: int = 3) -> float:
         """Runs the full path on blank frames; returns the time of the first pass in ms."""
-        config = self.preprocess_config
-        channels = config.output_channels
-        height, width = max(64, config.crop_height), max(64, config.crop_width)
+        configs = (self.preprocess_config, self.standard_preprocess_config)
+        channels = max(config.output_channels for config in configs)
+        height = max(64, *(config.crop_height for config in configs))
+        width = max(64, *(config.crop_width for config in configs))
         order = "mono" if channels == 1 else "rgb"
         blank = DecodedImage(torch.zeros(height, width, channels, dtype=torch.uint8).numpy(), order, 1 / 255)
         first_ms = 0.0
@@ -312,16 +341,23 @@ class CertifiedClassifier:
         failure: those frames get BAD_INPUT or MODEL_ERROR results with `safe = false`."""
         start = time.perf_counter()
         results: list[FrameResult | None] = [None] * len(images)
-        inputs, kept = [], []
+        inputs, standard_inputs, kept = [], [], []
+        shared = self.standard_preprocess is self.preprocess
         for index, decoded in enumerate(images):
             try:
-                inputs.append(self.preprocess([decoded]))
-                kept.append(index)
+                robust_input = self.preprocess([decoded])
+                standard_input = robust_input if shared else self.standard_preprocess([decoded])
             except BadImageError as error:
                 results[index] = FrameResult.failure(Status.BAD_INPUT, str(error), settings, self.norm)
+                continue
+            inputs.append(robust_input)
+            standard_inputs.append(standard_input)
+            kept.append(index)
         if kept:
             try:
-                batch_results = self._classify_batch(torch.cat(inputs), [images[i] for i in kept], settings)
+                x = torch.cat(inputs)
+                x_standard = x if shared else torch.cat(standard_inputs)
+                batch_results = self._classify_batch(x, x_standard, [images[i] for i in kept], settings)
             except Exception as error:  # a model failure must not take the node down
                 message = f"model error: {type(error).__name__}: {error}"
                 batch_results = [FrameResult.failure(Status.MODEL_ERROR, message, settings, self.norm)
@@ -334,12 +370,13 @@ class CertifiedClassifier:
         return results  # type: ignore[return-value]
 
     def _classify_batch(
-        self, x: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
+        self, x: torch.Tensor, x_standard: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
     ) -> list[FrameResult]:
+        """`x`: the robust model's inputs (the certificate's space), `x_standard`: the standard model's."""
         alpha = settings.alpha
         probability_error = None
         with torch.inference_mode():
-            logits_g = self.standard(x)
+            logits_g = self.standard(x_standard)
             method = self.certificate_method
             with full_precision():
                 if self.smooth is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,15 @@ class PreprocessConfig:
             raise ValueError(f"output size {self.output_height}x{self.output_width} must be within 1..{MAX_SIDE}")
         if not (0 <= self.crop_height <= MAX_SIDE and 0 <= self.crop_width <= MAX_SIDE):
             raise ValueError(f"crop {self.crop_height}x{self.crop_width} must be within 0..{MAX_SIDE} (0 = none)")
+
+    @classmethod
+    def for_model(cls, config: Mapping[str, Any], device: str = "cpu") -> PreprocessConfig:
+        """The preprocessing a model config (`models.schema` keys) asks for: its input size and
+        channels, and its `crop_height`, `crop_width`, `resize`."""
+        return cls(output_channels=int(config["input_channels"]), output_height=int(config["input_height"]),
+                   output_width=int(config["input_width"]), crop_height=int(config.get("crop_height", 0)),
+                   crop_width=int(config.get("crop_width", 0)), resize=str(config.get("resize", "area")),
+                   device=str(device))
 
 
 def _crop_box(height: int, width: int, config: PreprocessConfig) -> tuple[int, int, int, int]:
@@ -158,32 +168,45 @@ class Preprocessor:
             host[index] = crop
         # contiguous NCHW: pooling a channels-last view is several times slower on the CPU
         samples = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2).contiguous()  # N, C_in, h, w
+        return _map_samples(samples, first.channel_order, first.scale, kind == "f", config, self._grey)
 
-        order = first.channel_order
-        if order in ("mono", "rgb"):
-            selected = samples  # already in order (mono is replicated after the resize for colour models)
-        else:
-            selected = samples[:, list(RGB_INDEX[order])]  # RGB order, alpha dropped
-        size = (config.output_height, config.output_width)
-        # An area average sums up to hundreds of samples: summed in float64 (error ~1e-13), then
-        # rounded once to float32, which keeps `preprocessing_float_error` near one float32 rounding.
-        wide = config.resize == "area" and tuple(selected.shape[-2:]) != size
-        x = selected.to(torch.float64 if wide else torch.float32)
-        scale = first.scale
-        if kind == "f":
-            x = (x * scale).clamp(0.0, 1.0)  # float frames are [0, 1] intensities by contract
-            scale = 1.0
-        # Resize first, colour and scale last: the same linear map (the colour matrix acts on channels,
-        # the resize on pixels), and the colour conversion on the small output only.
-        # The grey conversion is an explicit weighted sum, not a matmul, so TF32 settings cannot touch it.
-        x = _resize(x, size, config.resize).to(torch.float32)
-        if config.output_channels == 1 and order != "mono":
-            x = (x * self._grey).sum(dim=1, keepdim=True)
-        if scale != 1.0:
-            x = x * scale
-        if config.output_channels == 3 and order == "mono":
-            x = x.expand(-1, 3, -1, -1)
-        return x.clamp(0.0, 1.0).contiguous()
+    def differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """The same preprocessing for a batch of source images already in [0, 1] as a float tensor
+        (N, C, h, w), C = 1 (mono) or 3 (RGB), on `config.device`, differentiable in `x` (attacks on
+        the source image run through it). Raises BadImageError for a crop larger than the image."""
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise BadImageError(f"expected source images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
+        top, left, crop_height, crop_width = _crop_box(int(x.shape[2]), int(x.shape[3]), self.config)
+        crop = x[:, :, top: top + crop_height, left: left + crop_width]
+        return _map_samples(crop, "mono" if x.shape[1] == 1 else "rgb", 1.0, True, self.config, self._grey)
+
+
+def _map_samples(samples: torch.Tensor, order: str, scale: float, is_float: bool, config: PreprocessConfig,
+                 grey: torch.Tensor) -> torch.Tensor:
+    """The device part of `Preprocessor`: cropped samples (N, C_in, h, w) in `order` -> model input."""
+    if order in ("mono", "rgb"):
+        selected = samples  # already in order (mono is replicated after the resize for colour models)
+    else:
+        selected = samples[:, list(RGB_INDEX[order])]  # RGB order, alpha dropped
+    size = (config.output_height, config.output_width)
+    # An area average sums up to hundreds of samples: summed in float64 (error ~1e-13), then
+    # rounded once to float32, which keeps `preprocessing_float_error` near one float32 rounding.
+    wide = config.resize == "area" and tuple(selected.shape[-2:]) != size
+    x = selected.to(torch.float64 if wide else torch.float32)
+    if is_float:
+        x = (x * scale).clamp(0.0, 1.0)  # float frames are [0, 1] intensities by contract
+        scale = 1.0
+    # Resize first, colour and scale last: the same linear map (the colour matrix acts on channels,
+    # the resize on pixels), and the colour conversion on the small output only.
+    # The grey conversion is an explicit weighted sum, not a matmul, so TF32 settings cannot touch it.
+    x = _resize(x, size, config.resize).to(torch.float32)
+    if config.output_channels == 1 and order != "mono":
+        x = (x * grey).sum(dim=1, keepdim=True)
+    if scale != 1.0:
+        x = x * scale
+    if config.output_channels == 3 and order == "mono":
+        x = x.expand(-1, 3, -1, -1)
+    return x.clamp(0.0, 1.0).contiguous()
 
 
 # ------------------------------------------------------------------------------ operator norm
