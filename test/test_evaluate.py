@@ -23,6 +23,7 @@ from mixclf_ros.evaluation.margins import MARGIN_COLUMNS
 from mixclf_ros.evaluation.params_file import model_configs_from_parameters
 from mixclf_ros.evaluation.settings import AutoAttackSettings, CertifySettings, PGDSettings, Runtime, SweepSettings
 from mixclf_ros.evaluation.sweep import run_sweep
+from mixclf_ros.evaluation.units import unit_seed
 
 CLASSES = 10
 SIDE = 12
@@ -140,8 +141,9 @@ def test_std_attack_at_alpha_zero_equals_the_attack_on_the_standard_model(standa
     attack = PGDSettings("linf", 0.15, 10)
     result = run_sweep(standard, robust, x, y, SweepSettings((0.0, 1.0), attack), RUNTIME)
     by_alpha = {row["alpha"]: row for row in result.rows}
-    # Independently: the same seeded attack on g alone, scored on g alone.
-    x_adv, _ = final_iterate_pgd(standard, x, y, attack, RUNTIME, "reference")
+    # Independently: the same seeded attack on g alone (one shard: the STD unit's seed), scored on g alone.
+    shard_runtime = Runtime(batch_size=RUNTIME.batch_size, seed=unit_seed(RUNTIME.seed, "std/shard=0"))
+    x_adv, _ = final_iterate_pgd(standard, x, y, attack, shard_runtime, "reference")
     with torch.no_grad():
         alone = ((standard(x).argmax(1) == y) & (standard(x_adv).argmax(1) == y)).float().mean().item()
     assert by_alpha[0.0]["std_accuracy"] == pytest.approx(alone, abs=0)
