@@ -20,7 +20,7 @@ from mixclf_ros.evaluation.attack_runs import (
     mixture_correct,
 )
 from mixclf_ros.evaluation.settings import PGDSettings, Runtime, SweepSettings
-from mixclf_ros.evaluation.units import DEFAULT_SHARD_SIZE, ModelSet, Unit, UnitContext, execute, shard_slices
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shard_size_of, shard_slices
 
 
 @dataclass
@@ -68,7 +68,7 @@ def run_sweep(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labe
     attack, autoattack, alphas = settings.attack, settings.autoattack, settings.alphas
     if clean_images is None or clean_labels is None:
         clean_images, clean_labels = images, labels
-    shard_size = runtime.execution.shard_size if runtime.execution is not None else DEFAULT_SHARD_SIZE
+    shard_size = shard_size_of(runtime)
     clean_shards = shard_slices(int(clean_labels.shape[0]), shard_size)
     shards = shard_slices(int(labels.shape[0]), shard_size)
 

@@ -91,6 +91,11 @@ def shard_slices(count: int, shard_size: int) -> list[slice]:
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
+def shard_size_of(runtime: Runtime) -> int:
+    """Images per shard of a run: `runtime.execution.shard_size`, else `DEFAULT_SHARD_SIZE`."""
+    return runtime.execution.shard_size if runtime.execution is not None else DEFAULT_SHARD_SIZE
+
+
 def run_unit(context: UnitContext, unit: Unit, dependency: Any = None) -> dict[str, Any]:
     """Runs one unit and adds what the throughput report needs under "_meta" (worker, node, seconds,
     images); timing never enters the experiment's results."""
