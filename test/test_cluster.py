@@ -1,0 +1,118 @@
+"""`mixclf-eval --ray`: the work units on a local Ray instance (2 CPUs, shared by the tests of this module)
+give the same CSVs as the in-process run, also when a worker is killed mid-run; a rerun after an
+interruption resumes from the checkpointed units. Real zoo models, real Fashion-MNIST images, real PGD."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixclf_ros.evaluation import cli, sweep
+
+SWEEP = ["sweep", "--limit", "24", "--alphas", "0,0.5,1", "--steps", "3", "--shard-size", "8", "--threads", "1",
+         "--device", "cpu", "--no-progress"]
+CERTIFY = ["certify", "--robust", "robust_smoothing", "--limit", "12", "--n0", "8", "--n", "64",
+           "--alphas", "0.5,1", "--shard-size", "4", "--threads", "1", "--device", "cpu", "--no-progress"]
+UNITS = 3 + 3 * 3 + 3 * 3  # clean (all, attacked), STD, ROB per shard; MIX per (alpha, shard): 3 shards
+TIMING = ("command", "arguments", "execution", "throughput_images_per_second")
+"""JSON keys that differ between runs by design: the command line, and what ran where, how fast."""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance with 2 CPUs for the whole module (starting Ray takes a while)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-cluster.txt)")
+    from mixclf_ros.evaluation.cluster import RayBackend
+
+    backend = RayBackend("local", num_cpus=2)
+    yield backend
+    backend.close()
+
+
+def run(arguments: list[str], out: Path) -> tuple[bytes, dict]:
+    assert cli.main([*arguments, "--out", str(out)]) == 0
+    stem = next(out.glob("*.csv")).stem
+    return (out / f"{stem}.csv").read_bytes(), json.loads((out / f"{stem}.json").read_text())
+
+
+def comparable(report: dict) -> dict:
+    return {key: value for key, value in report.items() if key not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def in_process_sweep(tmp_path_factory) -> tuple[bytes, dict]:
+    return run(SWEEP, tmp_path_factory.mktemp("in_process"))
+
+
+@pytest.mark.parametrize("command", ["sweep", "certify"])
+def test_local_ray_gives_the_in_process_results(local_ray, in_process_sweep, tmp_path, command):
+    expected = in_process_sweep if command == "sweep" else run(CERTIFY, tmp_path / "in_process")
+    arguments = SWEEP if command == "sweep" else CERTIFY
+    csv, report = run([*arguments, "--ray", "local"], tmp_path / "ray")
+    assert csv == expected[0]
+    assert comparable(report) == comparable(expected[1])
+    execution = report["execution"]
+    assert execution["backend"] == "ray local"
+    assert execution["units"]["executed"] == execution["units"]["total"] > 0
+    assert execution["units"]["resumed"] == 0
+    for worker in execution["workers"]:
+        assert worker["worker"].startswith("ray:") and worker["node"]
+        assert worker["units"] > 0 and worker["units_per_second"] > 0 and worker["images_per_second"] > 0
+    assert sum(worker["units"] for worker in execution["workers"]) == execution["units"]["total"]
+
+
+def test_a_killed_worker_changes_nothing(local_ray, in_process_sweep, tmp_path, monkeypatch):
+    """The first attempt of one MIX unit kills its own worker process (SIGKILL); Ray retries it."""
+    marker = tmp_path / "killed"
+    original = sweep._mix_unit
+
+    def mix_unit_killing_its_worker_once(context, unit, dependency):
+        if unit.key == "mix/alpha=0.5/shard=1" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(context, unit, dependency)
+
+    monkeypatch.setattr(sweep, "_mix_unit", mix_unit_killing_its_worker_once)
+    csv, report = run([*SWEEP, "--ray", "local"], tmp_path / "ray")
+    assert marker.exists() and int(marker.read_text()) != os.getpid()  # a worker died, not this process
+    assert csv == in_process_sweep[0]
+    assert comparable(report) == comparable(in_process_sweep[1])
+    assert report["execution"]["units"] == {"total": UNITS, "executed": UNITS, "resumed": 0}
+
+
+def test_a_rerun_after_an_interruption_runs_only_the_missing_units(in_process_sweep, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original = sweep._mix_unit
+
+    def interrupted(context, unit, dependency):
+        if unit.key == "mix/alpha=0.5/shard=1":
+            raise KeyboardInterrupt
+        return original(context, unit, dependency)
+
+    monkeypatch.setattr(sweep, "_mix_unit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*SWEEP, "--out", str(out)])
+    finished = len(list((out / "sweep_linf.units").glob("*.pt")))
+    assert 0 < finished < UNITS
+    assert not (out / "sweep_linf.csv").exists()
+
+    monkeypatch.setattr(sweep, "_mix_unit", original)
+    csv, report = run(SWEEP, out)
+    assert report["execution"]["units"] == {"total": UNITS, "executed": UNITS - finished, "resumed": finished}
+    assert csv == in_process_sweep[0]
+    assert comparable(report) == comparable(in_process_sweep[1])
+    # A third run has nothing left to do, and changes nothing.
+    csv, report = run(SWEEP, out)
+    assert report["execution"]["units"] == {"total": UNITS, "executed": 0, "resumed": UNITS}
+    assert csv == in_process_sweep[0]
+
+
+def test_ray_option_without_ray_installed_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    assert cli.main([*SWEEP, "--ray", "local", "--out", str(tmp_path)]) == 2
+    assert "pip install 'mixclf_ros[cluster]'" in capsys.readouterr().err
