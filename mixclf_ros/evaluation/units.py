@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -107,13 +108,10 @@ def run_unit(context: UnitContext, unit: Unit, dependency: Any = None) -> dict[s
 
 
 def worker_name() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            return f"ray:{ray.get_runtime_context().get_worker_id()[:12]}:pid{os.getpid()}"
-    except ImportError:
-        pass
+    """"ray:<worker id>:pid<pid>" in a Ray worker, else "local:pid<pid>" (Ray is never imported here)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        return f"ray:{ray.get_runtime_context().get_worker_id()[:12]}:pid{os.getpid()}"
     return f"local:pid{os.getpid()}"
 
 
