@@ -13,6 +13,7 @@ and numbers; `dependency` is the result of the unit named by `unit.depends_on` (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -126,11 +127,25 @@ def _model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 over the package's Python sources and the torch version: a checkpoint made by other code is
+    not reused."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def unit_fingerprint(unit: Unit, models: ModelSet, runtime: Runtime) -> str:
     """What a unit's result depends on: its key, images, labels, parameters, the models' weights, the
-    seed, batch size and device type. A checkpoint is reused only under the same fingerprint."""
+    seed, batch size, device type and the code (`code_fingerprint`). A checkpoint is reused only under
+    the same fingerprint."""
     digest = hashlib.sha256()
-    for part in (unit.key, repr(sorted(unit.params.items())), str(unit.depends_on), str(runtime.seed),
+    for part in (code_fingerprint(), unit.key, repr(sorted(unit.params.items())), str(unit.depends_on),
+                 str(runtime.seed),
                  str(runtime.batch_size), runtime.device.type,
                  *(f"{role}={_model_fingerprint(model)}" for role, model in models.roles().items())):
         digest.update(part.encode("utf-8"))
@@ -196,6 +211,8 @@ def execute(units: Sequence[Unit], models: ModelSet, runtime: Runtime, descripti
                 results[unit.key] = found
     execution.total += len(units)
     execution.resumed += len(results)
+    if results and runtime.progress:
+        tqdm.write(f"{description}: {len(results)} of {len(units)} read back from {execution.checkpoints}")
     pending = [unit for unit in units if unit.key not in results]
     bar = tqdm(total=len(units), initial=len(results), desc=description, unit="unit",
                disable=not runtime.progress or not units)
