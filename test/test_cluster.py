@@ -116,3 +116,37 @@ def test_ray_option_without_ray_installed_is_a_clear_error(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     assert cli.main([*SWEEP, "--ray", "local", "--out", str(tmp_path)]) == 2
     assert "pip install 'mixclf_ros[cluster]'" in capsys.readouterr().err
+
+
+def test_workers_refuse_weights_that_differ_from_the_drivers(local_ray, tmp_path, monkeypatch, capsys):
+    """The weights file changes between the driver's load and the workers' (as on a host with other files):
+    the workers refuse it by sha256, and the run ends with a clear error."""
+    import shutil
+
+    import yaml
+
+    from mixclf_ros.evaluation import cluster
+    from mixclf_ros.models.loading import ZOO_DIR
+
+    weights = tmp_path / "robust.pt"
+    shutil.copy(ZOO_DIR / "robust_at.pt", weights)
+    robust = {"architecture": "fmnist_small_cnn", "weights": str(weights), "mean": [0.2860], "std": [0.3530],
+              "kind": "empirical", "norm": "linf"}
+    params = tmp_path / "params.yaml"
+    standard = {"architecture": "fmnist_cnn", "weights": "zoo:standard.pt", "mean": [0.2860], "std": [0.3530],
+                "kind": "standard"}
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"standard_model": standard,
+                                                                   "robust_model": robust}}}))
+    original = cluster.model_spec
+
+    def spec_then_replace_the_weights(model, role):
+        spec = original(model, role)
+        if role == "robust":
+            shutil.copy(ZOO_DIR / "robust_smoothing.pt", weights)  # same architecture, other weights
+        return spec
+
+    monkeypatch.setattr(cluster, "model_spec", spec_then_replace_the_weights)
+    arguments = [*SWEEP, "--params", str(params), "--ray", "local", "--out", str(tmp_path)]
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "robust model on Ray worker host" in error and "sha256" in error

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,11 @@ def model_spec(model: nn.Module, role: str) -> dict[str, Any]:
     if not config or not sha256:
         raise EvaluationError(f"--ray: the {role} model must be loaded from a model config (zoo name or "
                               "parameters file), so that workers can load it themselves")
-    return {"config": dict(config), "sha256": str(sha256)}
+    config = dict(config)
+    weights_path = getattr(model, "weights_path", None)
+    if weights_path is not None and not str(config.get("weights", "")).startswith("zoo:"):
+        config["weights"] = str(Path(weights_path).resolve())  # workers need not share the driver's cwd
+    return {"config": config, "sha256": str(sha256)}
 
 
 _WORKER_MODELS: dict[str, nn.Module] = {}
@@ -54,10 +59,13 @@ def _worker_models(specs: dict[str, dict[str, Any]], device: str) -> ModelSet:
     for role, spec in specs.items():
         key = json.dumps([spec["config"], spec["sha256"], device], sort_keys=True, default=str)
         if key not in _WORKER_MODELS:
-            model = load_config({**spec["config"], "sha256": spec["sha256"]}, torch.device(device))
+            try:  # load_model checks the weights' sha256 against the driver's
+                model = load_config({**spec["config"], "sha256": spec["sha256"]}, torch.device(device))
+            except (ValueError, OSError, RuntimeError) as error:
+                raise EvaluationError(f"{role} model on Ray worker host {socket.gethostname()}: {error}") from error
             if getattr(model, "sha256", None) != spec["sha256"]:
-                raise EvaluationError(f"{role} model: weights on this worker have sha256 "
-                                      f"{getattr(model, 'sha256', None)}, the driver's have {spec['sha256']}")
+                raise EvaluationError(f"{role} model on Ray worker host {socket.gethostname()}: weights have "
+                                      f"sha256 {getattr(model, 'sha256', None)}, the driver's have {spec['sha256']}")
             _WORKER_MODELS[key] = model
         loaded[role] = _WORKER_MODELS[key]
     return ModelSet(loaded["standard"], loaded["robust"], loaded.get("baseline"))
