@@ -80,6 +80,21 @@ def _remote_unit(specs: dict[str, dict[str, Any]], settings: dict[str, Any], uni
     return run_unit(context, unit, dependency)
 
 
+def _start_local_ray(ray: Any, num_cpus: int | None) -> None:
+    """`ray.init` of a local instance whose workers import this package from where the driver does (the
+    raylet passes its environment on to the workers; this process's environment is left as it was)."""
+    previous = os.environ.get("PYTHONPATH")
+    package_parent = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, [previous])])
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    finally:
+        if previous is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous
+
+
 class RayBackend:
     """Executes units as Ray tasks on a local Ray instance (`address` "local") or a running cluster.
 
@@ -93,10 +108,7 @@ class RayBackend:
         self.started = False
         if not ray.is_initialized():
             if address == "local":
-                package_parent = str(Path(__file__).resolve().parents[2])
-                os.environ["PYTHONPATH"] = os.pathsep.join(
-                    [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])])
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                _start_local_ray(ray, num_cpus)
             else:
                 try:
                     ray.init(address=address, log_to_driver=False)
