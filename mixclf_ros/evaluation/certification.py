@@ -19,7 +19,7 @@ from mixclf_ros.evaluation.certificates import (
     robust_certificates,
 )
 from mixclf_ros.evaluation.settings import CertifySettings, EvaluationError, Runtime, SmoothingOverrides
-from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shard_size_of, shard_slices
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 
 
 def certified_accuracy_curve(radii: torch.Tensor, certified_class: torch.Tensor, labels: torch.Tensor,
@@ -97,25 +97,24 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
     if kind not in ("lipschitz", "smoothing"):
         raise EvaluationError(f"certify needs a robust model of kind 'lipschitz' or 'smoothing', got {kind!r}")
     baseline_plan = _baseline_plan(robust, settings, baseline, baseline_label)
-    shards = shard_slices(int(labels.shape[0]), shard_size_of(runtime))
+    parts = shards(images, labels, runtime)
     plans = {"robust": ("robust", overrides)}
     if baseline_plan is not None:
         plans["baseline"] = baseline_plan[:2]
-    units = [Unit(f"certify/logits_g/shard={i}", _logits_unit, images[part].clone(), labels[part].clone(),
-                  {"role": "standard"}) for i, part in enumerate(shards)]
-    units += [Unit(f"certify/{name}/shard={i}", _certificates_unit, images[part].clone(), labels[part].clone(),
-                   {"role": role, "overrides": unit_overrides})
-              for name, (role, unit_overrides) in plans.items() for i, part in enumerate(shards)]
+    units = [Unit(f"certify/logits_g/shard={i}", _logits_unit, *part, {"role": "standard"})
+             for i, part in enumerate(parts)]
+    units += [Unit(f"certify/{name}/shard={i}", _certificates_unit, *part, {"role": role, "overrides": unit_overrides})
+              for name, (role, unit_overrides) in plans.items() for i, part in enumerate(parts)]
     results = execute(units, ModelSet(standard, robust, baseline), runtime, "certify units")
-    logits_g = torch.cat([results[f"certify/logits_g/shard={i}"]["logits"] for i in range(len(shards))]).double()
-    certificates = _joined_certificates([results[f"certify/robust/shard={i}"] for i in range(len(shards))])
+    logits_g = torch.cat([results[f"certify/logits_g/shard={i}"]["logits"] for i in range(len(parts))]).double()
+    certificates = _joined_certificates([results[f"certify/robust/shard={i}"] for i in range(len(parts))])
     if baseline_plan is None:
         baseline_certificates, baseline_info = certificates, {
             "description": "the robust model alone (alpha = 1): no robust model of equal clean accuracy was "
                            "given", "label": "robust model"}
     else:
         baseline_certificates = _joined_certificates([results[f"certify/baseline/shard={i}"]
-                                                      for i in range(len(shards))])
+                                                      for i in range(len(parts))])
         baseline_info = baseline_plan[2]
     curves = []
     for alpha in settings.alphas:

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ def model_spec(model: nn.Module, role: str) -> dict[str, Any]:
 
 
 _WORKER_MODELS: dict[str, nn.Module] = {}
+_EMPTY = torch.zeros(0)
 
 
 def _worker_models(specs: dict[str, dict[str, Any]], device: str) -> ModelSet:
@@ -71,9 +73,10 @@ def _worker_models(specs: dict[str, dict[str, Any]], device: str) -> ModelSet:
     return ModelSet(loaded["standard"], loaded["robust"], loaded.get("baseline"))
 
 
-def _remote_unit(specs: dict[str, dict[str, Any]], settings: dict[str, Any], unit: Unit,
-                 dependency: Any) -> dict[str, Any]:
-    """A unit on a Ray worker (the body of the Ray task)."""
+def _remote_unit(specs: dict[str, dict[str, Any]], settings: dict[str, Any], unit: Unit, images: torch.Tensor,
+                 labels: torch.Tensor, dependency: Any) -> dict[str, Any]:
+    """A unit on a Ray worker (the body of the Ray task); its shard travels separately, stored once."""
+    unit = replace(unit, images=images, labels=labels)
     torch.set_num_threads(settings["threads"])
     models = _worker_models(specs, settings["device"])
     context = UnitContext(models, torch.device(settings["device"]), settings["batch_size"], settings["seed"])
@@ -131,12 +134,21 @@ class RayBackend:
         task = ray.remote(_remote_unit).options(num_cpus=self.threads, num_gpus=self.gpus,
                                                 max_retries=self.max_retries, retry_exceptions=False)
         specs_ref = ray.put(specs)
+        stored: dict[int, tuple[Any, torch.Tensor]] = {}  # id -> (object ref, the tensor, kept alive)
+
+        def put(tensor: torch.Tensor) -> Any:
+            if id(tensor) not in stored:  # the units of a shard share its tensors: one copy in the object store
+                stored[id(tensor)] = (ray.put(tensor), tensor)
+            return stored[id(tensor)][0]
+
         references: dict[str, Any] = {}
         for unit in units:
             dependency = None
             if unit.depends_on:
                 dependency = references.get(unit.depends_on, done.get(unit.depends_on))
-            references[unit.key] = task.remote(specs_ref, settings, unit, dependency)
+            bare = replace(unit, images=_EMPTY, labels=_EMPTY)
+            references[unit.key] = task.remote(specs_ref, settings, bare, put(unit.images), put(unit.labels),
+                                               dependency)
         keys = {reference: key for key, reference in references.items()}
         pending = list(references.values())
         while pending:

@@ -11,7 +11,7 @@ from torch import nn
 
 from mixclf_ros.evaluation.attack_runs import first_success_pgd, images_per_second, mean_or_nan
 from mixclf_ros.evaluation.settings import DesignSettings, Runtime
-from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shard_size_of, shard_slices
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 
 
 def design_comparison(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -36,25 +36,25 @@ def design_comparison(standard: nn.Module, robust: nn.Module, images: torch.Tens
     rows = [dict(row) for row in known_rows]
     combinations = [(trust, space, float(gamma)) for trust in trusts for space in spaces for gamma in gammas
                     if (trust, space, float(gamma)) not in known]
-    shards = shard_slices(int(labels.shape[0]), shard_size_of(runtime))
+    parts = shards(images, labels, runtime)
 
     def key(trust: str, space: str, gamma: float, shard: int) -> str:
         return f"design/{trust}/{space}/gamma={gamma!r}/shard={shard}"
 
-    units = [Unit(key(trust, space, gamma, i), _design_unit, images[part].clone(), labels[part].clone(),
+    units = [Unit(key(trust, space, gamma, i), _design_unit, *part,
                   {"trust": trust, "space": space, "gamma": gamma, "attack": attack})
-             for trust, space, gamma in combinations for i, part in enumerate(shards)]
+             for trust, space, gamma in combinations for i, part in enumerate(parts)]
     results = execute(units, ModelSet(standard, robust), runtime, "design units")
     for trust, space, gamma in combinations:
-        parts = [results[key(trust, space, gamma, i)] for i in range(len(shards))]
-        clean_correct = torch.cat([part["clean_correct"] for part in parts]) if parts else torch.zeros(0, dtype=bool)
-        attacked_correct = (torch.cat([part["attacked_correct"] for part in parts]) if parts
+        done = [results[key(trust, space, gamma, i)] for i in range(len(parts))]
+        clean_correct = torch.cat([unit["clean_correct"] for unit in done]) if done else torch.zeros(0, dtype=bool)
+        attacked_correct = (torch.cat([unit["attacked_correct"] for unit in done]) if done
                             else torch.zeros(0, dtype=bool))
         rows.append({"trust": trust, "space": space, "gamma": float(gamma),
                      "clean_accuracy": mean_or_nan(clean_correct),
                      "attacked_accuracy": mean_or_nan(attacked_correct),
-                     "images_per_second": images_per_second(sum(int(part["attacked"]) for part in parts),
-                                                            sum(float(part["seconds"]) for part in parts))})
+                     "images_per_second": images_per_second(sum(int(unit["attacked"]) for unit in done),
+                                                            sum(float(unit["seconds"]) for unit in done))})
     return rows
 
 

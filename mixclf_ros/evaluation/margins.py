@@ -9,7 +9,7 @@ from torch import nn
 
 from mixclf_ros.evaluation.attack_runs import final_iterate_pgd, mean_or_nan, predict_logits
 from mixclf_ros.evaluation.settings import PGDSettings, Runtime
-from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shard_size_of, shard_slices
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 
 
 def probability_gap(logits: torch.Tensor) -> torch.Tensor:
@@ -32,15 +32,13 @@ def margins_table(standard: nn.Module, robust: nn.Module, images: torch.Tensor, 
     for each of MARGIN_COLUMNS the mean gap (NaN when no sample falls in the cell) and `count_<column>`.
     """
     runtime = runtime or Runtime()
-    shard_size = shard_size_of(runtime)
-    shards = shard_slices(int(labels.shape[0]), shard_size)
-    units = [Unit(f"margins/{name}/shard={i}", _margins_unit, images[part].clone(), labels[part].clone(),
-                  {"attack": attack, "target": role})
-             for name, role in (("g", "standard"), ("h", "robust")) for i, part in enumerate(shards)]
+    parts = shards(images, labels, runtime)
+    units = [Unit(f"margins/{name}/shard={i}", _margins_unit, *part, {"attack": attack, "target": role})
+             for name, role in (("g", "standard"), ("h", "robust")) for i, part in enumerate(parts)]
     results = execute(units, ModelSet(standard, robust), runtime, "margins units")
     table = []
     for name in ("g", "h"):
-        keys = [f"margins/{name}/shard={i}" for i in range(len(shards))]
+        keys = [f"margins/{name}/shard={i}" for i in range(len(parts))]
         row: dict[str, Any] = {"model": name}
         for condition in ("clean", "attacked"):
             correct = _joined(results, keys, f"{condition}_correct", torch.bool)

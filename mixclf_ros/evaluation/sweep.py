@@ -20,7 +20,7 @@ from mixclf_ros.evaluation.attack_runs import (
     mixture_correct,
 )
 from mixclf_ros.evaluation.settings import PGDSettings, Runtime, SweepSettings
-from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shard_size_of, shard_slices
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 
 
 @dataclass
@@ -68,30 +68,25 @@ def run_sweep(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labe
     attack, autoattack, alphas = settings.attack, settings.autoattack, settings.alphas
     if clean_images is None or clean_labels is None:
         clean_images, clean_labels = images, labels
-    shard_size = shard_size_of(runtime)
-    clean_shards = shard_slices(int(clean_labels.shape[0]), shard_size)
-    shards = shard_slices(int(labels.shape[0]), shard_size)
-
-    def unit(key: str, function, part: slice, params: dict, source=(images, labels), depends_on=None) -> Unit:
-        return Unit(key, function, source[0][part].clone(), source[1][part].clone(), params, depends_on)
-
-    units = [unit(f"clean_all/shard={i}", _clean_unit, part, {"alphas": alphas}, (clean_images, clean_labels))
+    clean_shards = shards(clean_images, clean_labels, runtime)
+    attacked_shards = shards(images, labels, runtime)
+    units = [Unit(f"clean_all/shard={i}", _clean_unit, *part, {"alphas": alphas})
              for i, part in enumerate(clean_shards)]
-    for i, part in enumerate(shards):
-        units.append(unit(f"clean/shard={i}", _clean_unit, part, {"alphas": alphas}))
+    for i, part in enumerate(attacked_shards):
+        units.append(Unit(f"clean/shard={i}", _clean_unit, *part, {"alphas": alphas}))
         for name, target in (("std", "standard"), ("rob", "robust")):
-            units.append(unit(f"{name}/shard={i}", _transfer_unit, part,
+            units.append(Unit(f"{name}/shard={i}", _transfer_unit, *part,
                               {"alphas": alphas, "attack": attack, "target": target}))
     for alpha in alphas:
-        for i, part in enumerate(shards):
+        for i, part in enumerate(attacked_shards):
             mix_key = f"mix/alpha={alpha!r}/shard={i}"
-            units.append(unit(mix_key, _mix_unit, part, {"alpha": alpha, "attack": attack}))
+            units.append(Unit(mix_key, _mix_unit, *part, {"alpha": alpha, "attack": attack}))
             if autoattack is not None and autoattack.runs_at(alpha):
-                units.append(unit(f"autoattack/alpha={alpha!r}/shard={i}", _autoattack_unit, part,
+                units.append(Unit(f"autoattack/alpha={alpha!r}/shard={i}", _autoattack_unit, *part,
                                   {"alpha": alpha, "attack": attack, "autoattack": autoattack}, depends_on=mix_key))
     results = execute(units, ModelSet(standard, robust), runtime, "sweep units")
 
-    def joined(kind: str, name: str, count: int = len(shards), alpha: float | None = None) -> torch.Tensor:
+    def joined(kind: str, name: str, count: int = len(attacked_shards), alpha: float | None = None) -> torch.Tensor:
         keys = [f"{kind}/shard={i}" if alpha is None else f"{kind}/alpha={alpha!r}/shard={i}" for i in range(count)]
         parts = [results[key][name] for key in keys]
         if parts:

@@ -93,6 +93,13 @@ def shard_slices(count: int, shard_size: int) -> list[slice]:
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
+def shards(images: torch.Tensor, labels: torch.Tensor, runtime: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each shard of `shard_size_of(runtime)` consecutive samples, copied once (a view
+    would carry the whole set when sent to a worker); every unit of a shard shares them."""
+    return [(images[part].clone(), labels[part].clone())
+            for part in shard_slices(int(labels.shape[0]), shard_size_of(runtime))]
+
+
 def shard_size_of(runtime: Runtime) -> int:
     """Images per shard of a run: `runtime.execution.shard_size`, else `DEFAULT_SHARD_SIZE`."""
     return runtime.execution.shard_size if runtime.execution is not None else DEFAULT_SHARD_SIZE
