@@ -9,6 +9,10 @@ Also `python -m mixclf_ros.evaluation ...` (or `python -m mixclf_ros.evaluation.
 writes a CSV and a JSON file with every number, and a PNG plot, under `--out` (default `eval_out/`), and
 prints a compact table.
 
+Every experiment runs as work units (alpha x image shard x attack, `evaluation.units`), one after the other
+in this process, or with `--ray [ADDRESS]` as Ray tasks on a local instance or a cluster
+(`evaluation.cluster`); finished units are checkpointed under `--out`, so a rerun resumes.
+
 Units and conventions:
 - images are [0,1] pixel tensors (N, C, H, W) at the model input; attack budgets `eps` and
   certified radii are in the named norm ("linf" or "l2") in those units;

@@ -167,8 +167,8 @@ class Execution:
     """How units run: `backend` None (this process) or a `cluster.RayBackend`; `checkpoints` a folder
     for one file per finished unit (None: no checkpoints); `shard_size` images per shard.
 
-    `report` accumulates over the experiment's `execute` calls: units total / executed / resumed and
-    per-worker throughput (`throughput_report`)."""
+    The counts and the per-unit timing accumulate over the experiment's `execute` calls; `report`
+    summarises them for the JSON."""
 
     backend: Any = None
     checkpoints: Path | None = None
