@@ -113,8 +113,10 @@ class RayBackend:
             if address == "local":
                 _start_local_ray(ray, num_cpus)
             else:
-                try:
-                    ray.init(address=address, log_to_driver=False)
+                package = str(Path(__file__).resolve().parents[1])
+                try:  # the driver's package travels to every node (py_modules): all run the same code
+                    ray.init(address=address, log_to_driver=False,
+                             runtime_env={"py_modules": [package], "excludes": ["__pycache__", "*.pyc"]})
                 except (ConnectionError, RuntimeError, ValueError) as error:
                     raise EvaluationError(f"--ray {address}: cannot join the cluster ({error})") from error
             self.started = True
