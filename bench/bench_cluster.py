@@ -7,6 +7,7 @@ timed runs: the figures are the steady state of a long sweep, not Ray's start-up
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -38,6 +39,7 @@ def bench_cluster(images: int = 256, shard_size: int = 32, alphas: tuple[float, 
         return time.perf_counter() - started, result.rows
 
     timed(None, shard_size)  # warm-up of this process (first autograd passes, lazy imports)
+    load_before = os.getloadavg()[0]
     in_process_seconds, rows = timed(None)
     seconds, identical = {}, True
     for workers in (1, 2):
@@ -60,7 +62,8 @@ def bench_cluster(images: int = 256, shard_size: int = 32, alphas: tuple[float, 
             "scaling_1_to_2_workers": scaling, "target_scaling": TARGET_SCALING,
             "scaling_met": scaling >= TARGET_SCALING,
             "overhead_1_worker_over_in_process": overhead, "target_overhead": TARGET_OVERHEAD,
-            "overhead_met": overhead <= TARGET_OVERHEAD, "rows_identical": identical}
+            "overhead_met": overhead <= TARGET_OVERHEAD, "rows_identical": identical,
+            "load_average_1min": [load_before, os.getloadavg()[0]]}
 
 
 def cluster_markdown(cluster: dict) -> list[str]:
@@ -75,4 +78,7 @@ def cluster_markdown(cluster: dict) -> list[str]:
             f"Scaling 1 -> 2 workers: {cluster['scaling_1_to_2_workers']:.2f}x (target >= {TARGET_SCALING}: "
             f"{verdict(cluster['scaling_met'])}); 1 Ray worker over in process: "
             f"{cluster['overhead_1_worker_over_in_process']:.2f}x (target <= {TARGET_OVERHEAD}: "
-            f"{verdict(cluster['overhead_met'])}); rows identical: {cluster['rows_identical']}.", ""]
+            f"{verdict(cluster['overhead_met'])}); rows identical: {cluster['rows_identical']}.",
+            *([f"1-minute load average before / after (other processes share the cores): "
+               f"{cluster['load_average_1min'][0]:.1f} / {cluster['load_average_1min'][1]:.1f}."]
+              if "load_average_1min" in cluster else []), ""]
