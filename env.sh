@@ -21,8 +21,13 @@ export LD_LIBRARY_PATH="$VIRTUAL_ENV/lib:${_mixclf_ros_libs}${LD_LIBRARY_PATH:-}
 export RMW_IMPLEMENTATION="${RMW_IMPLEMENTATION:-rmw_fastrtps_cpp}"
 # Discovery stays on this host.
 export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST}"
-# Fast DDS silently drops best-effort messages over ~512 KB between processes with its default
-# shared-memory transport (ros2/rmw_fastrtps#739); a 640x480 rgb8 frame is 900 KB.
+# Camera frames between processes: Fast DDS's default shared-memory segment (512 KB) holds not even
+# one 640x480 rgb8 frame (900 KB), so best-effort frames are lost under load (ros2/rmw_fastrtps#739).
+# config/fastdds_camera.xml gives shared memory a 32 MiB segment (`make bench`, section transport:
+# best effort at 30 Hz on a loaded machine, 5 % lost with it against about 60 % with the defaults or
+# LARGE_DATA). Fast DDS 3.x reads FASTDDS_DEFAULT_PROFILES_FILE. The profile replaces the builtin
+# transports, so FASTDDS_BUILTIN_TRANSPORTS applies only where no profile is set.
+export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_mixclf_root/config/fastdds_camera.xml}"
 export FASTDDS_BUILTIN_TRANSPORTS="${FASTDDS_BUILTIN_TRANSPORTS:-LARGE_DATA}"
 # Small models, one frame at a time: waking torch's thread pool costs more than it saves
 # (measured in bench/; override for big models).

@@ -1,6 +1,6 @@
 """`make bench`: speed and memory of the node, measured side by side in one run.
 
-    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,cluster,soak] [--soak-seconds 60]
+    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport] [--soak-seconds 60]
 
 Every figure is a ratio against a baseline measured in the same run (this machine is shared and
 noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BENCHMARKS.md.
@@ -17,6 +17,8 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
 - cluster:   a PGD sweep on a local Ray instance with 1 and 2 single-threaded workers, against the same
              work units in process with one thread (bench/bench_cluster.py).
 - soak:      resident memory of the node at 30 Hz over --soak-seconds.
+- transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
+             machine, per Fast DDS configuration (bench/bench_transport.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
 from bench.bench_certify import median_seconds  # noqa: E402
 from bench.bench_cluster import bench_cluster, cluster_markdown  # noqa: E402
+from bench.bench_transport import bench_transport  # noqa: E402
+from bench.bench_transport import markdown as transport_markdown  # noqa: E402
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # Reliable frames everywhere: Fast DDS drops best-effort 900 KB frames between processes here
@@ -200,8 +204,10 @@ def bench_latency(work: Path, count: int) -> dict:
                            "mean": "[0.485, 0.456, 0.406]", "std": "[0.229, 0.224, 0.225]"}.items():
             model_args += ["-p", f"{prefix}.{key}:={value}"]
     model_args += ["-p", "robust_model.kind:=lipschitz", "-p", "robust_model.lipschitz_constant:=1000.0",
-                   "-p", "standard_model.kind:=standard", "-p", "crop_height:=0", "-p", "crop_width:=0",
-                   "-p", "resize:=bilinear", "-p", "max_image_age:=0.0", "-p", "class_names:=['']"]
+                   "-p", "standard_model.kind:=standard", "-p", "max_image_age:=0.0", "-p", "class_names:=['']"]
+    for prefix in ("standard_model", "robust_model"):
+        model_args += ["-p", f"{prefix}.crop_height:=0", "-p", f"{prefix}.crop_width:=0",
+                       "-p", f"{prefix}.resize:=bilinear"]
     session = Session("bench_latency_resnet")
     try:
         with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, *RELIABLE,
@@ -530,6 +536,8 @@ def write_markdown(report: dict) -> None:
                   f"RSS first {soak['rss_mb_first']:.0f} MiB, "
                   f"last {soak['rss_mb_last']:.0f} MiB, max {soak['rss_mb_max']:.0f} MiB, slope "
                   f"{soak['rss_slope_mb_per_min']:.2f} MiB/min.", ""]
+    if report.get("transport"):
+        lines += transport_markdown(report["transport"])
     notes = REPO_ROOT / "bench" / "NOTES.md"
     if notes.exists():
         lines += [notes.read_text()]
@@ -539,10 +547,11 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
+    parser.add_argument("--transport-frames", type=int, default=1000)
     args = parser.parse_args(argv)
     selected = args.only.split(",")
     work = Path(tempfile.mkdtemp(prefix="mixclf_bench_"))
@@ -558,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         "attacks": bench_attacks,
         "cluster": bench_cluster,
         "soak": lambda: bench_soak(work, args.soak_seconds),
+        "transport": lambda: bench_transport(work, args.transport_frames),
     }
     for name in selected:
         start = time.monotonic()

@@ -4,7 +4,7 @@ The public API is importable from here, e.g. `from mixclf_ros import MixedClassi
 Names resolve lazily (PEP 562), so `import mixclf_ros` imports neither torch nor rclpy.
 
 Layout (imports only run downwards; `ros`, `evaluation` and `demo` are leaves):
-    core/        the paper's math: mixing, certify, lipschitz, smoothing (torch only)
+    core/        the paper's math: mixing, certify, lipschitz, smoothing, numerics (torch only)
     models/      builders, the model config, loading, the zoo
     vision/      decoding and preprocessing, with the preprocessing's operator norm
     runtime/     CertifiedClassifier: frames in, certified results out
@@ -12,6 +12,7 @@ Layout (imports only run downwards; `ros`, `evaluation` and `demo` are leaves):
     evaluation/  the `mixclf-eval` CLI
     ros/         the lifecycle node (rclpy)
     demo/        camera simulator, monitor, the one-command demo
+    interrupts   Ctrl-C for the executables (imports nothing of the package)
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ _PUBLIC: dict[str, str] = {
     "lipschitz_radius": "core.certify",
     "smoothing_radius": "core.certify",
     "softmax_lipschitz_factor": "core.certify",
+    "float32_toward_zero": "core.certify",
+    "ErrorBoundedForward": "core.numerics",
+    "full_precision": "core.numerics",
     "UnsupportedLayerError": "core.lipschitz",
     "logit_lipschitz_bound": "core.lipschitz",
     "probability_lipschitz_bound": "core.lipschitz",
+    "probability_gradient_norm_search": "core.lipschitz",
+    "check_declared_lipschitz": "models.loading",
     "Smooth": "core.smoothing",
     "SmoothingCertificate": "core.smoothing",
     "LoadedModel": "models.loading",
@@ -50,11 +56,14 @@ _PUBLIC: dict[str, str] = {
     "Preprocessor": "vision.preprocess",
     "image_radius": "vision.preprocess",
     "preprocessing_operator_norm": "vision.preprocess",
+    "preprocessing_float_error": "vision.preprocess",
     "CertifiedClassifier": "runtime.classifier",
     "FrameResult": "runtime.classifier",
     "LiveSettings": "runtime.classifier",
     "Status": "runtime.classifier",
     "is_safe": "runtime.classifier",
+    "threshold_reachable": "runtime.reachability",
+    "unreachable_warning": "runtime.reachability",
     "pgd": "attacks",
     "load_fashion_mnist": "data",
 }

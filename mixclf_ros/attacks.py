@@ -31,6 +31,15 @@ KEEP = ("first_success", "final")
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _check_attack(norm: str, steps: int, restarts: int, min_steps: int) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if steps < min_steps or restarts < 1:
+        raise ValueError(f"need steps >= {min_steps} and restarts >= 1")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("pgd needs autograd: do not call it under torch.inference_mode()")
+
+
 def _per_sample_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
     flat = t.flatten(1)
     return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
@@ -148,12 +157,7 @@ def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tenso
             model = _EvalModule(model)
         step = step_size if step_size is not None else 2.5 * float(eps) / max(steps, 1)
         return final_iterate_pgd(model, x, y, float(eps), norm, steps, float(step), restarts, generator)
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if steps < 0 or restarts < 1:
-        raise ValueError("need steps >= 0 and restarts >= 1")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("pgd needs autograd: do not call it under torch.inference_mode()")
+    _check_attack(norm, steps, restarts, min_steps=0)
     x = x.detach()
     y = y.detach().to(x.device)
     eps_all = _per_sample(eps.detach() if isinstance(eps, torch.Tensor) else eps, x, "eps")
@@ -209,12 +213,7 @@ def final_iterate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     """
     import torchattacks
 
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if steps < 1 or restarts < 1:
-        raise ValueError("need steps >= 1 and restarts >= 1")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("pgd needs autograd: do not call it under torch.inference_mode()")
+    _check_attack(norm, steps, restarts, min_steps=1)
     x = x.detach()
     y = y.detach().to(x.device)
     if norm == "linf":

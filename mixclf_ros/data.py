@@ -181,12 +181,14 @@ class ImageFolder:
     skipped: list[str] = field(default_factory=list)
 
 
-def load_image_folder(path: str | Path, preprocess: PreprocessConfig, class_names: Sequence[str],
+def load_image_folder(path: str | Path, preprocess: PreprocessConfig | None, class_names: Sequence[str],
                       num_classes: int, class_map: dict[str, str] | None = None) -> ImageFolder:
     """Images from `path/<class>/*`, labelled by `folder_labels`, through the node's own path: each
     file is decoded as a `sensor_msgs/CompressedImage` payload (`vision.decode.decode_compressed`)
     and preprocessed by `vision.preprocess.Preprocessor` with `preprocess` (centre crop, colour,
     resize mode, model input size), so the images are exactly what the node classifies.
+    `preprocess` None: the source images themselves, [0, 1] (N, 1 or 3, H, W) as each model's
+    preprocessing takes them (grey or RGB, alpha dropped); they must all have one size and colour.
 
     Raises:
         DatasetMissingError: no class sub-folders or no readable image.
@@ -194,14 +196,15 @@ def load_image_folder(path: str | Path, preprocess: PreprocessConfig, class_name
         BadImageError: an image the node would refuse too (e.g. smaller than the crop).
     """
     from mixclf_ros.vision.decode import BadImageError, decode_compressed
-    from mixclf_ros.vision.preprocess import Preprocessor
+    from mixclf_ros.vision.preprocess import PreprocessConfig, Preprocessor
 
     root = Path(path)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not folders:
         raise DatasetMissingError(f"{root}: no class sub-folders")
     labels_of = folder_labels(folders, class_names, num_classes, class_map)
-    preprocessor = Preprocessor(replace(preprocess, device="cpu"))
+    preprocessor = Preprocessor(replace(preprocess, device="cpu")) if preprocess is not None else None
+    source = None
     images, labels, skipped = [], [], []
     for folder in folders:
         for file in sorted(p for p in (root / folder).iterdir() if p.is_file()):
@@ -211,7 +214,19 @@ def load_image_folder(path: str | Path, preprocess: PreprocessConfig, class_name
                 skipped.append(f"{folder}/{file.name}")
                 continue
             try:
-                images.append(preprocessor([decoded]))
+                if preprocessor is None:  # the source: identity size, no crop
+                    height, width = decoded.pixels.shape[:2]
+                    shape = (1 if decoded.channel_order == "mono" else 3, height, width)
+                    if source is None:
+                        source = (shape, Preprocessor(PreprocessConfig(*shape)))
+                    elif shape != source[0]:
+                        raise ImageFolderError(f"{file}: {shape[0]}x{shape[1]}x{shape[2]} (channels x height x width), "
+                                               f"the first image {'x'.join(map(str, source[0]))}: a pair of models "
+                                               "that preprocess differently is evaluated on the source images, "
+                                               "which must all have one size and colour")
+                    images.append(source[1]([decoded]))
+                else:
+                    images.append(preprocessor([decoded]))
             except BadImageError as error:
                 raise BadImageError(f"{file}: {error}") from None
             labels.append(labels_of[folder])

@@ -157,14 +157,37 @@ class RosClient:
         from rcl_interfaces.msg import Parameter as ParameterMsg
         from rcl_interfaces.srv import SetParameters
 
-        client = self.node.create_client(SetParameters, f"/{self.target_node}/set_parameters")
-        assert client.wait_for_service(timeout_sec=20.0)
-        future = client.call_async(SetParameters.Request(parameters=[ParameterMsg(name=name, value=parameter_value)]))
-        deadline = time.monotonic() + 20
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.node.destroy_client(client)
-        return future.result().results[0]
+        request = SetParameters.Request(parameters=[ParameterMsg(name=name, value=parameter_value)])
+        return self._call(SetParameters, "set_parameters", request).results[0]
+
+    def _call(self, service_type, name: str, request):
+        client = self.node.create_client(service_type, f"/{self.target_node}/{name}")
+        try:
+            assert client.wait_for_service(timeout_sec=30.0), f"/{self.target_node}/{name} not available"
+            future = client.call_async(request)
+            deadline = time.monotonic() + 120  # configure loads and warms up both models
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert future.done(), f"/{self.target_node}/{name} did not answer"
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
+    def lifecycle_state(self) -> str:
+        """The node's lifecycle state label (`<node>/get_state`), e.g. 'active'."""
+        from lifecycle_msgs.srv import GetState
+
+        return self._call(GetState, "get_state", GetState.Request()).current_state.label
+
+    def change_state(self, transition: str) -> bool:
+        """Triggers a lifecycle transition by label (`<node>/change_state`): configure, activate,
+        deactivate, cleanup; returns whether it succeeded."""
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        transition_id = getattr(Transition, f"TRANSITION_{transition.upper()}")
+        request = ChangeState.Request(transition=Transition(id=transition_id))
+        return self._call(ChangeState, "change_state", request).success
 
     def get_parameters(self, *names: str) -> list:
         assert self.parameters.wait_for_services(timeout_sec=20.0)
@@ -181,6 +204,22 @@ class RosClient:
         while not future.done() and time.monotonic() < deadline:
             time.sleep(0.01)
         return list(future.result().result.names)
+
+
+def camera_counters(client: RosClient, topic: str = "image") -> dict[str, int]:
+    """The node's counters of camera `topic`, from the next /diagnostics message."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    arrays: list[DiagnosticArray] = []
+    subscription = client.node.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 10)
+    try:
+        deadline = time.monotonic() + 30
+        while not arrays and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.node.destroy_subscription(subscription)
+    [status] = [s for s in arrays[0].status if s.name.endswith(f"camera {topic}")]
+    return {kv.key: int(kv.value) for kv in status.values if kv.value.isdigit()}
 
 
 def image_message(pixels: np.ndarray, frame_id: str, node, encoding: str | None = None, stamp=None):

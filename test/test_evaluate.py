@@ -225,7 +225,27 @@ def test_certify_warns_when_every_radius_is_below_one_grey_level(standard, robus
     mixture = [curve for curve in result.curves if curve["model"] == "mixture"]
     assert max(curve["certified_fraction"] for curve in mixture) > 0.5  # r > 0 for most samples ...
     assert max(curve["median_radius"] for curve in mixture) < 1 / 255  # ... but tiny
-    assert len(result.warnings) == 1 and "below one grey level" in result.warnings[0]
+    assert sum("below one grey level" in warning for warning in result.warnings) == 1
+
+
+def test_certify_warns_when_no_sample_can_reach_one_grey_level_whatever_the_data(standard, robust, data):
+    """As the node does: the largest radius the model can ever certify (Theorem 1 at a one-hot robust
+    output), against the node's default safe_radius of one grey level, with both numbers."""
+    from mixclf_ros.core.certify import max_lipschitz_radius
+
+    x, y = data
+    constant = lipschitz.probability_lipschitz_bound(robust, "l2", INPUT_SHAPE)
+    sound = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=constant)
+    assert max_lipschitz_radius(constant, 0.6, 10) > 1 / 255
+    assert certify_mixture(standard, sound, x, y, CertifySettings((0.3, 0.6, 1.0), num_radii=5), RUNTIME).warnings == []
+    loose = Described(robust, kind="lipschitz", norm="l2", lipschitz_constant=1000 * constant)
+    result = certify_mixture(standard, loose, x, y, CertifySettings((0.3, 0.6, 1.0), num_radii=5), RUNTIME)
+    unreachable = [warning for warning in result.warnings if warning.startswith("no frame can be safe")]
+    assert len(unreachable) == 2  # alpha 0.6 and 1; none for 0.3, where no certificate is meant
+    for alpha, warning in zip((0.6, 1.0), unreachable):
+        largest = max_lipschitz_radius(1000 * constant, alpha, 10)
+        assert largest < 1 / 255
+        assert f"alpha {alpha:g}" in warning and f"{largest:.6g}" in warning and f"{1 / 255:.6g}" in warning
 
 
 # ----------------------------------------------------------------------------- command line
@@ -416,12 +436,14 @@ def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path,
     assert "ten" in capsys.readouterr().err
 
 
-def test_cli_image_folder_uses_the_nodes_crop_and_resize(workspace, tmp_path):
-    """--params' crop_height / crop_width / resize (the node's parameters) preprocess --image-folder."""
+def test_cli_image_folder_uses_the_models_crop_and_resize(workspace, tmp_path):
+    """--params' <model>.crop_height / crop_width / resize (as the node reads them) preprocess --image-folder."""
     import yaml
 
     params = yaml.safe_load(workspace["params"].read_text())
-    params["/**"]["ros__parameters"].update(crop_height=8, crop_width=10, resize="bilinear")
+    for prefix in ("standard_model", "robust_model"):
+        params["/**"]["ros__parameters"].update({f"{prefix}.crop_height": 8, f"{prefix}.crop_width": 10,
+                                                 f"{prefix}.resize": "bilinear"})
     (tmp_path / "cropped.yaml").write_text(yaml.safe_dump(params))
     run_cli(workspace, tmp_path, "margins", "--params", str(tmp_path / "cropped.yaml"), "--steps", "1",
             "--limit", "8")

@@ -1,4 +1,4 @@
-"""Issue 2: the package layout, the message contract, ROS-free imports and the pip wheel."""
+"""The package layout, the message contract, ROS-free imports and the pip wheel."""
 
 import subprocess
 import sys

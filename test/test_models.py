@@ -400,7 +400,7 @@ def test_check_compatible(weights_dir: Path):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated in favour of torch.export
-def test_check_compatible_input_shape(tmp_path: Path):
+def test_check_compatible_accepts_different_inputs(tmp_path: Path):
     def save_scripted(height: int, width: int) -> Path:
         path = tmp_path / f"m{height}x{width}.ts"
         torch.jit.script(nn.Sequential(nn.Flatten(), nn.Linear(height * width, 10))).save(str(path))
@@ -409,8 +409,7 @@ def test_check_compatible_input_shape(tmp_path: Path):
     small = load_model({"architecture": "x", "weights": str(save_scripted(28, 28))})
     large = load_model({"architecture": "x", "weights": str(save_scripted(32, 32)), "input_height": 32,
                         "input_width": 32, "kind": "empirical"})
-    with pytest.raises(ModelConfigError, match="input_"):
-        check_compatible(small, large)
+    check_compatible(small, large)  # each model preprocesses the frame its own way
 
 
 # ------------------------------------------------------------------------------ Lipschitz constants

@@ -1,4 +1,4 @@
-"""Certified radii of the mixed classifier (paper section "Certified robustness", FORMULAS.md §3).
+"""Certified radii of the mixed classifier (paper section "Certified robustness": Lemma 1, Theorems 1 and 2).
 
 All radii are in the attack norm, in [0,1]-pixel units at the model input (the models take [0,1]
 pixels and normalise internally). A radius `r > 0` for sample x means: for every perturbation
@@ -6,10 +6,12 @@ pixels and normalise internally). A radius `r > 0` for sample x means: for every
 robust model's class `argmax h(x)` (Lemma 1). Radius 0 means "no certificate".
 
 Soundness conventions (all functions):
-- arithmetic in float64 arranged to avoid cancellation (`1 - alpha` is exact for alpha in
-  [1/2, 1]), the float64 radius shrunk by a relative `ROUNDING_MARGIN` (covers the few-ulp
-  rounding of the arithmetic and of `ndtri`), then converted back to the input's floating dtype
-  rounding towards zero, so no step enlarges a radius;
+- arithmetic in float64 with outward rounding: every +, -, *, / is correctly rounded (IEEE 754),
+  so the exact result lies between the neighbours of the computed one, and each step takes the
+  neighbour towards the safe side (`_down`, `_up`); `1 - alpha` is exact for alpha in [1/2, 1];
+  `ndtri` values are widened by `NDTRI_RELATIVE_ERROR`. The result is a lower bound of the exact
+  real-number radius of the given (float) inputs. It is then shrunk by `ROUNDING_MARGIN` and
+  converted to the input's floating dtype rounding towards zero, so no step enlarges a radius;
 - NaN anywhere in a sample's inputs gives radius 0 for that sample;
 - alpha < 1/2 gives radius 0 (Lemma 1: nothing can be certified);
 - ties give radius 0.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from mixclf_ros.core.mixing import Alpha, validate_alpha
@@ -26,7 +29,39 @@ from mixclf_ros.core.mixing import Alpha, validate_alpha
 NORMS = ("l2", "linf")
 
 ROUNDING_MARGIN = 1e-12
-"""Relative amount by which every float64 radius is shrunk before it is returned."""
+"""Relative amount by which every float64 radius is shrunk before it is returned (extra slack on
+top of the outward rounding)."""
+
+NDTRI_RELATIVE_ERROR = 1e-13
+"""Stated relative error bound of float64 `torch.special.ndtri` (Cephes algorithm, documented peak
+relative error below 5e-16; this is 200 times that, and a test checks it against mpmath)."""
+
+
+def _down(value: torch.Tensor) -> torch.Tensor:
+    """The next float below `value` (a lower bound of the exact result of the last rounded op)."""
+    return torch.nextafter(value, torch.full_like(value, -math.inf))
+
+
+def _up(value: torch.Tensor) -> torch.Tensor:
+    """The next float above `value`."""
+    return torch.nextafter(value, torch.full_like(value, math.inf))
+
+
+def float32_toward_zero(value: float) -> float:
+    """`value` rounded to a float32 towards zero (never to nearest), returned as a Python float.
+
+    For publishing radii in float32 message fields: the float32 assigned is then exactly this
+    value, never larger in magnitude. NaN stays NaN; values beyond the float32 range become the
+    largest float32 (infinities stay infinite).
+    """
+    value = float(value)
+    if not math.isfinite(value):
+        return value
+    single = np.float32(value) if abs(value) <= float(np.finfo(np.float32).max) else \
+        np.float32(math.copysign(float(np.finfo(np.float32).max), value))
+    if abs(float(single)) > abs(value):
+        single = np.nextafter(single, np.float32(0.0))
+    return float(single)
 
 
 def _check_norm(norm: str) -> str:
@@ -58,8 +93,8 @@ def softmax_lipschitz_factor(norm: str) -> float:
 def smoothed_lipschitz_constant(sigma: float) -> float:
     """l2 Lipschitz constant `sqrt(2 / (pi sigma^2))` of each output of a Gaussian-smoothed model.
 
-    For `h(x) = E[hbar(x + xi)]`, `xi ~ N(0, sigma^2 I)` and `hbar` valued in [0, 1] (FORMULAS.md
-    §3, after Theorem 1). Units: per unit of l2 distance in [0,1]-pixel space. Lets Theorem 1 be
+    For `h(x) = E[hbar(x + xi)]`, `xi ~ N(0, sigma^2 I)` and `hbar` valued in [0, 1] (the paper,
+    after Theorem 1). Units: per unit of l2 distance in [0,1]-pixel space. Lets Theorem 1 be
     applied to a smoothed robust model (with sound bounds on `h`, see `smoothing.Smooth`).
     """
     if not (sigma > 0 and math.isfinite(sigma)):
@@ -97,13 +132,17 @@ def _finish_radius(radius: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype
     return converted
 
 
-def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alpha: Alpha) -> torch.Tensor:
+def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alpha: Alpha,
+                     probability_error: float | torch.Tensor = 0.0) -> torch.Tensor:
     """Certified radius of the mixture for a Lipschitz robust model, Theorem 1.
 
-        r = min_{i != y} [alpha (h_y - h_i) + alpha - 1] / [alpha (Lip(h_y) + Lip(h_i))],
+        r = min_{i != y} [alpha (h_y - h_i - 2 e) + alpha - 1] / [alpha (Lip(h_y) + Lip(h_i))],
         y = argmax_i h_i(x),
 
-    clipped at 0 (non-positive = no certificate; alpha < 1/2 always gives 0).
+    clipped at 0 (non-positive = no certificate; alpha < 1/2 always gives 0). `e` is a bound on
+    the floating-point error of `probs_h` (|computed - exact| <= e for every class): Theorem 1 is
+    applied to the worst exact probabilities consistent with the computed ones (h_y lowered and h_i
+    raised by e), so a positive radius also proves that the exact h has the same top class.
 
     Args:
         probs_h: (N, C) probability outputs of the robust model h at x.
@@ -112,13 +151,13 @@ def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alp
             tensor `Lip(h_i)`. E.g. `lipschitz.probability_lipschitz_bound(...)`, or
             `smoothed_lipschitz_constant(sigma)` for a smoothed model (l2).
         alpha: weight of h in the mixture, a number or an (N,) tensor.
+        probability_error: e >= 0, a number or an (N,) tensor (e.g. from
+            `forward_error.robust_probabilities`). 0 takes `probs_h` as exact.
 
     Returns:
-        (N,) radii in the same norm as `lipschitz`, [0,1]-pixel units, dtype of `probs_h`.
+        (N,) radii in the same norm as `lipschitz`, [0,1]-pixel units, dtype of `probs_h`, never
+        above the exact real-number value of the formula at these inputs (outward rounding).
         `inf` where the margin is positive and both constants are 0 (a constant model).
-
-    Caveat: `probs_h` is taken as exact; floating-point error of the forward pass that produced it
-    is not accounted for.
     """
     if probs_h.dim() != 2 or probs_h.shape[1] < 2:
         raise ValueError(f"probs_h must have shape (N, C) with C >= 2, got {tuple(probs_h.shape)}")
@@ -133,21 +172,34 @@ def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alp
         raise ValueError(f"lipschitz must be a number or a ({num_classes},) tensor, got {tuple(lip.shape)}")
     if bool((lip < 0).any()) or bool(torch.isnan(lip).any()):
         raise ValueError("Lipschitz constants must be non-negative")
+    error = torch.as_tensor(probability_error.detach() if isinstance(probability_error, torch.Tensor)
+                            else probability_error, dtype=torch.float64, device=device)
+    if error.dim() == 0:
+        error = error.expand(num_samples)
+    if error.shape != (num_samples,) or bool((error < 0).any()) or bool(torch.isnan(error).any()):
+        raise ValueError(f"probability_error must be a non-negative number or an ({num_samples},) tensor")
     alpha = _alpha_tensor(alpha, num_samples, device)
 
     top = probs.argmax(dim=1)
     p_top = probs.gather(1, top[:, None])
     lip_top = lip[top][:, None]
     a = alpha[:, None]
-    numerator = a * (p_top - probs) - (1.0 - a)
-    denominator = a * (lip_top + lip[None, :])
     with torch.no_grad():
+        # Lower bound of the numerator, upper bound of the denominator, lower bound of the quotient.
+        gap = _down(_down(p_top - probs) - 2.0 * error[:, None])
+        numerator = _down(_down(a * gap) - (1.0 - a))
+        constants = lip_top + lip[None, :]  # 0 only if both constants are 0 (non-negative terms)
+        denominator = torch.where(constants == 0, constants, _up(a * _up(constants)))
         per_class = numerator / denominator
+        per_class = torch.where(torch.isfinite(per_class) & (per_class > 0), _down(per_class), per_class)
+        # Overflow with positive constants: the largest float, not inf (reserved for constant models).
+        per_class = torch.where((per_class == math.inf) & (constants > 0),
+                                torch.full_like(per_class, torch.finfo(torch.float64).max), per_class)
         # 0/0 (zero margin at alpha = 1 with zero constants) certifies nothing.
         per_class = torch.where(torch.isnan(per_class), torch.full_like(per_class, -math.inf), per_class)
         per_class.scatter_(1, top[:, None], math.inf)
         radius = per_class.min(dim=1).values
-    valid = (alpha >= 0.5) & torch.isfinite(probs).all(dim=1)
+    valid = (alpha >= 0.5) & torch.isfinite(probs).all(dim=1) & torch.isfinite(error)
     return _finish_radius(radius, valid, _output_dtype(probs_h))
 
 
@@ -187,12 +239,18 @@ def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float 
     upper = p_upper.detach().to(torch.float64).clamp(min=0.0)
     with torch.no_grad():
         # Written as alpha p + (1 - alpha), never (alpha p + 1) - alpha, which would cancel a tiny
-        # p_upper to 0 (and an infinite radius). One ulp outwards covers the rounding of each
-        # argument. ndtri(<=0) = -inf, ndtri(>=1) = +inf: both give a non-positive radius, i.e. 0.
-        lower_arg = torch.nextafter(alpha * lower, torch.zeros_like(lower)).clamp(min=0.0)
-        upper_arg = torch.nextafter(alpha * upper + (1.0 - alpha), torch.full_like(upper, 2.0)).clamp(max=1.0)
-        gap = torch.special.ndtri(lower_arg) - torch.special.ndtri(upper_arg)
-        radius = 0.5 * sigma64 * gap
+        # p_upper to 0 (and an infinite radius). Outward rounding of each argument and of each
+        # ndtri value (`NDTRI_RELATIVE_ERROR`), then of the difference and the product.
+        # ndtri(<=0) = -inf, ndtri(>=1) = +inf: both give a non-positive radius, i.e. 0.
+        lower_arg = _down(alpha * lower).clamp(min=0.0)
+        upper_arg = _up(_up(alpha * upper) + (1.0 - alpha)).clamp(max=1.0)
+        lower_value = torch.special.ndtri(lower_arg)
+        upper_value = torch.special.ndtri(upper_arg)
+        lower_value = _down(lower_value - _up(NDTRI_RELATIVE_ERROR * lower_value.abs()))
+        upper_value = _up(upper_value + _up(NDTRI_RELATIVE_ERROR * upper_value.abs()))
+        gap = _down(lower_value - upper_value)
+        product = sigma64 * gap
+        radius = 0.5 * torch.where(torch.isfinite(product) & (product > 0), _down(product), product)
     valid = (alpha >= 0.5) & ~torch.isnan(p_lower) & ~torch.isnan(p_upper)
     return _finish_radius(radius, valid, _output_dtype(p_lower, p_upper))
 

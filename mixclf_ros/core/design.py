@@ -1,4 +1,4 @@
-"""The design space the paper compares (FORMULAS.md §2), for research and evaluation only.
+"""The design space the paper compares (the paper's eq. 1-3), for research and evaluation only.
 
 Locally biased smoothing, eq. 1 (unnormalised) and eq. 3 (normalised, eq. 2 is R_i = ||grad g_i||):
 
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixclf_ros.core.certify import NORMS
 from mixclf_ros.core.mixing import validate_alpha
 
 TRUST_TERMS = ("one", "grad_g_i", "grad_max_g", "grad_g_i_grad_h_i")
 SPACES = ("logits", "probabilities")
-NORMS = ("l2", "linf")
 
 
 def dual_norm_order(norm: str) -> float:

@@ -1,7 +1,8 @@
 """Small layers that the model zoo uses and that `mixclf_ros.core.lipschitz` knows how to bound.
 
-Every layer here has a known Lipschitz constant (stated in its docstring) so that a network built
-from them and from standard torch layers can be certified by `lipschitz.logit_lipschitz_bound`.
+Every layer here has a known Lipschitz constant (stated in its docstring). `lipschitz.logit_lipschitz_bound`
+bounds `Normalize` and `GroupSort` as whole layers (from their buffers) and traces through `Residual`
+(its add is bounded like any other add in a traced graph).
 """
 
 from __future__ import annotations

@@ -22,6 +22,17 @@ from mixclf_ros.core.mixing import Alpha
 
 BOUNDS = ("bernstein", "hoeffding")
 
+_UNIT_ROUNDOFF = 2.0 ** -53
+"""float64 unit roundoff: the Monte Carlo sums and bounds are computed in float64."""
+
+QUANTILE_RELATIVE_ERROR = 1e-10
+"""Stated relative error bound of scipy's Beta quantile (accurate to about 1e-15 in practice)."""
+
+
+def _gamma(count: int) -> float:
+    """Higham's gamma_k = k u / (1 - k u): relative error bound of a k-term float64 sum or product."""
+    return count * _UNIT_ROUNDOFF / (1.0 - count * _UNIT_ROUNDOFF)
+
 
 # ----------------------------------------------------------------------------- confidence bounds
 
@@ -200,16 +211,24 @@ class Smooth:
         sums, square_sums, _ = self._sample(x, n, batch_size, generator)
         means = sums / n
         delta = beta / self.num_classes
+        # Float64 rounding, bounded and added outwards: the sums of n terms in [0, 1] (any order)
+        # and the division put `means` within gamma_{n+1} of the exact mean of the computed
+        # outputs; the variance's rounding is added to it before the square root; the widths'
+        # own (few-ulp) rounding is covered by a relative 1e-12.
+        rounding = _gamma(n + 1) * means.abs() + 2.0 ** -1074
         if bound == "hoeffding":
             width = torch.full_like(means, hoeffding_width(n, delta))
         else:
             variance = (square_sums - n * means * means) / (n - 1)
+            variance = variance + _gamma(n + 4) * (square_sums + n * means * means) / (n - 1)
             width = bernstein_width(variance, n, delta)
-        lower_all = (means - width).clamp(0.0, 1.0)
-        upper_all = (means + width).clamp(0.0, 1.0)
+        width = width * (1.0 + 1e-12) + rounding
+        lower_all = torch.nextafter(means - width, torch.full_like(means, -math.inf)).clamp(0.0, 1.0)
+        upper_all = torch.nextafter(means + width, torch.full_like(means, math.inf)).clamp(0.0, 1.0)
         p_lower = lower_all.gather(1, selected[:, None]).squeeze(1)
         others = upper_all.scatter(1, selected[:, None], -math.inf)
-        p_upper = torch.minimum(others.max(dim=1).values, 1.0 - p_lower)
+        p_upper = torch.minimum(others.max(dim=1).values,
+                                torch.nextafter(1.0 - p_lower, torch.full_like(p_lower, 2.0)).clamp(max=1.0))
         return self._finish(selected, p_lower, p_upper, alpha, means, selection_probs)
 
     def certify_hard(self, x: torch.Tensor, n0: int, n: int, beta: float, batch_size: int = 1000,
@@ -224,7 +243,8 @@ class Smooth:
         selected = selection_votes.argmax(dim=1)
         _, _, votes = self._sample(x, n, batch_size, generator, want_votes=True)
         p_lower = clopper_pearson_lower(votes.gather(1, selected[:, None]).squeeze(1), n, beta)
-        p_upper = 1.0 - p_lower
+        p_lower = p_lower * (1.0 - QUANTILE_RELATIVE_ERROR)
+        p_upper = torch.nextafter(1.0 - p_lower, torch.full_like(p_lower, 2.0)).clamp(max=1.0)
         return self._finish(selected, p_lower, p_upper, alpha, votes.double() / n,
                             selection_votes.double() / n0)
 

@@ -35,7 +35,8 @@ from std_msgs.msg import String
 
 from mixclf_ros.attacks import pgd
 from mixclf_ros.data import load_fashion_mnist
-from mixclf_ros.demo.render import article_budget, embed_article, quantize_towards
+from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget, embed_article, quantize_towards
+from mixclf_ros.interrupts import ignore_repeated_interrupts
 from mixclf_ros.models.loading import load_model, zoo_config
 
 
@@ -47,7 +48,7 @@ class CameraSimulator(Node):
         self.frames = declare("frames", 0).value  # 0: until stopped
         self.start_index = declare("start_index", 0).value
         self.width, self.height = declare("width", 640).value, declare("height", 480).value
-        self.scale = declare("scale", 17).value
+        self.scale = declare("scale", ARTICLE_SCALE).value
         self.frame_id = declare("frame_id", "camera").value
         self.publish_compressed = declare("publish_compressed", False).value
         self.noise_std = declare("noise_std", 0.0).value
@@ -73,6 +74,10 @@ class CameraSimulator(Node):
         wait_s = declare("wait_for_subscribers", 10.0).value
         if wait_s > 0 and not self.wait_for_subscribers(wait_s):
             self.get_logger().warning(f"no subscriber on image and ground_truth after {wait_s} s; publishing anyway")
+        # A managed node publishes nothing until it is active: frames sent before would get no result.
+        classifier = declare("wait_for_active_node", "").value
+        if classifier and not self.wait_until_active(classifier, timeout=declare("wait_for_active_s", 180.0).value):
+            self.get_logger().warning(f"node {classifier} is not active; publishing anyway")
         self.timer = self.create_timer(1.0 / self.rate, self._publish_next)
         self.get_logger().info(
             f"publishing {self.width}x{self.height} rgb8 at {self.rate} Hz"
@@ -84,10 +89,31 @@ class CameraSimulator(Node):
         """Waits until the classifier and the monitor are matched, so no frame goes to nobody."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.image_publisher.get_subscription_count() and self.truth_publisher.get_subscription_count():
+            cameras = self.image_publisher.get_subscription_count() + (
+                self.compressed_publisher.get_subscription_count() if self.publish_compressed else 0)
+            if cameras and self.truth_publisher.get_subscription_count():  # a node takes one transport
                 return True
             rclpy.spin_once(self, timeout_sec=0.1)
         return False
+
+    def wait_until_active(self, node_name: str, timeout: float) -> bool:
+        """Polls the lifecycle state of `node_name` (its get_state service) until it is active."""
+        from lifecycle_msgs.msg import State
+        from lifecycle_msgs.srv import GetState
+
+        client = self.create_client(GetState, f"{node_name}/get_state")
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if client.wait_for_service(timeout_sec=0.5):
+                    future = client.call_async(GetState.Request())
+                    rclpy.spin_until_future_complete(self, future, timeout_sec=2.0)
+                    if future.done() and future.result().current_state.id == State.PRIMARY_STATE_ACTIVE:
+                        return True
+                time.sleep(0.2)
+            return False
+        finally:
+            self.destroy_client(client)
 
     def wait_for_acknowledgements(self, timeout_s: float) -> bool:
         """True when reliable subscribers acknowledged everything published (best-effort ones
@@ -140,10 +166,12 @@ class CameraSimulator(Node):
 
 
 def main(args: list[str] | None = None) -> int:
+    ignore_repeated_interrupts()  # before rclpy.init, whose handler chains to it
     rclpy.init(args=args)
     torch.set_num_threads(1)
-    node = CameraSimulator()
+    node = None
     try:
+        node = CameraSimulator()  # loads data and waits for subscribers: Ctrl-C may come here too
         while rclpy.ok() and not node.done:
             rclpy.spin_once(node, timeout_sec=0.1)
         # a reliable sample lost on the way is re-sent only after the next heartbeat: stay until
@@ -152,7 +180,8 @@ def main(args: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
     return 0
 

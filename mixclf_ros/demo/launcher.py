@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mixclf_ros.demo.render import article_budget
+from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget
 
 
 def default_params_file() -> str:
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.6, help="initial alpha")
     parser.add_argument("--alpha-schedule", default="20:0.3,40:1.0",
                         help="result index:alpha pairs applied live, e.g. 20:0.3,40:1.0 ('' for none)")
-    parser.add_argument("--compressed", action="store_true", help="also publish and classify PNG frames")
+    parser.add_argument("--compressed", action="store_true",
+                        help="the camera also publishes PNG frames; the node classifies those (image_transport)")
     parser.add_argument("--params-file", default=default_params_file())
     parser.add_argument("--device", default="auto")
     parser.add_argument("--summary-file", default="", help="write the monitor's JSON summary here")
@@ -101,10 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     python = [sys.executable, "-m"]
     summary_file = args.summary_file or os.path.join(tempfile.mkdtemp(prefix="mixclf_demo_"), "summary.json")
-    safe_radius = article_budget(args.attack_eps, "l2", scale=17) if args.attack_eps > 0 else 0.0
+    from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL  # (torch: not needed for --help)
+
+    # with no attack, the shipped threshold (one grey level) stays in force rather than none
+    safe_radius = (article_budget(args.attack_eps, "l2", scale=ARTICLE_SCALE) if args.attack_eps > 0
+                   else ONE_GREY_LEVEL)
     node_args = ["--ros-args", "--params-file", args.params_file, "-p", f"alpha:={args.alpha}",
                  "-p", f"safe_radius:={safe_radius}", "-p", f"device:={args.device}",
-                 "-p", f"enable_compressed:={str(args.compressed).lower()}",
+                 "-p", f"image_transport:={'compressed' if args.compressed else 'raw'}",
                  # every frame gets a result: the demo camera publishes reliably, and the node queues
                  # frames instead of keeping only the newest when a CPU hiccup delays inference
                  "-p", "frame_policy:=every",
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 "-p", f"attack_eps:={args.attack_eps}", "-p", f"attack_steps:={args.attack_steps}",
                 "-p", f"noise_std:={args.noise_std}", "-p", f"start_index:={args.start_index}",
                 "-p", f"publish_compressed:={str(args.compressed).lower()}"]
-    monitor_args = ["--ros-args", "-p", f"frames:={args.frames * (2 if args.compressed else 1)}",
+    monitor_args = ["--ros-args", "-p", f"frames:={args.frames}",
                     "-p", f"alpha_schedule:={args.alpha_schedule}", "-p", f"summary_file:={summary_file}"]
     print(f"demo: alpha {args.alpha}, schedule '{args.alpha_schedule}', attack l2 eps {args.attack_eps} in "
           f"frame pixels = {safe_radius:.3f} at the model input (the node's safe_radius)", flush=True)
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.1)
         processes["monitor"].wait()
         summary = json.loads(Path(summary_file).read_text())
-        expected = args.frames * (2 if args.compressed else 1)
+        expected = args.frames
         exit_code = 0 if args.frames == 0 or summary["total"]["results"] >= expected else 1
         if exit_code:
             print(f"demo: {summary['total']['results']} results for {expected} frames", file=sys.stderr)

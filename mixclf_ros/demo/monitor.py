@@ -29,6 +29,7 @@ from rclpy.parameter_client import AsyncParameterClient
 from std_msgs.msg import String
 
 from mixclf_ros.data import FASHION_MNIST_CLASSES
+from mixclf_ros.interrupts import ignore_repeated_interrupts
 from mixclf_ros.msg import CertifiedClassification
 
 
@@ -95,7 +96,6 @@ class Monitor(Node):
         self.records: list[dict] = []
         self.alpha_requested: float | None = None
         self.results_received = 0
-        self.lock = threading.Lock()
         self.parameters = AsyncParameterClient(self, self.target)
         if not self.parameters.wait_for_services(timeout_sec=15.0):
             self.get_logger().warning(f"parameter services of /{self.target} not found: alpha cannot be changed")
@@ -205,20 +205,23 @@ def _keyboard(monitor: Monitor, stop: threading.Event) -> None:
 
 
 def main(args: list[str] | None = None) -> int:
+    ignore_repeated_interrupts()  # before rclpy.init, whose handler chains to it
     rclpy.init(args=args)
-    monitor = Monitor()
+    monitor = None
     stop = threading.Event()
-    threading.Thread(target=_keyboard, args=(monitor, stop), daemon=True).start()
     try:
+        monitor = Monitor()
+        threading.Thread(target=_keyboard, args=(monitor, stop), daemon=True).start()
         while rclpy.ok() and not monitor.done:
             rclpy.spin_once(monitor, timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         stop.set()
-        print(monitor.summary(), flush=True)
-        monitor.write_summary()
-        monitor.destroy_node()
+        if monitor is not None:
+            print(monitor.summary(), flush=True)
+            monitor.write_summary()
+            monitor.destroy_node()
         rclpy.try_shutdown()
     return 0
 

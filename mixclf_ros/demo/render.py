@@ -7,9 +7,14 @@ import math
 
 import numpy as np
 
-
 # ------------------------------------------------------------------------------ rendering (demo camera)
-def embed_article(article: np.ndarray, frame_height: int = 480, frame_width: int = 640, scale: int = 17) -> np.ndarray:
+ARTICLE_SCALE = 17
+"""The demo camera renders each 28x28 article at this many frame pixels per article pixel (476x476,
+centred in a 640x480 frame; the shipped `crop_height`/`crop_width` of 476 undo it)."""
+
+
+def embed_article(article: np.ndarray, frame_height: int = 480, frame_width: int = 640,
+                  scale: int = ARTICLE_SCALE) -> np.ndarray:
     """Renders a (h, w) uint8 grey article as an rgb8 (frame_height, frame_width, 3) frame: each
     article pixel becomes a `scale` x `scale` block (nearest-neighbour upscaling) in all three
     channels, centred in a black frame. A centre crop of (h*scale, w*scale), grey conversion and area

@@ -36,12 +36,20 @@ class Certificates:
     p_upper: torch.Tensor | None = None
     sigma: float | None = None
     beta: float | None = None
+    radius_scale: float = 1.0
+    """Operator norm of the preprocessing from the evaluated images to the model's input, where the
+    certificate was computed at that input (a smoothing model behind its preprocessing): radii are
+    divided by it, so they are in the evaluated images' units (as the node's `image_radius`)."""
 
     def theorems(self) -> tuple[str, ...]:
         return ("theorem1",) if self.kind == "lipschitz" else ("theorem1", "theorem2")
 
     def radius(self, theorem: str, alpha: float) -> torch.Tensor:
         """(N,) certified radius of the mixture at `alpha` (0 = none), float64."""
+        radius = self._model_input_radius(theorem, alpha)
+        return radius if self.radius_scale == 1.0 else radius / self.radius_scale
+
+    def _model_input_radius(self, theorem: str, alpha: float) -> torch.Tensor:
         if self.kind == "lipschitz":
             if theorem != "theorem1":
                 raise EvaluationError("a Lipschitz robust model is certified with Theorem 1 only")
@@ -103,12 +111,20 @@ def robust_certificates(robust: nn.Module, images: torch.Tensor, runtime: Runtim
         return lipschitz_certificates(robust, images, runtime)
     if kind == "smoothing":
         sigma = overrides.sigma if overrides.sigma is not None else robust.sigma
-        return smoothing_certificates(
-            robust, int(robust.num_classes), float(sigma), images,
+        base, scale = robust, 1.0
+        if hasattr(robust, "to_model_input"):  # behind its preprocessing: the noise is drawn at its own input
+            with torch.inference_mode():
+                images = torch.cat([robust.to_model_input(images[part].to(runtime.device)).cpu()
+                                    for part in runtime.batches(images.shape[0], "preprocessing")])
+            base, scale = robust.model, float(robust.operator_norm)
+        certificates = smoothing_certificates(
+            base, int(robust.num_classes), float(sigma), images,
             int(overrides.n0 if overrides.n0 is not None else robust.n0),
             int(overrides.n if overrides.n is not None else robust.n),
             float(overrides.beta if overrides.beta is not None else robust.beta), runtime,
             description=f"smoothing sigma={sigma:g}")
+        certificates.radius_scale = scale
+        return certificates
     raise EvaluationError(f"certify needs a robust model of kind 'lipschitz' or 'smoothing', got {kind!r}")
 
 

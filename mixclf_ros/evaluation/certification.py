@@ -20,6 +20,8 @@ from mixclf_ros.evaluation.certificates import (
 )
 from mixclf_ros.evaluation.settings import CertifySettings, EvaluationError, Runtime, SmoothingOverrides
 from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
+from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL
+from mixclf_ros.runtime.reachability import unreachable_warning
 
 
 def certified_accuracy_curve(radii: torch.Tensor, certified_class: torch.Tensor, labels: torch.Tensor,
@@ -151,12 +153,8 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
                          n0=int(overrides.n0 if overrides.n0 is not None else robust.n0),
                          n=int(overrides.n if overrides.n is not None else robust.n),
                          bounds="empirical Bernstein, union bound over classes, joint confidence 1 - beta")
+    warnings += _unreachable_warnings(certificates, settings.alphas, described.get("n"))
     return CertifyResult(curves, grid.tolist(), certificates.norm, baseline_info, described, warnings)
-
-
-GREY_LEVEL = 1.0 / 255.0
-"""One grey level of an 8-bit image in [0,1] pixels: the norm of changing one pixel by one level, in
-every lp norm. A certified radius below it excludes no perturbation a camera can produce."""
 
 
 def _grey_level_warnings(curves: Sequence[dict[str, Any]], norm: str) -> list[str]:
@@ -164,11 +162,39 @@ def _grey_level_warnings(curves: Sequence[dict[str, Any]], norm: str) -> list[st
     (radii at the model input, [0,1] pixels)."""
     mixture = [curve for curve in curves if curve["model"] != "baseline"]
     largest = max((float(curve["_radius"].max()) for curve in mixture if curve["_radius"].numel()), default=0.0)
-    if largest >= GREY_LEVEL or not largest > 0:
+    if largest >= ONE_GREY_LEVEL or not largest > 0:
         return []
     return [f"every certified radius of the mixture is below one grey level (largest {largest:.3g} < 1/255 = "
-            f"{GREY_LEVEL:.4g} in {norm}, [0,1] pixels): these certificates exclude no perturbation an 8-bit "
+            f"{ONE_GREY_LEVEL:.4g} in {norm}, [0,1] pixels): these certificates exclude no perturbation an 8-bit "
             "image can carry, so 'r>0' counts are not evidence of robustness"]
+
+
+def largest_certifiable_radius(certificates: Certificates, alpha: float, n: int | None = None) -> float:
+    """The largest radius the mixture can ever certify at `alpha` with this robust model, over the
+    theorems the curves use ([0,1] pixels at the model input, in `certificates.norm`): Theorem 1 at a
+    one-hot robust output; for smoothing also Theorem 2 at the best Monte Carlo outcome of `n` samples.
+    The node's `CertifiedClassifier.max_certified_radius` uses the same core functions."""
+    from mixclf_ros.core.certify import max_lipschitz_radius
+    from mixclf_ros.core.smoothing import max_smoothing_radius
+
+    num_classes = int(certificates.probs_h.shape[1])
+    largest = max_lipschitz_radius(certificates.lipschitz, alpha, num_classes)
+    if certificates.kind == "smoothing" and n is not None:
+        largest = max(largest, max_smoothing_radius(certificates.sigma, n, certificates.beta, alpha, num_classes))
+    return largest
+
+
+def _unreachable_warnings(certificates: Certificates, alphas: Sequence[float], n: int | None) -> list[str]:
+    """As the node warns: at each alpha >= 1/2 (below, no certificate is meant), a warning when no
+    sample can reach the node's default `safe_radius` (one grey level) whatever the data."""
+    warnings = []
+    for alpha in alphas:
+        if alpha >= 0.5:
+            text = unreachable_warning(f"model input at alpha {alpha:g}", largest_certifiable_radius(
+                certificates, alpha, n), "(the node's default) safe_radius", ONE_GREY_LEVEL, certificates.norm)
+            if text:
+                warnings.append(text)
+    return warnings
 
 
 def _baseline_plan(robust: nn.Module, settings: CertifySettings, baseline: nn.Module | None,
@@ -207,7 +233,8 @@ def _certificates_unit(context: UnitContext, unit: Unit, dependency: None) -> di
     return {name: getattr(certificates, name) for name in CERTIFICATE_FIELDS}
 
 
-CERTIFICATE_FIELDS = ("kind", "norm", "predicted", "probs_h", "lipschitz", "p_lower", "p_upper", "sigma", "beta")
+CERTIFICATE_FIELDS = ("kind", "norm", "predicted", "probs_h", "lipschitz", "p_lower", "p_upper", "sigma", "beta",
+                      "radius_scale")
 
 
 def _joined_certificates(parts: Sequence[dict[str, Any]]) -> Certificates:

@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 
 from mixclf_ros.evaluation.commands import COMMANDS, run_header
-from mixclf_ros.evaluation.datasets import DataSettings, load_evaluation_data
+from mixclf_ros.evaluation.datasets import DataSettings
 from mixclf_ros.evaluation.execution_options import add_execution_arguments, execution_from_arguments
+from mixclf_ros.evaluation.input_space import evaluation_inputs
 from mixclf_ros.evaluation.model_pair import load_model_pair
-from mixclf_ros.evaluation.params_file import preprocessing_from_parameters
 from mixclf_ros.evaluation.settings import (
     DEFAULT_CERTIFY_ALPHAS,
     DEFAULT_EPS,
@@ -106,12 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     data_group.add_argument("--class-map", metavar="FILE",
                             help="YAML/JSON {folder name: class name or index} for --image-folder")
     data_group.add_argument("--crop-height", type=int, default=None,
-                            help="centre crop of --image-folder images, source pixels (default: --params' "
-                            "crop_height, else 0 = none)")
+                            help="centre crop of --image-folder images for both models, source pixels "
+                            "(default: each model's crop_height, from --params, else 0 = none)")
     data_group.add_argument("--crop-width", type=int, default=None,
                             help="as --crop-height, for the width")
     data_group.add_argument("--resize", choices=("area", "bilinear"), default=None,
-                            help="resize to the model input (default: --params' resize, else area)")
+                            help="resize to each model's input (default: each model's resize, from --params, "
+                            "else area)")
     data_group.add_argument("--limit", type=int, default=None, metavar="N",
                             help="evaluate a seeded random subset of N images (default: all)")
     data_group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -188,15 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def data_settings(args: argparse.Namespace) -> DataSettings:
-    """The data options; crop and resize default to the parameters file's node settings (a crop
-    there is for camera frames: the Fashion-MNIST images are not cropped)."""
-    node = preprocessing_from_parameters(args.params) if args.params else {}
-    chosen = {key: getattr(args, key) if getattr(args, key) is not None else node.get(key)
-              for key in ("crop_height", "crop_width", "resize")}
+    """The data options; crop and resize not given stay None: each model's own, from its config (a
+    crop there is for camera frames: the Fashion-MNIST images are not cropped)."""
     if args.image_folder is None and (args.crop_height or args.crop_width):
         raise EvaluationError("--crop-height / --crop-width apply to --image-folder images only")
-    return DataSettings(args.image_folder, args.class_map, int(chosen["crop_height"] or 0),
-                        int(chosen["crop_width"] or 0), str(chosen["resize"] or "area"), args.limit, args.seed)
+    return DataSettings(args.image_folder, args.class_map, args.crop_height, args.crop_width, args.resize,
+                        args.limit, args.seed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command != "certify" and getattr(pair.robust, "kind", None) == "smoothing":
             print("mixclf-eval: note: the robust model is a smoothing model; this command uses its base "
                   "network without noise", file=sys.stderr)
-        data = load_evaluation_data(pair.robust, data_settings(args))
+        data, pair = evaluation_inputs(pair, data_settings(args), runtime.device)
         if data.skipped:
             print(f"mixclf-eval: warning: {len(data.skipped)} file(s) in --image-folder are not images and were "
                   f"skipped: {', '.join(data.skipped[:5])}{' ...' if len(data.skipped) > 5 else ''}",

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,9 @@ def import_ray() -> Any:
 
 
 def model_spec(model: nn.Module, role: str) -> dict[str, Any]:
-    """What a worker needs to load `model` itself: its config and the sha256 of its weights."""
+    """What a worker needs to load `model` itself: its config and the sha256 of its weights, and for a
+    model behind its preprocessing (`input_space.PreprocessedModel`) that preprocessing and the source
+    shape, so that the worker's model takes the same images as the driver's."""
     config, sha256 = getattr(model, "config", None), getattr(model, "sha256", None)
     if not config or not sha256:
         raise EvaluationError(f"--ray: the {role} model must be loaded from a model config (zoo name or "
@@ -45,7 +47,13 @@ def model_spec(model: nn.Module, role: str) -> dict[str, Any]:
     weights_path = getattr(model, "weights_path", None)
     if weights_path is not None and not str(config.get("weights", "")).startswith("zoo:"):
         config["weights"] = str(Path(weights_path).resolve())  # workers need not share the driver's cwd
-    return {"config": config, "sha256": str(sha256)}
+    spec: dict[str, Any] = {"config": config, "sha256": str(sha256)}
+    preprocess_config = getattr(model, "preprocess_config", None)
+    if preprocess_config is not None:
+        spec["preprocess"] = {"config": {key: value for key, value in asdict(preprocess_config).items()
+                                         if key != "device"},
+                              "source_shape": [int(size) for size in model.input_shape]}
+    return spec
 
 
 _WORKER_MODELS: dict[str, nn.Module] = {}
@@ -53,13 +61,17 @@ _EMPTY = torch.zeros(0)
 
 
 def _worker_models(specs: dict[str, dict[str, Any]], device: str) -> ModelSet:
-    """The models of `specs` in this worker process, loaded once per (config, sha256, device), with
-    their weights' sha256 checked against the driver's."""
+    """The models of `specs` in this worker process, loaded once per (config, sha256, preprocessing,
+    device), with their weights' sha256 checked against the driver's, and put behind the driver's
+    preprocessing where the spec has one."""
+    from mixclf_ros.evaluation.input_space import PreprocessedModel
     from mixclf_ros.evaluation.model_pair import load_config
+    from mixclf_ros.vision.preprocess import PreprocessConfig
 
     loaded = {}
     for role, spec in specs.items():
-        key = json.dumps([spec["config"], spec["sha256"], device], sort_keys=True, default=str)
+        key = json.dumps([spec["config"], spec["sha256"], spec.get("preprocess"), device], sort_keys=True,
+                         default=str)
         if key not in _WORKER_MODELS:
             try:  # load_model checks the weights' sha256 against the driver's
                 model = load_config({**spec["config"], "sha256": spec["sha256"]}, torch.device(device))
@@ -68,6 +80,10 @@ def _worker_models(specs: dict[str, dict[str, Any]], device: str) -> ModelSet:
             if getattr(model, "sha256", None) != spec["sha256"]:
                 raise EvaluationError(f"{role} model on Ray worker host {socket.gethostname()}: weights have "
                                       f"sha256 {getattr(model, 'sha256', None)}, the driver's have {spec['sha256']}")
+            if spec.get("preprocess") is not None:
+                preprocess = spec["preprocess"]
+                model = PreprocessedModel(model, PreprocessConfig(**preprocess["config"]),
+                                          tuple(preprocess["source_shape"]), torch.device(device)).to(device).eval()
             _WORKER_MODELS[key] = model
         loaded[role] = _WORKER_MODELS[key]
     return ModelSet(loaded["standard"], loaded["robust"], loaded.get("baseline"))

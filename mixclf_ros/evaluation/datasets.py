@@ -18,16 +18,17 @@ class DataSettings:
 
     image_folder: one sub-folder per class, named by a class name or index of the model (None: the
         Fashion-MNIST test set). class_map: YAML/JSON file {folder: class name or index}.
-    crop_height, crop_width, resize: the node's parameters of the same names (centre crop in source
-        pixels, 0 = none; "area" or "bilinear"); the crop applies to image-folder images only.
+    crop_height, crop_width, resize: the model config keys of the same names (centre crop in source
+        pixels, 0 = none; "area" or "bilinear"); None: each model's own (`evaluation.input_space`).
+        The crop applies to image-folder images only.
     limit: evaluate a seeded random subset of this many images (None: all). seed: of that subset.
     """
 
     image_folder: str | None = None
     class_map: str | None = None
-    crop_height: int = 0
-    crop_width: int = 0
-    resize: str = "area"
+    crop_height: int | None = 0
+    crop_width: int | None = 0
+    resize: str | None = "area"
     limit: int | None = None
     seed: int = 0
 
@@ -56,7 +57,7 @@ class EvaluationData:
     skipped: list[str] = field(default_factory=list)
 
 
-def load_evaluation_data(model: Any, settings: DataSettings) -> EvaluationData:
+def load_evaluation_data(model: Any, settings: DataSettings, folder_as_source: bool = False) -> EvaluationData:
     """The evaluated data at the input of `model` (a loaded model: `input_shape` (C, H, W),
     `num_classes`, `class_names`), through `vision.preprocess.Preprocessor` as in the node.
 
@@ -64,6 +65,8 @@ def load_evaluation_data(model: Any, settings: DataSettings) -> EvaluationData:
     resized and colour-converted to the model input. Image folder: `data.load_image_folder`, each
     file decoded like a `CompressedImage` and preprocessed with the crop and resize mode of
     `settings`; folders are matched to the model's classes by name or index, never by order.
+    `folder_as_source`: the image-folder images as they are, [0, 1] grey or RGB at their own size
+    (all one size), for a pair of models that preprocess differently (`evaluation.input_space`).
     """
     from mixclf_ros import data
     from mixclf_ros.vision.decode import BadImageError, DecodedImage
@@ -94,7 +97,8 @@ def load_evaluation_data(model: Any, settings: DataSettings) -> EvaluationData:
         raise EvaluationError(f"--image-folder {root}: not a directory")
     try:
         class_map = data.read_class_map(settings.class_map) if settings.class_map else None
-        loaded = data.load_image_folder(root, config, class_names, num_classes, class_map)
+        loaded = data.load_image_folder(root, None if folder_as_source else config, class_names, num_classes,
+                                        class_map)
     except FileNotFoundError as error:
         raise EvaluationError(f"--image-folder {root}: {error}") from error
     except (data.ImageFolderError, BadImageError) as error:

@@ -64,6 +64,11 @@ def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]
     from mixclf_ros.models import schema
 
     parameters = read_ros_parameters(path)
+    moved = [name for name in schema.FORMER_NODE_PARAMETERS if name in parameters]
+    if moved:
+        raise EvaluationError(f"--params {path}: " + ", ".join(moved) + " moved into each model's config (each model "
+                              "preprocesses the frame its own way): set " + ", ".join(
+                                  f"{prefix}.{name}" for name in moved for prefix in MODEL_PREFIXES) + " instead")
     configs: dict[str, dict[str, Any]] = {}
     for prefix in MODEL_PREFIXES:
         given = {name[len(prefix) + 1:]: value for name, value in parameters.items()
@@ -80,11 +85,3 @@ def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]
     return configs
 
 
-PREPROCESSING_KEYS = ("crop_height", "crop_width", "resize")
-"""The node's preprocessing parameters (`vision.preprocess.PreprocessConfig` fields of the same names)."""
-
-
-def preprocessing_from_parameters(path: str | Path) -> dict[str, Any]:
-    """`{crop_height, crop_width, resize}` as far as the ROS parameters file sets them."""
-    parameters = read_ros_parameters(path)
-    return {key: parameters[key] for key in PREPROCESSING_KEYS if key in parameters}

@@ -124,14 +124,18 @@ def worker_name() -> str:
 
 
 def _model_fingerprint(model: nn.Module) -> str:
+    """The weights' sha256 (else a digest of the state dict), with the preprocessing in front of the
+    model where it has one (`input_space.PreprocessedModel`: the same weights take other images)."""
+    preprocess = getattr(model, "preprocess_config", None)
+    behind = "" if preprocess is None else f"|{preprocess!r}|{tuple(model.input_shape)}"
     sha = getattr(model, "sha256", None)
     if sha:
-        return str(sha)
+        return str(sha) + behind
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return digest.hexdigest() + behind
 
 
 @functools.cache

@@ -87,8 +87,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         value = merged[key.name]
         if key.type == STRING and not isinstance(value, str):
             fail(key.name, "must be a string")
-        if key.type == INTEGER and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            fail(key.name, "must be a positive integer")
+        if key.type == INTEGER and (isinstance(value, bool) or not isinstance(value, int) or value < key.minimum):
+            fail(key.name, "must be a positive integer" if key.minimum == 1 else f"must be an integer >= {key.minimum}")
         if key.type == DOUBLE and (isinstance(value, bool) or not isinstance(value, (int, float))
                                    or not math.isfinite(value)):
             fail(key.name, "must be a finite number")
@@ -100,6 +100,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         fail("weights", "is required")
     if merged["kind"] not in KINDS:
         fail("kind", f"must be one of {KINDS}")
+    if merged["resize"] not in ("area", "bilinear"):
+        fail("resize", "must be area or bilinear")
     if merged["norm"] not in ("l2", "linf"):
         fail("norm", "must be l2 or linf")
     if merged["kind"] == "smoothing" and merged["norm"] != "l2":
@@ -184,8 +186,10 @@ class LoadedModel(nn.Module):
 
     Attributes: config (validated), num_classes, input_shape (C, H, W), kind, norm, class_names,
     weights_path, sha256, and for kind lipschitz `lipschitz_constant` (of the probability outputs,
-    in `norm`) with `lipschitz_source` ('computed' or 'declared'); for kind smoothing sigma, n0,
-    n, beta. `network` is the bare chain (what the Lipschitz walker bounds)."""
+    in `norm`, per unit of [0,1] pixels at the model input) with `lipschitz_source` ('computed': a
+    sound bound; 'declared': stated in the config, only checked by `check_declared_lipschitz`) and
+    `lipschitz_lower_bound` (the largest gradient norm that check found; 0 if not searched); for
+    kind smoothing sigma, n0, n, beta. `network` is the bare network (what the Lipschitz walker bounds)."""
 
     def __init__(self, network: nn.Module, config: dict[str, Any], weights_path: Path, sha256: str):
         super().__init__()
@@ -201,6 +205,7 @@ class LoadedModel(nn.Module):
         self.sigma, self.n0, self.n, self.beta = config["sigma"], config["n0"], config["n"], config["beta"]
         self.lipschitz_constant = 0.0
         self.lipschitz_source = ""
+        self.lipschitz_lower_bound = 0.0
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,6 +213,43 @@ class LoadedModel(nn.Module):
 
     def train(self, mode: bool = True) -> LoadedModel:
         return super().train(False)  # loaded models stay in eval mode (certificates assume it)
+
+
+def check_declared_lipschitz(network: nn.Module, config: dict[str, Any], path: Path) -> float:
+    """Refuses a declared `lipschitz_constant` that gradients of the network contradict; returns
+    the largest gradient norm found.
+
+    Units of a declared constant: the per-class Lipschitz constant `Lip(h_i)` of the PROBABILITY
+    outputs (softmax of the logits), with respect to [0,1] pixels at the model input (before
+    mean/std: the loaded network normalises inside), in the certificate's norm (`norm`: l2, or
+    linf, where the gradient is measured in l1). Constants quoted for normalised inputs are
+    1/std times too small (4.4x for ImageNet statistics) and are refused here when the search
+    finds it.
+
+    The search (`lipschitz.probability_gradient_norm_search`: random inputs and a few ascent steps
+    on the gradient norm, fixed seed) runs on a float64 copy of the network; any gradient norm is
+    a lower bound of the true constant, so a declared constant below it is wrong. Passing the check
+    does not prove the constant.
+    """
+    try:
+        probe = copy.deepcopy(network).double().eval()
+    except Exception:  # e.g. a module that cannot be copied: search in its own precision
+        probe = network
+    input_shape = (config["input_channels"], config["input_height"], config["input_width"])
+    try:
+        found = lipschitz.probability_gradient_norm_search(probe, config["norm"], input_shape)
+    except Exception as error:
+        raise ModelConfigError(f"model config key 'lipschitz_constant' = {config['lipschitz_constant']}: cannot "
+                               f"check it on the model '{config['architecture']}' in {path}: gradients fail "
+                               f"({type(error).__name__}: {error})") from error
+    if not config["lipschitz_constant"] >= found:
+        raise ModelConfigError(
+            f"model config key 'lipschitz_constant' = {config['lipschitz_constant']}: the model "
+            f"'{config['architecture']}' in {path} has probability outputs with local slopes ({config['norm']}) up "
+            f"to {found:.6g} per [0,1] pixel at the model input (before mean/std), above the declared "
+            f"constant {config['lipschitz_constant']}; declare the probability outputs' constant in those units, "
+            "or set 0 to compute a sound bound")
+    return found
 
 
 def _state_dict_hint(state: dict[str, Any]) -> str:
@@ -294,27 +336,28 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
     model = LoadedModel(network, config, path, digest)
     if model.kind == "lipschitz":
         if config["lipschitz_constant"] > 0:
+            model.lipschitz_lower_bound = check_declared_lipschitz(network, config, path)
             model.lipschitz_constant, model.lipschitz_source = float(config["lipschitz_constant"]), "declared"
         else:
             try:
                 model.lipschitz_constant = lipschitz.probability_lipschitz_bound(network, model.norm, model.input_shape)
             except lipschitz.UnsupportedLayerError as error:
                 raise ModelConfigError(f"model config key 'lipschitz_constant' = 0 (compute): cannot bound the model "
-                                       f"in {path}: {error}; declare a constant if it is Lipschitz by construction") \
+                                       f"in {path}: {error}; or declare a constant (lipschitz_constant > 0; checked "
+                                       f"against a gradient search, not proven)") \
                     from error
             model.lipschitz_source = "computed"
     return model
 
 
 def check_compatible(standard: LoadedModel, robust: LoadedModel) -> None:
-    """The mixture needs the same classes and the same input."""
+    """The mixture needs the same classes and a robust model with a certificate kind. The inputs may
+    differ (size, channels, crop): each model preprocesses the frame its own way, and by Lemma 1 the
+    certificate depends on the robust model's input only."""
     if standard.num_classes != robust.num_classes:
         raise ModelConfigError(f"key 'num_classes': the standard model ({standard.weights_path}) has "
                                f"{standard.num_classes} classes, the robust model ({robust.weights_path}) "
                                f"{robust.num_classes}")
-    if standard.input_shape != robust.input_shape:
-        raise ModelConfigError(f"keys 'input_*': the standard model ({standard.weights_path}) takes "
-                               f"{standard.input_shape}, the robust model ({robust.weights_path}) {robust.input_shape}")
     if robust.kind not in ("lipschitz", "smoothing", "empirical"):
         raise ModelConfigError(f"key 'kind' of the robust model ({robust.weights_path}): '{robust.kind}' gives no "
                                "certificate; use lipschitz, smoothing or empirical")

@@ -1,7 +1,9 @@
 """The model config schema, declared once.
 
 A model config is a flat dict (the same keys in the node's parameters file under `standard_model.`
-and `robust_model.`, and in `mixclf-eval --params`). Every key is declared here with its type,
+and `robust_model.`, and in `mixclf-eval --params`). It also says how a decoded camera frame
+becomes this model's input (`crop_*`, `resize`, and the `input_*` size and channels the frame is
+resized and colour-converted to): each model of the pair has its own. Every key is declared here with its type,
 default, units, description and the model kinds that use it. `models.loading` fills defaults and
 checks types from it, the node declares its ROS parameters and descriptors from it, and
 `docs/ARCHITECTURE.md` carries the table `markdown_table()` renders.
@@ -30,6 +32,8 @@ class ConfigKey:
     units: str
     description: str
     kinds: frozenset = ALL_KINDS
+    minimum: int = 1
+    """Smallest value of an integer key."""
     node_parameter: str = ""
     """Non-empty when the node exposes this key through another parameter (named here) instead of
     `<model>.<name>`."""
@@ -47,13 +51,22 @@ SCHEMA: tuple[ConfigKey, ...] = (
               "torch.load(weights_only=True)) or a TorchScript file (.ts/.jit/.torchscript); required"),
     ConfigKey("sha256", STRING, "", "hex digest", "expected sha256 of the weights file ('' = unchecked)"),
     ConfigKey("num_classes", INTEGER, 10, "", "number of output classes"),
-    ConfigKey("input_channels", INTEGER, 1, "", "model input channels: 1 (grey) or 3 (RGB)"),
+    ConfigKey("input_channels", INTEGER, 1, "",
+              "model input channels: 1 (grey, BT.601 from colour frames) or 3 (RGB; grey frames replicated)"),
     ConfigKey("input_height", INTEGER, 28, "pixels", "model input height"),
     ConfigKey("input_width", INTEGER, 28, "pixels", "model input width"),
     ConfigKey("mean", DOUBLE_ARRAY, [0.0], "[0,1] pixels",
               "per-channel mean (1 or input_channels values), applied inside the loaded model"),
     ConfigKey("std", DOUBLE_ARRAY, [1.0], "[0,1] pixels",
               "per-channel std (1 or input_channels values, > 0), applied inside the loaded model"),
+    ConfigKey("crop_height", INTEGER, 0, "source pixels",
+              "centre crop height of the camera frame, taken before the resize to input_height (0 = the full "
+              "height)", minimum=0),
+    ConfigKey("crop_width", INTEGER, 0, "source pixels",
+              "centre crop width of the camera frame, taken before the resize to input_width (0 = the full width)",
+              minimum=0),
+    ConfigKey("resize", STRING, "area", "",
+              "resize of the (cropped) frame to input_height x input_width: area (average) | bilinear"),
     ConfigKey("kind", STRING, "standard", "",
               "standard | empirical (no certificate) | lipschitz (Theorem 1) | smoothing (Theorem 2)"),
     ConfigKey("norm", STRING, "l2", "", "certificate norm: l2 | linf", frozenset({"lipschitz", "empirical"})),
@@ -73,6 +86,9 @@ SCHEMA: tuple[ConfigKey, ...] = (
 )
 
 KEYS: dict[str, ConfigKey] = {key.name: key for key in SCHEMA}
+FORMER_NODE_PARAMETERS = ("crop_height", "crop_width", "resize")
+"""Keys that were once node parameters (one preprocessing for both models): the node and
+`mixclf-eval --params` refuse them at the top level, naming `<model>.<key>`."""
 DEFAULTS: dict[str, Any] = {key.name: key.default for key in SCHEMA}
 
 

@@ -1,4 +1,8 @@
-"""The node's /diagnostics array: one classifier status and one status per camera."""
+"""The node's /diagnostics array: one classifier status and one status per camera.
+
+Status names start with the node's fully qualified name (`/ns/mixclf: camera image`), so that
+instances in different namespaces do not overwrite each other in an aggregator; `hardware_id` is
+that name too."""
 
 from __future__ import annotations
 
@@ -21,11 +25,16 @@ class ClassifierState:
     alpha: float
     safe_radius: float
     last_error: str
+    configure_error: str = ""
+    """Why the last configure failed ('' after a successful one): reported as ERROR."""
 
 
-def classifier_status(node_name: str, hardware_id: str, info: ClassifierState) -> DiagnosticStatus:
-    status = DiagnosticStatus(name=f"{node_name}: classifier", hardware_id=hardware_id)
-    status.level = DiagnosticStatus.OK if info.state == "active" else DiagnosticStatus.WARN
+def classifier_status(node: str, info: ClassifierState) -> DiagnosticStatus:
+    status = DiagnosticStatus(name=f"{node}: classifier", hardware_id=node)
+    if info.configure_error:
+        status.level = DiagnosticStatus.ERROR
+    else:
+        status.level = DiagnosticStatus.OK if info.state == "active" else DiagnosticStatus.WARN
     status.message = info.state if not info.last_error else f"{info.state}; last error: {info.last_error}"
     status.values = [
         KeyValue(key="state", value=info.state),
@@ -40,10 +49,9 @@ def classifier_status(node_name: str, hardware_id: str, info: ClassifierState) -
     return status
 
 
-def camera_status(node_name: str, hardware_id: str, topic: str, stats: CameraStats, now: float,
-                  camera_timeout: float) -> DiagnosticStatus:
+def camera_status(node: str, topic: str, stats: CameraStats, now: float, camera_timeout: float) -> DiagnosticStatus:
     """`now`: time.monotonic(); a camera quiet for longer than `camera_timeout` seconds is WARN."""
-    status = DiagnosticStatus(name=f"{node_name}: camera {topic}", hardware_id=hardware_id)
+    status = DiagnosticStatus(name=f"{node}: camera {topic}", hardware_id=node)
     quiet_s = None if stats.last_receive is None else now - stats.last_receive
     latencies = sorted(stats.latencies_ms)
     values = {
@@ -64,17 +72,18 @@ def camera_status(node_name: str, hardware_id: str, topic: str, stats: CameraSta
     elif stats.suspected_lost:
         status.level = DiagnosticStatus.WARN
         status.message = (f"{stats.suspected_lost} frames suspected lost in transport (gaps in header stamps; "
-                          "large images over Fast DDS: set FASTDDS_BUILTIN_TRANSPORTS)")
+                          "large images over Fast DDS: use config/fastdds_camera.xml, see README)")
     else:
         status.level, status.message = DiagnosticStatus.OK, "receiving"
     return status
 
 
-def diagnostics_array(node_name: str, hardware_id: str, info: ClassifierState, cameras: dict[str, CameraStats],
-                      now: float, camera_timeout: float, stamp) -> DiagnosticArray:
+def diagnostics_array(node: str, info: ClassifierState, cameras: dict[str, CameraStats], now: float,
+                      camera_timeout: float, stamp) -> DiagnosticArray:
+    """`node`: the fully qualified node name; `now`: time.monotonic()."""
     array = DiagnosticArray()
     array.header.stamp = stamp
-    array.status.append(classifier_status(node_name, hardware_id, info))
+    array.status.append(classifier_status(node, info))
     for topic, stats in cameras.items():
-        array.status.append(camera_status(node_name, hardware_id, topic, stats, now, camera_timeout))
+        array.status.append(camera_status(node, topic, stats, now, camera_timeout))
     return array

@@ -7,15 +7,29 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from mixclf_ros.msg import CertifiedClassification
 from mixclf_ros.runtime.classifier import NORM_CODES, FrameResult
-from mixclf_ros.vision.decode import DecodedImage, decode_compressed, decode_image
+from mixclf_ros.vision.decode import BadImageError, DecodedImage, decode_compressed, decode_image
+
+TRANSPORTS = {"raw": ("", Image), "compressed": ("/compressed", CompressedImage)}
+"""image_transport name -> (topic suffix, message type), image_transport's topic convention."""
 
 
-def decode_message(message: Image | CompressedImage) -> DecodedImage:
-    """Raises `BadImageError` for a message that is not a usable image."""
+def camera_topics(topics: list[str], transport: str) -> list[tuple[str, type]]:
+    """(topic, message type) of each camera's one subscription; ValueError for an unknown transport."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"image_transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    suffix, message_type = TRANSPORTS[transport]
+    return [(f"{topic}{suffix}", message_type) for topic in topics if topic]
+
+
+def decode_message(message: Image | CompressedImage, input_kind: str = "intensity") -> DecodedImage:
+    """Raises `BadImageError` for a message that is not a usable image for a model taking `input_kind`."""
     if isinstance(message, CompressedImage):
+        if input_kind == "depth":
+            raise BadImageError("compressed images are not supported for a depth model (input_kind 'depth'): "
+                                "use the raw transport")
         return decode_compressed(message.format, message.data)
     return decode_image(message.encoding, message.height, message.width, message.step,
-                        message.data, bool(message.is_bigendian))
+                        message.data, bool(message.is_bigendian), input_kind=input_kind)
 
 
 def stamp_ns(header) -> int:
@@ -50,6 +64,7 @@ def result_message(header, result: FrameResult, class_names: list[str]) -> Certi
     message.image_radius = result.image_radius
     message.confidence = result.confidence
     message.safe_radius = result.safe_radius
+    message.safe_image_radius = result.safe_image_radius
     message.safe = result.safe
     message.robust_class_id = result.robust_class_id
     message.robust_margin = result.robust_margin

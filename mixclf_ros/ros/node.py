@@ -5,14 +5,25 @@ Camera frames are queued per camera (`frame_queue`), classified in batches by
 (`messages`). Parameters are declared and validated in `parameters`, diagnostics built in
 `diagnostics`. The node holds no math.
 
-Lifecycle (rclpy managed node):
-  configure  - read the configure parameters, subscribe (frames get NOT_READY), load both models,
-               move them to the device, warm up (time reported in the log and diagnostics)
-  activate   - start the inference thread: frames get certified results
-  deactivate - stop it: frames get NOT_READY results; configure parameters may be changed again
-  cleanup    - unsubscribe and release the models (GPU memory included)
+Lifecycle (rclpy managed node, as nav2 runs them):
+  configure  - read the configure parameters, subscribe (one transport per camera, `image_transport`),
+               load both models, move them to the device, warm up (time reported in the log and
+               diagnostics), create the lifecycle publishers (`certified_classification`, and
+               `outputs`: debug image, vision_msgs)
+  activate   - enable the publishers, publish the label info, start the inference thread: frames
+               get certified results
+  deactivate - stop it and disable the publishers; configure parameters may be changed again
+  cleanup    - unsubscribe, release the models (GPU memory included), destroy the publishers
   shutdown   - stop and release everything
+  error      - (a transition raised) release everything, back to unconfigured
+Output while not active: nothing, as nav2 nodes do (frames are counted in diagnostics as
+`not_ready`). No result is never a safe result: a consumer must treat a missing or late result as
+unsafe (`max_image_age` on its side). One exception: after a failed configure the node stays
+subscribed and every frame gets a NOT_READY result whose `status_message` is the reason, with an
+ERROR on /diagnostics, until a configure succeeds (a configuration mistake is never silent).
 `autostart` (default true) runs configure and activate at start-up.
+Diagnostics: one classifier status and one per camera, named "<fully qualified node name>: classifier"
+and "<fully qualified node name>: camera <topic>" (two namespaced instances never collide).
 """
 
 from __future__ import annotations
@@ -33,12 +44,13 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from mixclf_ros.msg import CertifiedClassification
 from mixclf_ros.ros import parameters
+from mixclf_ros.ros.certifiable import CertificateMonitor
 from mixclf_ros.ros.diagnostics import ClassifierState, diagnostics_array
 from mixclf_ros.ros.frame_queue import FrameQueue, PendingFrame
-from mixclf_ros.ros.messages import decode_message, result_message, stale_reason, stamp_ns
+from mixclf_ros.ros.messages import camera_topics, decode_message, result_message, stale_reason, stamp_ns
+from mixclf_ros.ros.outputs import Outputs
 from mixclf_ros.runtime.classifier import CertifiedClassifier, FrameResult, Status, select_device
-from mixclf_ros.vision.decode import BadImageError
-from mixclf_ros.vision.preprocess import PreprocessConfig
+from mixclf_ros.vision.decode import INPUT_KINDS, BadImageError, DecodedImage
 
 
 class MixclfNode(LifecycleNode):
@@ -54,15 +66,19 @@ class MixclfNode(LifecycleNode):
 
         self._queue = FrameQueue(parameters.MAX_QUEUED_FRAMES)
         self._classifier: CertifiedClassifier | None = None
+        self._monitor: CertificateMonitor | None = None
         self._class_names: list[str] = []
         self._worker: threading.Thread | None = None
         self._camera_subscriptions = []
         self._warmup_ms = math.nan
         self._last_error = ""
+        self._configure_error = ""
         self._log_times: dict[str, float] = {}
         self._frames_cb_group = ReentrantCallbackGroup()
 
-        self._publisher = self.create_publisher(CertifiedClassification, "certified_classification", 10)
+        self._publisher = None  # lifecycle publishers: created at configure, destroyed at cleanup
+        self._outputs: Outputs | None = None
+        self._input_kind = "intensity"
         self._diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(self.get_parameter("diagnostics_period").value, self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
@@ -80,6 +96,8 @@ class MixclfNode(LifecycleNode):
         if live.classifier.alpha < 0.5 <= self._live.classifier.alpha:
             self.get_logger().warning(f"alpha = {live.classifier.alpha} < 0.5: no certificate, every frame unsafe")
         self._live = live
+        if (monitor := self._monitor) is not None:
+            monitor.settings_changed(live.classifier)
         return SetParametersResult(successful=True)
 
     def _after_set_parameters(self, changes) -> None:
@@ -99,35 +117,50 @@ class MixclfNode(LifecycleNode):
 
         value = lambda name: self.get_parameter(name).value  # noqa: E731
         started = time.perf_counter()
+        self._configure_error = ""  # frames get "models loading" while this runs
         try:
             import torch
 
             for prefix in parameters.MODELS:
                 parameters.declare_model_keys(self, prefix)
             self._queue.set_policy(value("frame_policy"))
+            input_kind = value("input_kind")
+            if input_kind not in INPUT_KINDS:
+                raise ValueError(f"input_kind must be one of {', '.join(INPUT_KINDS)}, got {input_kind!r}")
+            self._input_kind = input_kind
+            self._destroy_publishers()  # the failure publisher of an earlier failed configure
+            self._unsubscribe()  # the topics may have changed since a failed configure
             self._subscribe()
+            moved = parameters.moved_parameters(self)
+            if moved:
+                raise ValueError(moved)
             torch.set_num_threads(value("torch_threads"))
             device = select_device(value("device"))
             confidence = self._live.classifier.confidence
-            standard = load_model(parameters.model_config(self, "standard_model", confidence))
-            robust = load_model(parameters.model_config(self, "robust_model", confidence))
+            standard = load_model(parameters.model_config(self, "standard_model", confidence), name="standard_model")
+            robust = load_model(parameters.model_config(self, "robust_model", confidence), name="robust_model")
             check_compatible(standard, robust)
-            channels, height, width = robust.input_shape
-            preprocess = PreprocessConfig(
-                output_channels=channels, output_height=height, output_width=width,
-                crop_height=value("crop_height"), crop_width=value("crop_width"), resize=value("resize"),
-                device=str(device))
-            classifier = CertifiedClassifier(standard, robust, preprocess, device,
-                                             standard_precision=value("standard_precision"), seed=value("seed"))
+            # each model its own preprocessing, from its config (crop, resize, input size and channels)
+            classifier = CertifiedClassifier(standard, robust, None, device,
+                                             standard_precision=value("standard_precision"),
+                                             seed=parameters.smoothing_seed(self))
             self._warmup_ms = classifier.warm_up(self._live.classifier)
+            monitor = CertificateMonitor(classifier, parameters.smoothing_seed(self), self.get_logger().warning)
+            monitor.settings_changed(self._live.classifier)
+            self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
+            self._outputs = Outputs(self, debug_image=value("debug_image"))
         except Exception as error:  # every configuration mistake is one clear log line
-            self._last_error = f"configure failed: {error}"
+            # Stay subscribed: every frame gets NOT_READY with this reason, /diagnostics an ERROR.
+            self._last_error = self._configure_error = f"configure failed: {error}"
             self.get_logger().error(self._last_error)
-            self._unsubscribe()
+            self._destroy_publishers()
+            self._publish_configure_failures(state)
             return TransitionCallbackReturn.FAILURE
         self._class_names = list(robust.class_names)
         self._classifier = classifier
-        self._last_error = ""
+        self._monitor = monitor
+        monitor.settings_changed(self._live.classifier)  # a live change made while configuring
+        self._last_error = self._configure_error = ""
         self.get_logger().info(
             f"configured on {device}: standard={standard.config['architecture']}, "
             f"robust={robust.config['architecture']} ({robust.kind}, {classifier.norm}"
@@ -138,6 +171,9 @@ class MixclfNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        super().on_activate(state)  # enables the lifecycle publishers
+        if self._outputs is not None:
+            self._outputs.publish_labels(self._class_names)
         self._queue.open()
         self._worker = threading.Thread(target=self._inference_loop, name="mixclf-inference", daemon=True)
         self._worker.start()
@@ -146,22 +182,51 @@ class MixclfNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
-        return TransitionCallbackReturn.SUCCESS
+        return super().on_deactivate(state)  # disables the lifecycle publishers
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
         self._unsubscribe()
         self._release_models()
+        self._destroy_publishers()
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
         self._camera_subscriptions = []  # destroyed with the node
         self._release_models()
+        self._destroy_publishers()
         return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        """A transition raised: release everything and go back to unconfigured."""
+        self.get_logger().error(f"error during a transition from '{state.label}': releasing models and topics")
+        self.stop_worker()
+        self._unsubscribe()
+        self._release_models()
+        self._destroy_publishers()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _publish_configure_failures(self, state: LifecycleState) -> None:
+        """After a failed configure: a results publisher, enabled, for the NOT_READY results that carry
+        the reason (the node stays unconfigured; the next configure replaces it)."""
+        try:
+            self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
+            self._publisher.on_activate(state)
+        except Exception as error:  # the reason is still logged and on /diagnostics
+            self.get_logger().error(f"cannot publish the configure failure on certified_classification: {error}")
+
+    def _destroy_publishers(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            self.destroy_lifecycle_publisher(publisher)
+        outputs, self._outputs = self._outputs, None
+        if outputs is not None:
+            outputs.destroy()
 
     def _release_models(self) -> None:
         classifier, self._classifier = self._classifier, None
+        self._monitor = None
         if classifier is not None and classifier.device.type == "cuda":
             import torch
 
@@ -183,9 +248,7 @@ class MixclfNode(LifecycleNode):
             return
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.BEST_EFFORT)
         overrides = QoSOverridingOptions.with_default_policies()
-        topics = [(topic, Image) for topic in self._topic_names()]
-        if self.get_parameter("enable_compressed").value:
-            topics += [(f"{topic}/compressed", CompressedImage) for topic in self._topic_names()]
+        topics = camera_topics(self._topic_names(), self.get_parameter("image_transport").value)
         for topic, message_type in topics:
             self._queue.add_camera(topic)
             self._camera_subscriptions.append(self.create_subscription(
@@ -199,9 +262,9 @@ class MixclfNode(LifecycleNode):
 
     # ---------------------------------------------------------------- frames
     def _on_frame(self, topic: str, message: Image | CompressedImage) -> None:
-        if not self._queue.put(topic, message, stamp_ns(message.header) * 1e-9):
-            self._publish(message.header, FrameResult.failure(
-                Status.NOT_READY, "models loading or node not active", self._live.classifier))
+        if not self._queue.put(topic, message, stamp_ns(message.header) * 1e-9) and self._configure_error:
+            self._publish(message.header, FrameResult.failure(  # not active: counted, no output, unless
+                Status.NOT_READY, self._configure_error, self._live.classifier))  # configure failed
 
     def _inference_loop(self) -> None:
         while (frames := self._queue.take_batch()) is not None:
@@ -224,31 +287,37 @@ class MixclfNode(LifecycleNode):
                 self._finish(frame, FrameResult.failure(Status.STALE, reason, live.classifier))
                 continue
             try:
-                decoded.append(decode_message(frame.message))
+                decoded.append(decode_message(frame.message, self._input_kind))
                 batch.append(frame)
             except BadImageError as error:
                 self._finish(frame, FrameResult.failure(Status.BAD_INPUT, str(error), live.classifier))
         if not batch:
             return
-        classifier = self._classifier
-        if classifier is None:
+        classifier, monitor = self._classifier, self._monitor
+        if classifier is None or monitor is None:
             for frame in batch:
                 self._finish(frame, FrameResult.failure(Status.NOT_READY, "models not loaded", live.classifier))
             return
-        for frame, result in zip(batch, classifier.classify(decoded, live.classifier)):
-            self._finish(frame, result)
+        for frame, image, result in zip(batch, decoded, classifier.classify(decoded, live.classifier)):
+            if result.status == Status.OK:
+                monitor.frame_seen(frame.topic, image)
+            self._finish(frame, monitor.annotate(result), image)
 
-    def _finish(self, frame: PendingFrame, result: FrameResult) -> None:
+    def _finish(self, frame: PendingFrame, result: FrameResult, decoded: DecodedImage | None = None) -> None:
         self._queue.record(frame, result)
         if result.status != Status.OK:
             self._log_limited(f"{frame.topic}:{result.status.name}",
                               f"{frame.topic}: {result.status.name}: {result.status_message}")
             if result.status == Status.MODEL_ERROR:
                 self._last_error = result.status_message
-        self._publish(frame.message.header, result)
+        self._publish(frame.message.header, result, decoded)
 
-    def _publish(self, header, result: FrameResult) -> None:
-        self._publisher.publish(result_message(header, result, self._class_names))
+    def _publish(self, header, result: FrameResult, decoded: DecodedImage | None = None) -> None:
+        publisher, outputs = self._publisher, self._outputs
+        if publisher is not None:
+            publisher.publish(result_message(header, result, self._class_names))
+        if outputs is not None:
+            outputs.publish(header, result, decoded, self._class_names)
 
     def _log_limited(self, key: str, text: str, period_s: float = 5.0) -> None:
         now = time.monotonic()
@@ -264,10 +333,15 @@ class MixclfNode(LifecycleNode):
             state="active" if active else ("configured" if classifier else "unconfigured"),
             device=str(classifier.device) if classifier else "", robust_kind=classifier.kind if classifier else "",
             certificate_norm=classifier.norm if classifier else "", warmup_ms=self._warmup_ms,
-            alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error)
-        self._diagnostics.publish(diagnostics_array(
-            self.get_name(), self.get_fully_qualified_name(), info, self._queue.snapshot(), time.monotonic(),
-            live.camera_timeout, self.get_clock().now().to_msg()))
+            alpha=live.classifier.alpha, safe_radius=live.classifier.safe_radius, last_error=self._last_error,
+            configure_error=self._configure_error)
+        cameras, now = self._queue.snapshot(), time.monotonic()
+        array = diagnostics_array(self.get_fully_qualified_name(), info, cameras, now, live.camera_timeout,
+                                  self.get_clock().now().to_msg())
+        if (monitor := self._monitor) is not None:
+            monitor.measure_rate(now, sum(stats.processed for stats in cameras.values()))
+            array.status.append(monitor.status(self.get_fully_qualified_name()))
+        self._diagnostics.publish(array)
 
 
 def main(args: list[str] | None = None) -> int:

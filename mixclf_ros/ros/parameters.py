@@ -23,7 +23,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from mixclf_ros.models import schema
-from mixclf_ros.runtime.classifier import LiveSettings
+from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL, LiveSettings
 
 MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz"}
 """The two model parameter prefixes and the shipped zoo model each defaults to."""
@@ -32,6 +32,9 @@ MAX_QUEUED_FRAMES = 100
 """frame_policy every: frames kept per camera before the oldest is dropped."""
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
+
+OS_ENTROPY_SEED = -1
+"""`seed` value (the default) that draws the smoothing noise seed from the OS's entropy."""
 
 _TYPES = {
     schema.STRING: ParameterType.PARAMETER_STRING, schema.INTEGER: ParameterType.PARAMETER_INTEGER,
@@ -57,8 +60,15 @@ _S, _B, _SA = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_BOOL, Para
 NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("alpha", 0.6, _D, LIVE,
                   "weight of the robust model in the mixture; certificates need alpha >= 0.5", (0.0, 1.0)),
-    NodeParameter("safe_radius", 0.0, _D, LIVE,
-                  "safe = true needs certified_radius >= this (model-input [0,1] pixel units)", (0.0, 1e6)),
+    # Both thresholds default to one grey level of an 8-bit camera: a certificate smaller than that
+    # protects against nothing a camera can show.
+    NodeParameter("safe_radius", ONE_GREY_LEVEL, _D, LIVE,
+                  "safe = true needs certified_radius >= this; model input: [0,1] pixels at the model's input "
+                  "size, before mean/std, in the certificate norm; 0 = not set; default one grey level, 1/255",
+                  (0.0, 1e6)),
+    NodeParameter("safe_image_radius", ONE_GREY_LEVEL, _D, LIVE,
+                  "safe = true needs image_radius >= this; source image pixels scaled to [0,1], in the "
+                  "certificate norm; 0 = not set; default one grey level, 1/255", (0.0, 1e6)),
     NodeParameter("max_image_age", 1.0, _D, LIVE,
                   "frames whose header stamp is older than this many seconds are STALE; 0 disables",
                   (0.0, 3600.0)),
@@ -68,24 +78,30 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
                   "seconds without frames after which a camera is reported WARN", (0.1, 3600.0)),
     NodeParameter("image_topics", ["image"], _SA, CONFIGURE,
                   "camera topics (sensor_msgs/Image), relative names so remapping and namespaces apply"),
-    NodeParameter("enable_compressed", False, _B, CONFIGURE,
-                  "also subscribe to sensor_msgs/CompressedImage on <topic>/compressed"),
+    NodeParameter("image_transport", "raw", _S, CONFIGURE,
+                  "one transport per camera, image_transport's convention: raw (sensor_msgs/Image on each "
+                  "topic) | compressed (sensor_msgs/CompressedImage on <topic>/compressed)"),
+    NodeParameter("input_kind", "intensity", _S, CONFIGURE,
+                  "what the model takes: intensity (camera images; depth encodings 16UC1/32FC1 are refused) | "
+                  "depth (REP-118 depth images only)"),
+    NodeParameter("debug_image", False, _B, CONFIGURE,
+                  "publish ~/debug_image (the frame with class, probability, radius and a safe badge) while "
+                  "someone subscribes"),
     NodeParameter("device", "auto", _S, CONFIGURE, "auto (first CUDA device, else CPU), cpu, cuda:N"),
     NodeParameter("standard_precision", "float32", _S, CONFIGURE,
                   "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
     NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "1")), _I, CONFIGURE,
                   "CPU threads for torch (1 is fastest for small models, one frame at a time)",
                   integer_range=(1, 256)),
-    NodeParameter("crop_height", 476, _I, CONFIGURE, "centre crop height in source pixels, 0 = none",
-                  integer_range=(0, 100000)),
-    NodeParameter("crop_width", 476, _I, CONFIGURE, "centre crop width in source pixels, 0 = none",
-                  integer_range=(0, 100000)),
-    NodeParameter("resize", "area", _S, CONFIGURE, "resize mode to the model input: area | bilinear"),
     NodeParameter("frame_policy", "newest", _S, CONFIGURE,
                   "newest: classify only the newest frame of each camera (real time; older frames are "
                   "dropped and counted) | every: classify every frame in order, up to "
                   f"{MAX_QUEUED_FRAMES} queued per camera (playback, evaluation)"),
-    NodeParameter("seed", 0, _I, CONFIGURE, "seed of the randomized-smoothing noise"),
+    NodeParameter("seed", OS_ENTROPY_SEED, _I, CONFIGURE,
+                  f"seed of the randomized-smoothing noise: {OS_ENTROPY_SEED} = fresh operating-system entropy in "
+                  "every process (the 1 - beta guarantee needs noise the attacker cannot predict); >= 0 = fixed, "
+                  "for tests and replay only: it voids the guarantee against anyone who knows it",
+                  integer_range=(OS_ENTROPY_SEED, 2**63 - 1)),
     NodeParameter("diagnostics_period", 1.0, _D, STARTUP, "seconds between /diagnostics messages", (0.05, 60.0)),
     NodeParameter("autostart", True, _B, STARTUP, "configure and activate at start-up"),
 )
@@ -112,15 +128,43 @@ def _as_parameter_value(value: Any, key: schema.ConfigKey) -> Any:
     return value
 
 
+DEMO_CROP = 476
+"""Default centre crop of both models, in source pixels: the demo camera renders each 28x28 article
+at 17x (476x476) in the centre of its 640x480 frame."""
+
+
 def model_defaults(prefix: str) -> dict[str, Any]:
-    """The shipped config of the model under `prefix` (a zoo model)."""
+    """The shipped config of the model under `prefix`: a zoo model, cropped as the demo camera needs."""
     from mixclf_ros.models.loading import zoo_config
 
-    return zoo_config(MODELS[prefix])
+    return {**zoo_config(MODELS[prefix]), "crop_height": DEMO_CROP, "crop_width": DEMO_CROP}
+
+
+def moved_parameters(node: Node) -> str:
+    """Why the start-up parameters cannot be used as given ('' if they can): a former node
+    parameter that is now a key of each model's config was set."""
+    given = [name for name in schema.FORMER_NODE_PARAMETERS if name in node._parameter_overrides]
+    if not given:
+        return ""
+    return ("parameter(s) " + ", ".join(given) + " moved into each model's config, since each model preprocesses "
+            "the frame its own way: set " + ", ".join(f"{prefix}.{name}" for name in given for prefix in MODELS)
+            + " instead")
+
+
+def _coerce_overrides(node: Node, types: dict[str, int]) -> None:
+    """Integers given for doubles at start-up (`-p alpha:=1`, a YAML `alpha: 1`) become doubles:
+    rclpy checks start-up values against the declared type before any callback runs."""
+    overrides = node._parameter_overrides  # rclpy keeps the start-up values here until declared
+    for name, expected in types.items():
+        if name in overrides:
+            overrides[name] = coerce(overrides[name], expected)
 
 
 def declare(node: Node) -> None:
     """Declares the node parameters and, for each model, the schema keys its kind uses."""
+    types = {parameter.name: parameter.type for parameter in NODE_PARAMETERS}
+    types.update({f"{prefix}.{key.name}": _TYPES[key.type] for prefix in MODELS for key in schema.SCHEMA})
+    _coerce_overrides(node, types)
     for parameter in NODE_PARAMETERS:
         node.declare_parameter(parameter.name, parameter.default, descriptor(
             f"{parameter.description} ({parameter.when})", parameter.type, read_only=parameter.when == STARTUP,
@@ -169,20 +213,20 @@ def model_config(node: Node, prefix: str, confidence: float) -> dict[str, Any]:
     return config
 
 
+def coerce(parameter: Parameter, expected: int) -> Parameter:
+    """An integer (array) given for a double (array) parameter, as that double (array)."""
+    if expected == ParameterType.PARAMETER_DOUBLE and parameter.type_ == Parameter.Type.INTEGER:
+        return Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
+    if expected == ParameterType.PARAMETER_DOUBLE_ARRAY and parameter.type_ == Parameter.Type.INTEGER_ARRAY:
+        return Parameter(parameter.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in parameter.value])
+    return parameter
+
+
 def coerce_integers(parameters: list[Parameter], node: Node) -> list[Parameter]:
-    """Pre-set callback: an integer for a double parameter (`ros2 param set /mixclf alpha 1`)
-    becomes that double; integer arrays for double arrays likewise."""
-    converted = []
-    for parameter in parameters:
-        if node.has_parameter(parameter.name):
-            declared = node.describe_parameter(parameter.name).type
-            if declared == ParameterType.PARAMETER_DOUBLE and parameter.type_ == Parameter.Type.INTEGER:
-                parameter = Parameter(parameter.name, Parameter.Type.DOUBLE, float(parameter.value))
-            elif (declared == ParameterType.PARAMETER_DOUBLE_ARRAY
-                  and parameter.type_ == Parameter.Type.INTEGER_ARRAY):
-                parameter = Parameter(parameter.name, Parameter.Type.DOUBLE_ARRAY, [float(v) for v in parameter.value])
-        converted.append(parameter)
-    return converted
+    """Pre-set callback: an integer for a double parameter (`ros2 param set /mixclf alpha 1` sends
+    an integer) becomes that double; integer arrays for double arrays likewise."""
+    return [coerce(parameter, node.describe_parameter(parameter.name).type)
+            if node.has_parameter(parameter.name) else parameter for parameter in parameters]
 
 
 @dataclass(frozen=True)
@@ -197,12 +241,27 @@ class LiveParameters:
 def initial_live(node: Node) -> LiveParameters:
     value = lambda name: node.get_parameter(name).value  # noqa: E731
     return LiveParameters(LiveSettings(alpha=value("alpha"), safe_radius=value("safe_radius"),
-                                       confidence=value("confidence")),
+                                       confidence=value("confidence"), safe_image_radius=value("safe_image_radius")),
                           max_image_age=value("max_image_age"), camera_timeout=value("camera_timeout"))
+
+
+CLASSIFIER_SETTINGS = ("alpha", "safe_radius", "safe_image_radius", "confidence")
+"""The live parameters that are `LiveSettings` fields (they decide whether a frame can be safe)."""
+
+
+def smoothing_seed(node: Node) -> int | None:
+    """The `seed` parameter for `CertifiedClassifier`: None (OS entropy) for a negative value."""
+    seed = node.get_parameter("seed").value
+    return None if seed < 0 else int(seed)
 
 
 def is_live(name: str) -> bool:
     return name in _BY_NAME and _BY_NAME[name].when == LIVE
+
+
+def needs_configure(name: str) -> bool:
+    """Read in on_configure (rclpy's own parameters, such as use_sim_time, are not)."""
+    return (name in _BY_NAME and _BY_NAME[name].when == CONFIGURE) or name.split(".", 1)[0] in MODELS
 
 
 def apply_changes(current: LiveParameters, parameters: list[Parameter], active: bool) -> LiveParameters:
@@ -212,7 +271,7 @@ def apply_changes(current: LiveParameters, parameters: list[Parameter], active: 
     changes: dict[str, float] = {}
     for parameter in parameters:
         if not is_live(parameter.name):
-            if active:
+            if active and needs_configure(parameter.name):
                 raise ValueError(f"{parameter.name} is read at configure: deactivate and clean up the node, "
                                  "set it, then configure and activate")
             continue
@@ -224,12 +283,25 @@ def apply_changes(current: LiveParameters, parameters: list[Parameter], active: 
         changes[parameter.name] = float(value)
     if "alpha" in changes and not 0.0 <= changes["alpha"] <= 1.0:
         raise ValueError("alpha must be in [0, 1]")
-    if changes.get("safe_radius", 0.0) < 0.0 or changes.get("max_image_age", 0.0) < 0.0:
-        raise ValueError("safe_radius and max_image_age must be >= 0")
+    for name in ("safe_radius", "safe_image_radius", "max_image_age"):
+        if changes.get(name, 0.0) < 0.0:
+            raise ValueError(f"{name} must be >= 0")
     if "confidence" in changes and not 0.5 <= changes["confidence"] < 1.0:
         raise ValueError("confidence must be in [0.5, 1)")
     if changes.get("camera_timeout", 1.0) <= 0.0:
         raise ValueError("camera_timeout must be > 0")
-    classifier = {key: changes[key] for key in ("alpha", "safe_radius", "confidence") if key in changes}
+    classifier = {key: changes[key] for key in CLASSIFIER_SETTINGS if key in changes}
     node_side = {key: changes[key] for key in ("max_image_age", "camera_timeout") if key in changes}
     return replace(current, classifier=replace(current.classifier, **classifier), **node_side)
+
+
+def usage() -> str:
+    """The parameters, their defaults and when they are read, for `mixclf_node --help`."""
+    lines = ["parameters (live: any time; configure: read at configure, changed only while not active; "
+             "startup: read once):"]
+    for parameter in NODE_PARAMETERS:
+        lines.append(f"  {parameter.name} = {parameter.default!r} ({parameter.when}): {parameter.description}")
+    for prefix, zoo_name in MODELS.items():
+        lines.append(f"  {prefix}.<key> (configure; default: the zoo's {zoo_name} model): the model config keys "
+                     "its kind uses, see mixclf_ros/models/schema.py")
+    return "\n".join(lines)

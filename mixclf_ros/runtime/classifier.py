@@ -7,10 +7,17 @@ age and copies `FrameResult` fields into `CertifiedClassification` messages.
 
 Radii are in the certificate's norm, in pixel intensities scaled to [0, 1]: `certified_radius` at
 the model input, `image_radius` in the source image (through the preprocessing's operator norm).
+
+Numerics: the robust model and the certificate run inside `numerics.full_precision()` (no TF32 or
+other reduced-precision paths), the standard model outside it (its fast paths and optional fp16
+stay). A Lipschitz robust model's certificate forward runs in float64 with a rigorous bound of its
+rounding error (`numerics.ErrorBoundedForward`), subtracted from the margin. Radii in `FrameResult`
+are float32 values rounded towards zero, so the message's float32 fields carry them exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -20,10 +27,26 @@ from enum import IntEnum
 import torch
 
 from mixclf_ros.core import certify
-from mixclf_ros.core.mixing import MixedClassifier, mix_log_probs
+from mixclf_ros.core.mixing import mix_log_probs
+from mixclf_ros.core.numerics import (
+    ErrorBoundedForward,
+    UnboundedForwardError,
+    full_precision,
+    probabilities_with_error,
+)
 from mixclf_ros.core.smoothing import Smooth, max_smoothing_radius
 from mixclf_ros.vision.decode import BadImageError, DecodedImage
-from mixclf_ros.vision.preprocess import PreprocessConfig, Preprocessor, image_radius, preprocessing_operator_norm
+from mixclf_ros.vision.preprocess import (
+    PreprocessConfig,
+    Preprocessor,
+    image_radius,
+    preprocessing_float_error,
+    preprocessing_operator_norm,
+)
+
+FLOAT32_PROBABILITY_ERROR = 1e-4
+"""Probability error assumed for a Lipschitz robust model that runs only in float32 (an estimate:
+about 1 000 times the float32 unit roundoff)."""
 
 
 class Status(IntEnum):
@@ -160,6 +183,15 @@ class _CastInput(torch.nn.Module):
         return self.model(x.to(self.dtype)).float()
 
 
+def _model_config(model: torch.nn.Module) -> dict:
+    """The model config of a loaded model (`models.LoadedModel.config`); a bare module must be
+    given its preprocessing explicitly."""
+    config = getattr(model, "config", None)
+    if not config:
+        raise ValueError("the standard model has no model config: give standard_preprocess")
+    return config
+
+
 class CertifiedClassifier:
     """Mixed classification with a certificate for a batch of camera frames.
 
@@ -168,23 +200,40 @@ class CertifiedClassifier:
         robust: robust model h (a `models.LoadedModel`), with `kind` in {lipschitz, smoothing,
             empirical}; lipschitz models carry `lipschitz_constant` (probability outputs, in
             `norm`), smoothing models `sigma`, `n0`, `n`.
-        preprocess: how frames become model inputs.
+        preprocess: how frames become the robust model's input (None: from its config,
+            `PreprocessConfig.for_model`). The certificate, `image_radius` and its operator norm go
+            through this preprocessing only: by Lemma 1 the certified class and radius do not depend
+            on the standard model's input.
+        standard_preprocess: how frames become the standard model's input (None: from its config
+            when `preprocess` is None, else `preprocess` at the standard model's input size and
+            channels). Each model may take its own size, channels, crop and resize.
         device: where preprocessing, both models and the certificate run.
         standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
-            does not depend on g). The robust model and certificate stay in float32.
+            does not depend on g). The robust model runs in float32 (smoothing) or float64
+            (Lipschitz certificate), always inside `numerics.full_precision()`.
         seed: seed of the smoothing noise; None (default) draws it from the OS's entropy, so an
             attacker cannot replay the noise. A fixed seed is for tests and replay only: it voids the
             1 - beta guarantee against an attacker who knows it (`seed_is_fixed` says so).
+
+    Attributes:
+        forward_error: how the floating-point error of a Lipschitz robust model's forward pass is
+            accounted for: "bounded" (rigorous running error bound of a float64 forward),
+            "estimated" (the network has layers `ErrorBoundedForward` cannot bound: a float64 copy
+            of the model, with the float32/float64 disagreement taken as its error, an estimate
+            with a wide safety factor, not a proof), "estimated-float32" (the model does not run
+            in float64: float32 with `FLOAT32_PROBABILITY_ERROR` taken as its error, an estimate)
+            or "" (not a Lipschitz certificate).
     """
 
     def __init__(
         self,
         standard: torch.nn.Module,
         robust: torch.nn.Module,
-        preprocess: PreprocessConfig,
+        preprocess: PreprocessConfig | None,
         device: torch.device,
         standard_precision: str = "float32",
         seed: int | None = None,
+        standard_preprocess: PreprocessConfig | None = None,
     ):
         if standard_precision not in _PRECISIONS:
             raise ValueError(f"standard_precision must be one of {sorted(_PRECISIONS)}")
@@ -200,9 +249,37 @@ class CertifiedClassifier:
         if standard_precision != "float32":
             standard = _CastInput(standard, _PRECISIONS[standard_precision])
         self.robust = robust.to(device).eval()
-        self.mixed = MixedClassifier(standard, self.robust, alpha=1.0)
+        self.standard = standard
+        self.forward_error = ""
+        self.robust_bounded: ErrorBoundedForward | None = None
+        self.robust_float64: torch.nn.Module | None = None
+        if self.kind == "lipschitz":
+            try:
+                self.robust_bounded = ErrorBoundedForward(getattr(robust, "network", robust)).to(device)
+                self.forward_error = "bounded"
+            except UnboundedForwardError:
+                self.forward_error = "estimated"
+                try:
+                    self.robust_float64 = copy.deepcopy(self.robust).to(torch.float64).eval()
+                    with torch.inference_mode():
+                        self.robust_float64(torch.zeros(1, *robust.input_shape, dtype=torch.float64, device=device))
+                except Exception:  # e.g. a TorchScript model with float32 hard-wired inside
+                    self.robust_float64 = None
+                    self.forward_error = "estimated-float32"
+        if standard_preprocess is None:
+            if preprocess is None:
+                standard_preprocess = PreprocessConfig.for_model(_model_config(standard))
+            else:
+                channels, height, width = getattr(standard, "input_shape", robust.input_shape)
+                standard_preprocess = replace(preprocess, output_channels=channels, output_height=height,
+                                              output_width=width)
+        if preprocess is None:
+            preprocess = PreprocessConfig.for_model(robust.config)
         self.preprocess_config = replace(preprocess, device=str(device))
         self.preprocess = Preprocessor(self.preprocess_config)
+        self.standard_preprocess_config = replace(standard_preprocess, device=str(device))
+        self.standard_preprocess = (self.preprocess if self.standard_preprocess_config == self.preprocess_config
+                                    else Preprocessor(self.standard_preprocess_config))
         self.smooth = None
         if self.kind == "smoothing":
             self.smooth = Smooth(self.robust, self.num_classes, robust.sigma)
@@ -239,9 +316,10 @@ class CertifiedClassifier:
 
     def warm_up(self, settings: LiveSettings, repeats: int = 3) -> float:
         """Runs the full path on blank frames; returns the time of the first pass in ms."""
-        config = self.preprocess_config
-        channels = config.output_channels
-        height, width = max(64, config.crop_height), max(64, config.crop_width)
+        configs = (self.preprocess_config, self.standard_preprocess_config)
+        channels = max(config.output_channels for config in configs)
+        height = max(64, *(config.crop_height for config in configs))
+        width = max(64, *(config.crop_width for config in configs))
         order = "mono" if channels == 1 else "rgb"
         blank = DecodedImage(torch.zeros(height, width, channels, dtype=torch.uint8).numpy(), order, 1 / 255)
         first_ms = 0.0
@@ -263,16 +341,23 @@ class CertifiedClassifier:
         failure: those frames get BAD_INPUT or MODEL_ERROR results with `safe = false`."""
         start = time.perf_counter()
         results: list[FrameResult | None] = [None] * len(images)
-        inputs, kept = [], []
+        inputs, standard_inputs, kept = [], [], []
+        shared = self.standard_preprocess is self.preprocess
         for index, decoded in enumerate(images):
             try:
-                inputs.append(self.preprocess([decoded]))
-                kept.append(index)
+                robust_input = self.preprocess([decoded])
+                standard_input = robust_input if shared else self.standard_preprocess([decoded])
             except BadImageError as error:
                 results[index] = FrameResult.failure(Status.BAD_INPUT, str(error), settings, self.norm)
+                continue
+            inputs.append(robust_input)
+            standard_inputs.append(standard_input)
+            kept.append(index)
         if kept:
             try:
-                batch_results = self._classify_batch(torch.cat(inputs), [images[i] for i in kept], settings)
+                x = torch.cat(inputs)
+                x_standard = x if shared else torch.cat(standard_inputs)
+                batch_results = self._classify_batch(x, x_standard, [images[i] for i in kept], settings)
             except Exception as error:  # a model failure must not take the node down
                 message = f"model error: {type(error).__name__}: {error}"
                 batch_results = [FrameResult.failure(Status.MODEL_ERROR, message, settings, self.norm)
@@ -285,46 +370,62 @@ class CertifiedClassifier:
         return results  # type: ignore[return-value]
 
     def _classify_batch(
-        self, x: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
+        self, x: torch.Tensor, x_standard: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
     ) -> list[FrameResult]:
+        """`x`: the robust model's inputs (the certificate's space), `x_standard`: the standard model's."""
         alpha = settings.alpha
+        probability_error = None
         with torch.inference_mode():
-            if self.smooth is None:
-                logits_g, logits_h, _ = self.mixed.forward_all(x)
-                probs_h = torch.softmax(logits_h.float(), dim=1)
-                robust_finite = torch.isfinite(logits_h).all(dim=1)
-                log_probs_h = torch.log_softmax(logits_h.float(), dim=1)
-            else:
-                logits_g = self.mixed.standard(x)
-                n0, n = self.smoothing_samples
-                certificate = self.smooth.certify(
-                    x, n0=n0, n=n, beta=1.0 - settings.confidence, batch_size=max(n0, 1000),
-                    alpha=alpha, generator=self.generator,
-                )
-                probs_h = certificate.probs.float()
-                robust_finite = torch.isfinite(probs_h).all(dim=1)
-                log_probs_h = probs_h.clamp_min(torch.finfo(torch.float32).tiny).log()
-            finite = torch.isfinite(logits_g).all(dim=1) & robust_finite
-            mixed = mix_log_probs(logits_g.float(), log_probs_h, alpha).exp()
-            mixed_probability, class_ids = mixed.max(dim=1)
-            top2 = probs_h.topk(2, dim=1).values
-            robust_margin = top2[:, 0] - top2[:, 1]
-            robust_class = probs_h.argmax(dim=1)
-            standard_class = logits_g.argmax(dim=1)
-
+            logits_g = self.standard(x_standard)
             method = self.certificate_method
-            if method == CertificateMethod.LIPSCHITZ:
-                radius = certify.lipschitz_radius(probs_h, self.robust.lipschitz_constant, alpha)
-                certified_class = robust_class
-                confidence = 1.0
-            elif method == CertificateMethod.RANDOMIZED_SMOOTHING:
-                radius = certificate.radius
-                certified_class = certificate.predicted_class
-                confidence = settings.confidence
-            else:
-                radius = torch.zeros(len(x), device=x.device)
-                certified_class = torch.full((len(x),), -1, device=x.device)
-                confidence = 0.0
+            with full_precision():
+                if self.smooth is not None:
+                    n0, n = self.smoothing_samples
+                    certificate = self.smooth.certify(
+                        x, n0=n0, n=n, beta=1.0 - settings.confidence, batch_size=max(n0, 1000),
+                        alpha=alpha, generator=self.generator,
+                    )
+                    probs_h = certificate.probs
+                    log_probs_h = probs_h.clamp_min(torch.finfo(torch.float64).tiny).log()
+                elif self.robust_bounded is not None:
+                    logits_h, logit_error = self.robust_bounded(x)
+                    probs_h, probability_error = probabilities_with_error(logits_h, logit_error)
+                    log_probs_h = torch.log_softmax(logits_h, dim=1)
+                else:
+                    logits_h = (self.robust_float64(x.to(torch.float64)) if self.robust_float64 is not None
+                                else self.robust(x).double())
+                    probs_h = torch.softmax(logits_h, dim=1)
+                    log_probs_h = torch.log_softmax(logits_h, dim=1)
+                    if self.robust_float64 is not None:
+                        probs_single = torch.softmax(self.robust(x).double(), dim=1)
+                        probability_error = (probs_single - probs_h).abs().amax(dim=1) + 1e-12
+                    elif self.forward_error:
+                        probability_error = torch.full_like(probs_h[:, 0], FLOAT32_PROBABILITY_ERROR)
+                finite = torch.isfinite(logits_g).all(dim=1) & torch.isfinite(probs_h).all(dim=1)
+                if probability_error is not None:
+                    finite &= torch.isfinite(probability_error)
+                # One evaluation of the mixture (eq. 4), in float64 like the robust probabilities.
+                mixed = mix_log_probs(logits_g.double(), log_probs_h, alpha).exp()
+                mixed_probability, class_ids = mixed.max(dim=1)
+                top2 = probs_h.topk(2, dim=1).values
+                robust_margin = top2[:, 0] - top2[:, 1]
+                robust_class = probs_h.argmax(dim=1)
+                standard_class = logits_g.argmax(dim=1)
+
+                if method == CertificateMethod.LIPSCHITZ:
+                    error = probability_error.nan_to_num(math.inf) if probability_error is not None else 0.0
+                    radius = certify.lipschitz_radius(probs_h, self.robust.lipschitz_constant, alpha,
+                                                      probability_error=error)
+                    certified_class = robust_class
+                    confidence = 1.0
+                elif method == CertificateMethod.RANDOMIZED_SMOOTHING:
+                    radius = certificate.radius
+                    certified_class = certificate.predicted_class
+                    confidence = settings.confidence
+                else:
+                    radius = torch.zeros(len(x), device=x.device)
+                    certified_class = torch.full((len(x),), -1, device=x.device)
+                    confidence = 0.0
 
         rows = zip(
             finite.tolist(), class_ids.tolist(), mixed_probability.tolist(), radius.tolist(),
@@ -339,11 +440,19 @@ class CertifiedClassifier:
                 continue
             if not math.isfinite(certified_radius) or certified_radius < 0.0:
                 certified_radius = 0.0
+            # Published as float32: rounded towards zero here, so the message carries exactly this.
+            certified_radius = certify.float32_toward_zero(certified_radius)
+            height, width = decoded.pixels.shape[0], decoded.pixels.shape[1]
             operator_norm = preprocessing_operator_norm(
-                decoded.pixels.shape[0], decoded.pixels.shape[1], decoded.channel_order,
-                self.preprocess_config, self.norm)
+                height, width, decoded.channel_order, self.preprocess_config, self.norm)
             has_certificate = method != CertificateMethod.NONE and certified_radius > 0.0
-            image_radius_value = float(image_radius(certified_radius, operator_norm)) if has_certificate else 0.0
+            source_radius = 0.0
+            # Frames converted from YUV/Bayer are no linear map of the message: no image-space claim.
+            if has_certificate and decoded.linear_in_message:
+                float_error = preprocessing_float_error(height, width, decoded.channel_order,
+                                                        self.preprocess_config, self.norm)
+                source_radius = certify.float32_toward_zero(
+                    image_radius(certified_radius, operator_norm, float_error))
             results.append(FrameResult(
                 status=Status.OK,
                 class_id=int(class_id),
@@ -351,13 +460,13 @@ class CertifiedClassifier:
                 alpha=alpha,
                 certificate_method=method,
                 norm=self.norm,
-                certified_radius=float(certified_radius),
-                image_radius=image_radius_value,
+                certified_radius=certified_radius,
+                image_radius=source_radius,
                 confidence=confidence if has_certificate else 0.0,
                 safe_radius=settings.safe_radius,
                 safe_image_radius=settings.safe_image_radius,
                 safe=is_safe(Status.OK, method, certified_radius, settings.safe_radius, class_id, cert_class,
-                             image_radius_value, settings.safe_image_radius),
+                             source_radius, settings.safe_image_radius),
                 robust_class_id=int(h_class),
                 robust_margin=float(margin),
                 standard_class_id=int(g_class),

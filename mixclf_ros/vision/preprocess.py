@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +85,15 @@ class PreprocessConfig:
             raise ValueError(f"output size {self.output_height}x{self.output_width} must be within 1..{MAX_SIDE}")
         if not (0 <= self.crop_height <= MAX_SIDE and 0 <= self.crop_width <= MAX_SIDE):
             raise ValueError(f"crop {self.crop_height}x{self.crop_width} must be within 0..{MAX_SIDE} (0 = none)")
+
+    @classmethod
+    def for_model(cls, config: Mapping[str, Any], device: str = "cpu") -> PreprocessConfig:
+        """The preprocessing a model config (`models.schema` keys) asks for: its input size and
+        channels, and its `crop_height`, `crop_width`, `resize`."""
+        return cls(output_channels=int(config["input_channels"]), output_height=int(config["input_height"]),
+                   output_width=int(config["input_width"]), crop_height=int(config.get("crop_height", 0)),
+                   crop_width=int(config.get("crop_width", 0)), resize=str(config.get("resize", "area")),
+                   device=str(device))
 
 
 def _crop_box(height: int, width: int, config: PreprocessConfig) -> tuple[int, int, int, int]:
@@ -157,46 +168,69 @@ class Preprocessor:
             host[index] = crop
         # contiguous NCHW: pooling a channels-last view is several times slower on the CPU
         samples = torch.from_numpy(host).to(self.device).permute(0, 3, 1, 2).contiguous()  # N, C_in, h, w
+        return _map_samples(samples, first.channel_order, first.scale, kind == "f", config, self._grey)
 
-        order = first.channel_order
-        if order in ("mono", "rgb"):
-            selected = samples  # already in order (mono is replicated after the resize for colour models)
-        else:
-            selected = samples[:, list(RGB_INDEX[order])]  # RGB order, alpha dropped
-        x = selected.to(torch.float32)
-        scale = first.scale
-        if kind == "f":
-            x = (x * scale).clamp(0.0, 1.0)  # float frames are [0, 1] intensities by contract
-            scale = 1.0
-        # Resize first, colour and scale last: the same linear map (the colour matrix acts on channels,
-        # the resize on pixels), with integer samples exact in float32 through the resize (the area
-        # average of equal samples is exact), and the colour conversion on the small output only.
-        # The grey conversion is an explicit weighted sum, not a matmul, so TF32 settings cannot touch it.
-        x = _resize(x, (config.output_height, config.output_width), config.resize)
-        if config.output_channels == 1 and order != "mono":
-            x = (x * self._grey).sum(dim=1, keepdim=True)
-        if scale != 1.0:
-            x = x * scale
-        if config.output_channels == 3 and order == "mono":
-            x = x.expand(-1, 3, -1, -1)
-        return x.clamp(0.0, 1.0).contiguous()
+    def differentiable(self, x: torch.Tensor) -> torch.Tensor:
+        """The same preprocessing for a batch of source images already in [0, 1] as a float tensor
+        (N, C, h, w), C = 1 (mono) or 3 (RGB), on `config.device`, differentiable in `x` (attacks on
+        the source image run through it). Raises BadImageError for a crop larger than the image."""
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise BadImageError(f"expected source images (N, 1 or 3, H, W), got shape {tuple(x.shape)}")
+        top, left, crop_height, crop_width = _crop_box(int(x.shape[2]), int(x.shape[3]), self.config)
+        crop = x[:, :, top: top + crop_height, left: left + crop_width]
+        return _map_samples(crop, "mono" if x.shape[1] == 1 else "rgb", 1.0, True, self.config, self._grey)
+
+
+def _map_samples(samples: torch.Tensor, order: str, scale: float, is_float: bool, config: PreprocessConfig,
+                 grey: torch.Tensor) -> torch.Tensor:
+    """The device part of `Preprocessor`: cropped samples (N, C_in, h, w) in `order` -> model input."""
+    if order in ("mono", "rgb"):
+        selected = samples  # already in order (mono is replicated after the resize for colour models)
+    else:
+        selected = samples[:, list(RGB_INDEX[order])]  # RGB order, alpha dropped
+    size = (config.output_height, config.output_width)
+    # An area average sums up to hundreds of samples: summed in float64 (error ~1e-13), then
+    # rounded once to float32, which keeps `preprocessing_float_error` near one float32 rounding.
+    wide = config.resize == "area" and tuple(selected.shape[-2:]) != size
+    x = selected.to(torch.float64 if wide else torch.float32)
+    if is_float:
+        x = (x * scale).clamp(0.0, 1.0)  # float frames are [0, 1] intensities by contract
+        scale = 1.0
+    # Resize first, colour and scale last: the same linear map (the colour matrix acts on channels,
+    # the resize on pixels), and the colour conversion on the small output only.
+    # The grey conversion is an explicit weighted sum, not a matmul, so TF32 settings cannot touch it.
+    x = _resize(x, size, config.resize).to(torch.float32)
+    if config.output_channels == 1 and order != "mono":
+        x = (x * grey).sum(dim=1, keepdim=True)
+    if scale != 1.0:
+        x = x * scale
+    if config.output_channels == 3 and order == "mono":
+        x = x.expand(-1, 3, -1, -1)
+    return x.clamp(0.0, 1.0).contiguous()
 
 
 # ------------------------------------------------------------------------------ operator norm
+FLOAT32_WEIGHT_SLACK = 1.0 + 8 * 2.0 ** -24
+"""Relative enlargement of the operator norm for the float32 rounding of products of the
+interpolation and colour weights (at most 4 roundings per entry of the non-negative map, so its
+entries, and hence its l2 and linf norms, grow by at most that factor)."""
 @functools.lru_cache(maxsize=512)
-def _resize_matrix(source: int, target: int, mode: str, axis: str) -> np.ndarray:
+def _resize_matrix(source: int, target: int, mode: str, axis: str, dtype: torch.dtype = torch.float64,
+                   device: str = "cpu") -> np.ndarray:
     """(target x source) float64 matrix of the 1-D resize along `axis` ("height" or "width"),
-    obtained by applying `_resize` itself to the identity basis, in chunks to bound memory."""
+    obtained by applying `_resize` itself to the identity basis in `dtype` on `device`, in chunks to
+    bound memory. In float32 this gives the interpolation weights exactly as `Preprocessor`
+    computes them there (a unit sample times a weight is the weight)."""
     columns = []
     for start in range(0, source, 512):
         stop = min(source, start + 512)
-        basis = torch.zeros(stop - start, source, dtype=torch.float64)
+        basis = torch.zeros(stop - start, source, dtype=dtype, device=device)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
         if axis == "height":
             out = _resize(basis.view(-1, 1, source, 1), (target, 1), mode)
         else:
             out = _resize(basis.view(-1, 1, 1, source), (1, target), mode)
-        columns.append(out.reshape(stop - start, target).numpy())
+        columns.append(out.reshape(stop - start, target).to(device="cpu", dtype=torch.float64).numpy())
     matrix = np.concatenate(columns).T.copy()
     matrix.setflags(write=False)
     return matrix
@@ -213,11 +247,19 @@ def _cached_operator_norm(source_height: int, source_width: int, channel_order: 
                           config: PreprocessConfig, norm: str) -> float:
     check_frame_size(source_height, source_width)
     _, _, crop_height, crop_width = _crop_box(source_height, source_width, config)
-    rows = _resize_matrix(crop_height, config.output_height, config.resize, "height")
-    columns = _resize_matrix(crop_width, config.output_width, config.resize, "width")
     colour = colour_matrix(channel_order, config.output_channels)
-    product = _matrix_norm(colour, norm) * _matrix_norm(rows, norm) * _matrix_norm(columns, norm)
-    return product * (1.0 + 1e-12)  # round up: float64 SVD/summation error must not shrink the norm
+    # The exact map (float64 weights) and the map with the float32 weights the preprocessing computes
+    # on its device: the largest norm of each factor bounds every combination. `FLOAT32_WEIGHT_SLACK`
+    # covers the rounding of the weights' products (entries of the float32 map's Jacobian);
+    # `preprocessing_float_error` covers the rest of the arithmetic.
+    colour_norm = max(_matrix_norm(colour, norm), _matrix_norm(colour.astype(np.float32), norm))
+    factors = [colour_norm]
+    for source, target, axis in ((crop_height, config.output_height, "height"),
+                                 (crop_width, config.output_width, "width")):
+        factors.append(max(_matrix_norm(_resize_matrix(source, target, config.resize, axis, dtype, config.device), norm)
+                           for dtype in (torch.float64, torch.float32)))
+    # round up: float64 SVD/summation error must not shrink the norm
+    return math.prod(factors) * FLOAT32_WEIGHT_SLACK * (1.0 + 1e-12)
 
 
 def preprocessing_operator_norm(source_height: int, source_width: int, channel_order: str,
@@ -228,7 +270,9 @@ def preprocessing_operator_norm(source_height: int, source_width: int, channel_o
 
     P = (C (x) R_h (x) R_w) S, with S the centre crop (a coordinate selection), C the
     (C_out x C_in) colour matrix (`colour_matrix`) and R_h, R_w the 1-D row and column resize
-    matrices, built by applying the very resize `Preprocessor` uses to identity bases in float64.
+    matrices, built by applying the very resize `Preprocessor` uses to identity bases, in float64
+    (the exact map) and in float32 on the configured device (the interpolation weights as the
+    preprocessing computes them); the larger of the two norms is returned.
     S has orthonormal rows and zero-pads rows of the matrix it is composed with, so it changes
     neither norm. For the Kronecker product, ||A (x) B|| = ||A|| ||B|| both in l2 (singular values
     multiply) and in linf (absolute row sums multiply), so ||P|| = ||C|| ||R_h|| ||R_w||; e.g.
@@ -236,8 +280,8 @@ def preprocessing_operator_norm(source_height: int, source_width: int, channel_o
     to 3 channels: sqrt(3) and 1. The non-linear steps do not increase it: clamping to [0, 1] is
     1-Lipschitz coordinate-wise (hence in every l_p norm), and quantisation happens before P (the
     source frame is already integer), so ||P(x) - P(y)|| <= ||P|| ||x - y|| for the whole map, up to
-    float32 rounding (about 1e-7 per pixel). The result is rounded up by 1e-12 relative and cached
-    per (height, width, channel order, config without device, norm).
+    the float32 rounding of the arithmetic, which `preprocessing_float_error` bounds. The result is
+    rounded up by 1e-12 relative and cached per (height, width, channel order, config, norm).
 
     Raises:
         BadImageError: zero/implausible size, unknown channel order, crop larger than the frame.
@@ -245,24 +289,71 @@ def preprocessing_operator_norm(source_height: int, source_width: int, channel_o
     """
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
-    config = dataclasses.replace(config, device="cpu")  # the norm does not depend on the device
+    config = dataclasses.replace(config, device=str(torch.device(config.device)))
     return _cached_operator_norm(int(source_height), int(source_width), channel_order, config, norm)
 
 
-def image_radius(certified_radius: float, operator_norm: float) -> float:
+def preprocessing_float_error(source_height: int, source_width: int, channel_order: str,
+                              config: PreprocessConfig, norm: str) -> float:
+    """A bound e, in model-input [0, 1] units and `norm`, such that for any two frames x, x' of this
+    geometry the model inputs `Preprocessor` computes satisfy ||P^(x) - P^(x')|| <= ||P|| ||x - x'|| + e.
+
+    Per output pixel, the arithmetic differs from the linear map P by at most, in [0, 1] units (u =
+    2^-24 for float32, v = 2^-53 for float64, gamma_k(u) = k u / (1 - k u)): the resize, a
+    non-negative combination of k samples with weights summing to 1, evaluated in any order —
+    bilinear in float32, k = 4: gamma_6(u); area in float64, k <= (ceil(h / H) + 1)(ceil(w / W) + 1):
+    gamma_{k+2}(v) plus u for the rounding to float32; then the grey weighting, a 3-term weighted
+    sum (gamma_4(u)), the float32 grey weights, the scaling by `DecodedImage.scale` and the float32
+    cast of float64 frames (u each, plus one spare u), all times 1.01 for second-order terms.
+    Integer samples are exact; clamps only shrink differences. Over the output: l2 `sqrt(C H W)`
+    times that, linf that; twice (once for x, once for x').
+    """
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    check_frame_size(int(source_height), int(source_width))
+    _, _, crop_height, crop_width = _crop_box(int(source_height), int(source_width), config)
+    out_height, out_width = config.output_height, config.output_width
+
+    def gamma(count: int, unit: float) -> float:
+        return count * unit / (1.0 - count * unit)
+
+    single, double = 2.0 ** -24, 2.0 ** -53
+    if (crop_height, crop_width) == (out_height, out_width):
+        resize = 0.0
+    elif config.resize == "bilinear":
+        resize = gamma(6, single)
+    else:
+        taps = (math.ceil(crop_height / out_height) + 1) * (math.ceil(crop_width / out_width) + 1)
+        resize = gamma(taps + 2, double) + single
+    per_pixel = (resize + gamma(4, single) + 4.0 * single) * 1.01
+    pixels = config.output_channels * out_height * out_width
+    return 2.0 * per_pixel * (math.sqrt(pixels) * (1.0 + 1e-12) if norm == "l2" else 1.0)
+
+
+def image_radius(certified_radius: float, operator_norm: float, float_error: float = 0.0) -> float:
     """Certified radius carried back to the source image, in source [0, 1] units and the same norm.
 
-    A source perturbation d with ||d|| <= r / ||P|| reaches the model input as ||P d|| <= r, so the
-    prediction certified within `certified_radius` r at the model input is certified within
-    r / ||P|| in the source image. Returns 0 (no claim) when the norm is unknown, zero, negative or
-    non-finite, or when the radius is negative or non-finite.
+    A source perturbation d with ||d|| <= (r - e) / ||P|| reaches the model input as
+    ||P^(x + d) - P^(x)|| <= ||P|| ||d|| + e <= r (e = `float_error`, from
+    `preprocessing_float_error`), so the prediction certified within `certified_radius` r at the
+    model input is certified within (r - e) / ||P|| in the source image. Computed with outward
+    rounding (the result is never above the exact value). Returns 0 (no claim) when the norm is
+    unknown, zero, negative or non-finite, when the radius is negative or non-finite, or when
+    r <= e.
     """
     try:
-        radius, norm = float(certified_radius), float(operator_norm)
+        radius, norm, error = float(certified_radius), float(operator_norm), float(float_error)
     except (TypeError, ValueError):
         return 0.0
-    if not (math.isfinite(norm) and norm > 0.0 and math.isfinite(radius) and radius > 0.0):
+    if not (math.isfinite(norm) and norm > 0.0 and math.isfinite(radius) and radius > 0.0
+            and math.isfinite(error) and error >= 0.0):
         return 0.0
-    return radius / norm
-
-
+    reduced = radius - error
+    if Fraction(reduced) > Fraction(radius) - Fraction(error):  # rounded up: take the float below
+        reduced = math.nextafter(reduced, -math.inf)
+    if not reduced > 0.0:
+        return 0.0
+    quotient = reduced / norm
+    if Fraction(quotient) > Fraction(reduced) / Fraction(norm):
+        quotient = math.nextafter(quotient, 0.0)
+    return quotient

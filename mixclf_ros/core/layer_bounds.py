@@ -1,0 +1,344 @@
+"""Sound per-operation bounds of operator norms (p -> p, p = l2 or linf), from the actual weights.
+
+Used by `mixclf_ros.core.lipschitz`, which composes them over a traced graph. Every bound here is
+an upper bound of the exact operator (or Lipschitz) norm, in exact arithmetic; values computed by
+SVD/FFT in float64 are enlarged by `NUMERIC_SLACK`.
+
+- Linear `x -> W x`: l2 exact spectral norm (float64 SVD); linf exact max absolute row sum.
+- Conv2d: l2 exact spectral norm of the circular convolution on the zero-padded canvas (FFT,
+  Sedghi et al. 2019), an upper bound of the zero-padded and strided conv (`conv2d_l2_bound`);
+  linf max over output channels of the sum of |w| (each output pixel sums at most all its taps).
+- BatchNorm (eval, running statistics): max |gamma / sqrt(var + eps)|.
+- elementwise activations: sup |phi'| (`ACTIVATION_CONSTANTS`); an elementwise map with
+  per-coordinate constant c has operator norm <= c in every lp norm.
+- Max pooling: l2 sqrt(max number of windows containing one input pixel), linf 1.
+- Average pooling (non-negative linear maps A): l2 sqrt(||A||_1 ||A||_inf) (Riesz-Thorin), linf
+  ||A||_inf, with the row/column sums computed exactly from the layer itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from mixclf_ros.core.certify import NORMS
+from mixclf_ros.core.layers import GroupSort, Normalize
+
+NUMERIC_SLACK = 1e-9
+"""Relative enlargement of bounds computed by SVD/FFT in float64 (their rounding error is ~1e-15)."""
+
+
+class UnsupportedLayerError(ValueError):
+    """The walker met a layer or operation whose Lipschitz constant it cannot soundly bound."""
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+# ----------------------------------------------------------------------------- linear maps
+
+
+def linear_bound(weight: torch.Tensor, norm: str) -> float:
+    """Operator norm of `x -> W x` (W of shape (out, in)): l2 spectral norm, linf max row l1 sum."""
+    check_norm(norm)
+    matrix = weight.detach().to(torch.float64)
+    if norm == "l2":
+        return float(torch.linalg.matrix_norm(matrix, ord=2)) * (1.0 + NUMERIC_SLACK)
+    return float(matrix.abs().sum(dim=1).max()) * (1.0 + NUMERIC_SLACK)
+
+
+def conv_padding(padding: str | int | Sequence[int], kernel_extent: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of a 2-D convolution with `padding` (as Conv2d takes it)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        # "same": PyTorch puts the extra pixel (odd total) on the bottom/right.
+        total_h, total_w = kernel_extent[0] - 1, kernel_extent[1] - 1
+        return total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2
+    pad_h, pad_w = (padding, padding) if isinstance(padding, int) else tuple(padding)
+    return pad_h, pad_h, pad_w, pad_w
+
+
+def circular_conv_spectral_norm(weight: torch.Tensor, canvas: tuple[int, int], groups: int = 1,
+                                dilation: tuple[int, int] = (1, 1), frequency_chunk: int = 16) -> float:
+    """Exact l2 operator norm of the circular 2-D convolution (cross-correlation) with `weight`
+    (out, in/groups, kh, kw) on an `canvas = (n1, n2)` torus (Sedghi et al., 2019).
+
+    The operator is block-circulant, diagonalised by the 2-D DFT: its singular values are those of
+    the (out x in) matrices `W_hat(u, v) = sum_{a,b} W[:, :, a, b] exp(-2 pi i (u a / n1 + v b / n2))`
+    over all frequencies, so the norm is `max_{u,v} sigma_max(W_hat(u, v))`. Real weights make
+    `W_hat(-u,-v)` the conjugate of `W_hat(u,v)`, so half of the v range suffices. Groups make the
+    operator block diagonal (maximum over groups). The DFT is evaluated on the kernel support
+    only, in chunks of `frequency_chunk` rows u, to bound memory.
+    """
+    out_channels, in_per_group, kh, kw = weight.shape
+    dh, dw = dilation
+    n1, n2 = canvas
+    extent_h, extent_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    if n1 < extent_h or n2 < extent_w:
+        raise ValueError(f"canvas {canvas} is smaller than the dilated kernel ({extent_h}, {extent_w})")
+    w = weight.detach().to(torch.float64).reshape(groups, out_channels // groups, in_per_group, kh, kw)
+    device = w.device
+    tap_h = torch.arange(kh, device=device, dtype=torch.float64) * dh
+    tap_w = torch.arange(kw, device=device, dtype=torch.float64) * dw
+    freq_w = torch.arange(n2 // 2 + 1, device=device, dtype=torch.float64)
+    phase_w = torch.exp(-2j * math.pi * torch.outer(freq_w, tap_w) / n2)  # (n2/2+1, kw)
+    w_complex = w.to(torch.complex128)
+    best = 0.0
+    for start in range(0, n1, frequency_chunk):
+        freq_h = torch.arange(start, min(start + frequency_chunk, n1), device=device, dtype=torch.float64)
+        phase_h = torch.exp(-2j * math.pi * torch.outer(freq_h, tap_h) / n1)  # (chunk, kh)
+        spectrum = torch.einsum("ua,goiab,vb->guvoi", phase_h, w_complex, phase_w)
+        best = max(best, float(torch.linalg.matrix_norm(spectrum, ord=2).max()))
+    return best * (1.0 + NUMERIC_SLACK)
+
+
+def conv2d_weight_l2_bound(weight: torch.Tensor, input_hw: tuple[int, int], padding: str | int | Sequence[int],
+                           dilation: int | Sequence[int] = 1, groups: int = 1) -> float:
+    """Sound l2 bound of a zero-padded (possibly strided/dilated/grouped) 2-D convolution with
+    `weight` on H x W inputs (the stride does not enter: see `conv2d_l2_bound`)."""
+    kh, kw = weight.shape[-2:]
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+    extent = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    top, bottom, left, right = conv_padding(padding, extent)
+    canvas = (input_hw[0] + top + bottom, input_hw[1] + left + right)
+    return circular_conv_spectral_norm(weight, canvas, groups, (dh, dw))
+
+
+def conv2d_l2_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
+    """Sound l2 bound of a zero-padded (possibly strided/dilated/grouped) Conv2d on H x W inputs.
+
+    Why it is an upper bound: let P be the zero-padded input on the canvas
+    `(H + pad_top + pad_bottom) x (W + pad_left + pad_right)` and k the dilated kernel extent. The
+    stride-1 conv output at (i, j) reads `P[i + a, j + b]` with `i + a <= n1 - 1` for every valid
+    output, i.e. it coincides with the circular convolution on that canvas at those positions (no
+    wrap-around happens there). So conv = restriction o circular conv o zero-embedding; embedding
+    is an isometry and restricting to a subset of coordinates (valid outputs, and the stride's
+    subsampling) has norm <= 1. Hence `||conv||_2 <= ||circular conv||_2`, computed exactly by
+    `circular_conv_spectral_norm`. (The canvas is always >= the kernel extent, so the circular
+    conv does not alias the kernel.)
+    """
+    if conv.padding_mode != "zeros":
+        raise UnsupportedLayerError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported")
+    return conv2d_weight_l2_bound(conv.weight, input_hw, conv.padding, conv.dilation, conv.groups)
+
+
+def conv_linf_bound(weight: torch.Tensor) -> float:
+    """linf operator norm bound of a convolution: max over output channels of sum |w| (the row sum
+    of an interior output pixel; border pixels have fewer taps)."""
+    w = weight.detach().to(torch.float64)
+    return float(w.abs().flatten(1).sum(dim=1).max()) * (1.0 + NUMERIC_SLACK)
+
+
+def batch_norm_bound(running_var: torch.Tensor, weight: torch.Tensor | None, eps: float) -> float:
+    """Eval-mode batch norm is the diagonal map `x_c -> gamma_c (x_c - mu_c) / sqrt(var_c + eps)`:
+    `max_c |gamma_c| / sqrt(var_c + eps)` in every lp norm."""
+    scale = 1.0 / torch.sqrt(running_var.detach().double() + eps)
+    if weight is not None:
+        scale = scale * weight.detach().double()
+    return float(scale.abs().max()) * (1.0 + NUMERIC_SLACK)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def smooth_derivative_sup(function: Callable[[torch.Tensor], torch.Tensor], margin: float = 1e-3) -> float:
+    """sup |f'| of a smooth scalar activation, for those whose derivative tends to 0 or 1 outside
+    [-40, 40] monotonically (GELU, SiLU, Mish): max of |f'| (autograd, float64) on a 1e-4 grid of
+    [-40, 40] plus `margin`, which exceeds the grid error `h/2 sup|f''|` (sup|f''| < 1 for these)."""
+    grid = torch.arange(-400000, 400001, dtype=torch.float64) * 1e-4
+    grid.requires_grad_(True)
+    with torch.enable_grad():
+        (derivative,) = torch.autograd.grad(function(grid).sum(), grid)
+    return float(derivative.abs().max()) + margin
+
+
+_SELU_SCALE = 1.0507009873554804934193349852946
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SUP_CACHE: dict[str, float] = {}
+
+
+def _cached_sup(key: str, function: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    if key not in _SUP_CACHE:
+        _SUP_CACHE[key] = smooth_derivative_sup(function)
+    return _SUP_CACHE[key]
+
+
+def gelu_constant(approximate: str = "none") -> float:
+    if approximate not in ("none", "tanh"):
+        raise UnsupportedLayerError(f"GELU approximate={approximate!r} is not supported")
+    return _cached_sup(f"gelu-{approximate}", lambda t: nn.functional.gelu(t, approximate=approximate))
+
+
+def silu_constant() -> float:
+    return _cached_sup("silu", nn.functional.silu)
+
+
+def mish_constant() -> float:
+    return _cached_sup("mish", nn.functional.mish)
+
+
+def elu_constant(alpha: float) -> float:
+    """ELU: slope 1 for x > 0, `alpha e^x` (magnitude < |alpha|) for x < 0."""
+    return max(1.0, abs(float(alpha)))
+
+
+def celu_constant(alpha: float) -> float:
+    """CELU: slope 1 for x > 0, `e^{x/alpha}` <= 1 for x < 0 (alpha > 0)."""
+    if not float(alpha) > 0:
+        raise UnsupportedLayerError(f"CELU with alpha={alpha} is not supported")
+    return 1.0
+
+
+SELU_CONSTANT = _SELU_SCALE * max(1.0, _SELU_ALPHA)
+"""SELU: `scale` for x > 0, `scale alpha e^x` < scale alpha for x < 0."""
+
+ACTIVATION_CONSTANTS: dict[type, Callable[[nn.Module], float]] = {
+    nn.ReLU: lambda m: 1.0,
+    nn.ReLU6: lambda m: 1.0,
+    nn.Tanh: lambda m: 1.0,
+    nn.Hardtanh: lambda m: 1.0,
+    nn.Softsign: lambda m: 1.0,
+    nn.Softplus: lambda m: 1.0,  # derivative sigmoid(beta x) <= 1 for any beta
+    nn.LogSigmoid: lambda m: 1.0,  # derivative 1 - sigmoid(x) in (0, 1)
+    nn.Tanhshrink: lambda m: 1.0,  # derivative tanh(x)^2 < 1
+    nn.Softshrink: lambda m: 1.0,
+    nn.Sigmoid: lambda m: 0.25,
+    nn.Hardsigmoid: lambda m: 1.0 / 6.0,
+    nn.Hardswish: lambda m: 1.5,  # derivative (2x + 3) / 6 on (-3, 3)
+    nn.LeakyReLU: lambda m: max(1.0, abs(float(m.negative_slope))),
+    nn.ELU: lambda m: elu_constant(m.alpha),
+    nn.CELU: lambda m: celu_constant(m.alpha),
+    nn.SELU: lambda m: SELU_CONSTANT,
+    nn.GELU: lambda m: gelu_constant(m.approximate),
+    nn.SiLU: lambda m: silu_constant(),
+    nn.Mish: lambda m: mish_constant(),
+    nn.PReLU: lambda m: max(1.0, float(m.weight.detach().double().abs().max())),
+    GroupSort: lambda m: 1.0,  # piecewise a permutation, continuous
+}
+
+# ----------------------------------------------------------------------------- pooling
+
+
+def _window_counts_1d(length: int, out_length: int, window_of: Callable[[int], Sequence[int]]) -> int:
+    """Largest number of windows (over the `out_length` outputs) containing one input position."""
+    counts = [0] * length
+    for index in range(out_length):
+        for position in window_of(index):
+            if 0 <= position < length:
+                counts[position] += 1
+    return max(counts) if counts else 0
+
+
+def _as_tuple(value: int | Sequence[int] | None, dims: int) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * dims
+    return tuple(int(v) for v in value)  # type: ignore[union-attr]
+
+
+def max_pool_overlap(module: nn.Module, x: torch.Tensor, out: torch.Tensor, dims: int) -> int:
+    """Max number of pooling windows that contain one input position (product over dims)."""
+    in_sizes, out_sizes = x.shape[-dims:], out.shape[-dims:]
+    total = 1
+    if isinstance(module, nn.AdaptiveMaxPool1d | nn.AdaptiveMaxPool2d):
+        for length, out_length in zip(in_sizes, out_sizes):
+            def window(i: int, length: int = length, out_length: int = out_length) -> range:
+                return range((i * length) // out_length, -((-(i + 1) * length) // out_length))
+            total *= _window_counts_1d(length, out_length, window)
+        return total
+    kernel = _as_tuple(module.kernel_size, dims)
+    stride = _as_tuple(module.stride if module.stride else module.kernel_size, dims)
+    padding = _as_tuple(module.padding, dims)
+    dilation = _as_tuple(module.dilation, dims)
+    for d, (length, out_length) in enumerate(zip(in_sizes, out_sizes)):
+        def window(i: int, d: int = d) -> list[int]:
+            return [i * stride[d] - padding[d] + j * dilation[d] for j in range(kernel[d])]
+        total *= _window_counts_1d(length, out_length, window)
+    return total
+
+
+def nonnegative_linear_norms(module: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[float, float]:
+    """(||A||_1, ||A||_inf) of a non-negative linear map A (average pooling), computed exactly:
+    the max column sum is max(A^T 1), the max row sum is max(A 1)."""
+    ones = torch.ones(x.shape, dtype=torch.float64, device=x.device, requires_grad=True)
+    with torch.enable_grad():
+        row_sums = module(ones)
+        (column_sums,) = torch.autograd.grad(row_sums.sum(), ones)
+    return float(column_sums.max()), float(row_sums.detach().max())
+
+
+MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2}
+AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+
+
+def pool_bound(module: nn.Module, x: torch.Tensor, out: torch.Tensor, norm: str) -> float:
+    kind = type(module)
+    if kind in MAX_POOLS:
+        if getattr(module, "return_indices", False):
+            raise UnsupportedLayerError("max pooling with return_indices")
+        return 1.0 if norm == "linf" else math.sqrt(max_pool_overlap(module, x, out, MAX_POOLS[kind]))
+    column_max, row_max = nonnegative_linear_norms(module, x)
+    bound = math.sqrt(column_max * row_max) if norm == "l2" else row_max
+    return bound * (1.0 + NUMERIC_SLACK)
+
+
+# ----------------------------------------------------------------------------- leaf modules
+
+SHAPE_OR_IDENTITY = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                     nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+"""Norm-preserving in eval mode (dropout is the identity there; flatten/unflatten keep the batch dim)."""
+
+LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, Normalize, *ACTIVATION_CONSTANTS,
+              *SHAPE_OR_IDENTITY, *MAX_POOLS, *AVG_POOLS)
+
+
+def layer_type(module: nn.Module) -> type:
+    """The layer's class; for a layer with `torch.nn.utils.parametrize` parametrizations (e.g. the
+    new-style spectral_norm or weight_norm), the original class: parametrize only swaps the class
+    for a generated subclass whose weight is computed on access, the forward is the original one."""
+    kind = type(module)
+    if parametrize.is_parametrized(module) and len(kind.__bases__) == 1:
+        base = kind.__bases__[0]
+        if kind.__name__ == f"Parametrized{base.__name__}" and kind.forward is base.forward:
+            return base
+    return kind
+
+
+def leaf_bound(module: nn.Module, x: torch.Tensor, out: torch.Tensor, norm: str, name: str) -> float:
+    """Operator norm bound of a supported leaf module at input shape `x.shape` (batch dim first),
+    from its actual (parametrized: as computed) weights. Raises for configurations it cannot bound."""
+    kind = layer_type(module)
+    if kind not in LEAF_TYPES:
+        raise UnsupportedLayerError(f"{name}: unsupported layer {kind.__module__}.{kind.__qualname__}")
+    if kind is nn.Linear:
+        if x.dim() < 2:
+            raise UnsupportedLayerError(f"{name}: Linear on a tensor without a feature dimension")
+        return linear_bound(module.weight, norm)
+    if kind is nn.Conv2d:
+        if x.dim() != 4:
+            raise UnsupportedLayerError(f"{name}: Conv2d on a {x.dim()}-d tensor (batched 4-d expected)")
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"{name}: Conv2d padding_mode={module.padding_mode!r} is not supported")
+        return conv_linf_bound(module.weight) if norm == "linf" else conv2d_l2_bound(module, (x.shape[-2], x.shape[-1]))
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if module.training or not module.track_running_stats or module.running_var is None:
+            raise UnsupportedLayerError(f"{name}: BatchNorm without running statistics uses batch statistics")
+        return batch_norm_bound(module.running_var, module.weight, module.eps)
+    if kind in ACTIVATION_CONSTANTS:
+        return ACTIVATION_CONSTANTS[kind](module)
+    if kind in SHAPE_OR_IDENTITY:
+        if module.training and kind is not nn.Identity and kind not in (nn.Flatten, nn.Unflatten):
+            raise UnsupportedLayerError(f"{name}: dropout in training mode")
+        return 1.0
+    if kind is Normalize:
+        return module.lipschitz_constant() * (1.0 + NUMERIC_SLACK)
+    try:
+        return pool_bound(module, x, out, norm)
+    except UnsupportedLayerError as error:
+        raise UnsupportedLayerError(f"{name}: {error}") from error

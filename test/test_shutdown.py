@@ -1,0 +1,60 @@
+"""Ctrl-C in a terminal sends SIGINT to the whole process group, and a launcher may forward its own:
+the installed executables must end cleanly (exit code 0, no traceback) on a repeated SIGINT, at any
+point of their life."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import REPO_ROOT
+from rosutil import node_with_client
+
+
+def interrupt_group_twice(process: subprocess.Popen, gap_s: float = 0.2, timeout: float = 60.0) -> int:
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(gap_s)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError("did not stop after two SIGINTs") from None
+
+
+def test_active_node_ends_cleanly_on_two_sigints_to_its_group(tmp_path, installed_prefix):
+    log_path = tmp_path / "node.log"
+    params = ["--params-file", str(REPO_ROOT / "config" / "mixclf.yaml"), "-p", "device:=cpu"]
+    with node_with_client(*params, log_path=log_path) as (client, process):
+        client.close()  # the node's own process group gets the signals, not this test
+        code = interrupt_group_twice(process)
+    log = log_path.read_text()
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("executable, delay_s", [
+    ("mixclf_monitor", 0.5),   # importing
+    ("mixclf_monitor", 8.0),   # waiting for the classifier's parameter services (15 s)
+    ("mixclf_camera_sim", 0.5),
+    ("mixclf_camera_sim", 8.0),  # loading data or waiting for subscribers
+    ("mixclf_node", 0.5),
+])
+def test_programs_end_cleanly_when_interrupted_while_starting(tmp_path, installed_prefix, executable, delay_s):
+    log_path = tmp_path / f"{executable}.log"
+    path = REPO_ROOT / "install" / "mixclf_ros" / "lib" / "mixclf_ros" / executable
+    # a domain of its own: nothing answers, so the programs stay in their start-up waits
+    env = {**os.environ, "ROS_DOMAIN_ID": str(200 + os.getpid() % 30)}
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([str(path)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        time.sleep(delay_s)
+        code = interrupt_group_twice(process)
+    output = log_path.read_text()
+    assert code == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
