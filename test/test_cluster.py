@@ -150,3 +150,60 @@ def test_workers_refuse_weights_that_differ_from_the_drivers(local_ray, tmp_path
     assert cli.main(arguments) == 2
     error = capsys.readouterr().err
     assert "robust model on Ray worker host" in error and "sha256" in error
+
+
+def test_local_ray_takes_a_pair_with_different_inputs(local_ray, tmp_path):
+    """A random resnet18 (224x224 RGB) as g with the zoo's Lipschitz model (28x28 grey): the workers put g
+    behind the driver's preprocessing, so the Ray run equals the in-process one on the source image."""
+    import torch
+    import torchvision
+    import yaml
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
+    standard = {"architecture": "torchvision:resnet18", "input_channels": 3, "input_height": 224,
+                "input_width": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                "kind": "standard", "weights": str(weights)}
+    robust = {"architecture": "fmnist_lipschitz_cnn", "weights": "zoo:robust_lipschitz.pt", "kind": "lipschitz"}
+    params = tmp_path / "pair.yaml"
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"standard_model": standard,
+                                                                   "robust_model": robust}}}))
+    arguments = ["certify", "--params", str(params), "--limit", "8", "--alphas", "0.6,1", "--radii", "0,0.1,0.3",
+                 "--shard-size", "4", "--threads", "1", "--device", "cpu", "--no-progress"]
+    expected = run(arguments, tmp_path / "in_process")
+    assert expected[1]["preprocessing"]["input_space"] == "source image"
+    csv, report = run([*arguments, "--ray", "local"], tmp_path / "ray")
+    assert csv == expected[0]
+    assert comparable(report) == comparable(expected[1])
+    assert report["execution"]["backend"] == "ray local"
+
+
+def test_smoothing_units_keep_the_radius_scale_of_a_model_behind_its_preprocessing():
+    """The certificates of a smoothing model behind its preprocessing, joined from shard units, keep the
+    preprocessing's operator norm: their radii are in source pixels, as the in-process certificates'."""
+    import torch
+
+    from mixclf_ros.evaluation import certification
+    from mixclf_ros.evaluation.input_space import PreprocessedModel
+    from mixclf_ros.evaluation.model_pair import load_zoo_model
+    from mixclf_ros.evaluation.settings import SmoothingOverrides
+    from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext
+    from mixclf_ros.vision.preprocess import PreprocessConfig
+
+    cpu = torch.device("cpu")
+    smoothing = load_zoo_model("robust_smoothing", cpu)
+    wrapped = PreprocessedModel(smoothing, PreprocessConfig(1, 28, 28), (1, 56, 56), cpu).eval()
+    assert wrapped.operator_norm != 1.0
+    images, labels = torch.rand(4, 1, 56, 56), torch.zeros(4, dtype=torch.long)
+    context = UnitContext(ModelSet(smoothing, wrapped), cpu, 4, 0)
+    parts = [certification._certificates_unit(context, Unit(f"certify/robust/shard={i}", None, images[i::2],
+                                                            labels[i::2],
+                                                            {"role": "robust",
+                                                             "overrides": SmoothingOverrides(None, 8, 32, 0.01)}),
+                                              None) for i in range(2)]
+    joined = certification._joined_certificates(parts)
+    assert joined.radius_scale == wrapped.operator_norm
+    unscaled = certification.Certificates(**{**{name: getattr(joined, name) for name in
+                                                certification.CERTIFICATE_FIELDS}, "radius_scale": 1.0})
+    assert torch.equal(joined.radius("theorem1", 1.0), unscaled.radius("theorem1", 1.0) / wrapped.operator_norm)
