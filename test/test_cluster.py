@@ -207,3 +207,23 @@ def test_smoothing_units_keep_the_radius_scale_of_a_model_behind_its_preprocessi
     unscaled = certification.Certificates(**{**{name: getattr(joined, name) for name in
                                                 certification.CERTIFICATE_FIELDS}, "radius_scale": 1.0})
     assert torch.equal(joined.radius("theorem1", 1.0), unscaled.radius("theorem1", 1.0) / wrapped.operator_norm)
+
+
+def test_a_checkpoint_is_not_reused_for_another_preprocessing():
+    """The same weights behind another preprocessing take other images: the units' fingerprints differ,
+    so a rerun with another --resize does not read back the first run's units."""
+    import torch
+
+    from mixclf_ros.evaluation.input_space import PreprocessedModel
+    from mixclf_ros.evaluation.model_pair import load_zoo_model
+    from mixclf_ros.evaluation.settings import Runtime
+    from mixclf_ros.evaluation.units import ModelSet, Unit, unit_fingerprint
+    from mixclf_ros.vision.preprocess import PreprocessConfig
+
+    cpu = torch.device("cpu")
+    standard, robust = load_zoo_model("standard", cpu), load_zoo_model("robust_lipschitz", cpu)
+    unit = Unit("certify/robust/shard=0", None, torch.rand(2, 1, 56, 56), torch.zeros(2, dtype=torch.long))
+    fingerprints = {resize: unit_fingerprint(unit, ModelSet(standard, PreprocessedModel(
+        robust, PreprocessConfig(1, 28, 28, resize=resize), (1, 56, 56), cpu)), Runtime())
+        for resize in ("area", "bilinear")}
+    assert fingerprints["area"] != fingerprints["bilinear"]
