@@ -227,3 +227,18 @@ def test_a_checkpoint_is_not_reused_for_another_preprocessing():
         robust, PreprocessConfig(1, 28, 28, resize=resize), (1, 56, 56), cpu)), Runtime())
         for resize in ("area", "bilinear")}
     assert fingerprints["area"] != fingerprints["bilinear"]
+
+
+def test_one_shard_is_seeded_as_the_evaluation_always_was():
+    """The default (--shard-size 0) keeps every image in one shard seeded with the run's own seed, so
+    results recorded before work units existed reproduce; shards of N images derive their seeds."""
+    import torch
+
+    from mixclf_ros.evaluation.units import DEFAULT_SHARD_SIZE, Unit, UnitContext, shard_slices, unit_seed
+
+    assert DEFAULT_SHARD_SIZE == 0 and shard_slices(10, 0) == [slice(0, 10)]
+    assert shard_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    unit = Unit("std/shard=0", lambda *args: {}, torch.zeros(1), torch.zeros(1))
+    cpu = torch.device("cpu")
+    assert UnitContext(None, cpu, 4, 123, derive_seeds=False).runtime_for(unit).seed == 123
+    assert UnitContext(None, cpu, 4, 123).runtime_for(unit).seed == unit_seed(123, "std/shard=0") != 123

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mixclf_ros.evaluation.settings import EvaluationError, Runtime
-from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, run_unit
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, run_unit, shard_size_of
 
 DEFAULT_RETRIES = 3
 
@@ -95,7 +95,8 @@ def _remote_unit(specs: dict[str, dict[str, Any]], settings: dict[str, Any], uni
     unit = replace(unit, images=images, labels=labels)
     torch.set_num_threads(settings["threads"])
     models = _worker_models(specs, settings["device"])
-    context = UnitContext(models, torch.device(settings["device"]), settings["batch_size"], settings["seed"])
+    context = UnitContext(models, torch.device(settings["device"]), settings["batch_size"], settings["seed"],
+                          derive_seeds=settings["derive_seeds"])
     return run_unit(context, unit, dependency)
 
 
@@ -148,7 +149,7 @@ class RayBackend:
         specs = {role: model_spec(model, role) for role, model in models.roles().items()}
         device = "cuda" if runtime.device.type == "cuda" else str(runtime.device)
         settings = {"threads": self.threads, "device": device, "batch_size": runtime.batch_size,
-                    "seed": runtime.seed}
+                    "seed": runtime.seed, "derive_seeds": shard_size_of(runtime) > 0}
         task = ray.remote(_remote_unit).options(num_cpus=self.threads, num_gpus=self.gpus,
                                                 max_retries=self.max_retries, retry_exceptions=False)
         specs_ref = ray.put(specs)

@@ -21,8 +21,9 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-retries", type=int, default=3, metavar="N",
                        help="Ray retries of a unit whose worker died (default 3)")
     group.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
-                       help=f"images per work unit (default {DEFAULT_SHARD_SIZE}); results depend on it, "
-                       "not on the number of workers")
+                       help=f"images per work unit (default {DEFAULT_SHARD_SIZE}: one shard of every image, "
+                       "seeded as the evaluation always was); results depend on it, not on the number of "
+                       "workers")
 
 
 def checkpoint_folder(out: Path, stem: str) -> Path:
@@ -32,8 +33,8 @@ def checkpoint_folder(out: Path, stem: str) -> Path:
 
 def execution_from_arguments(args: argparse.Namespace, runtime: Runtime, out: Path, stem: str) -> Execution:
     """The `Execution` of a command line: a Ray backend for `--ray`, checkpoints under `out`."""
-    if args.shard_size < 1:
-        raise EvaluationError("--shard-size must be >= 1")
+    if args.shard_size < 0:
+        raise EvaluationError("--shard-size must be >= 0 (0: one shard of every image)")
     if args.ray_cpus is not None and args.ray_cpus < 1:
         raise EvaluationError("--ray-cpus must be >= 1")
     backend = None

@@ -32,8 +32,11 @@ from tqdm import tqdm
 
 from mixclf_ros.evaluation.settings import Runtime
 
-DEFAULT_SHARD_SIZE = 256
-"""Images per shard. Results depend on it (each shard has its own random starts), not on the workers."""
+DEFAULT_SHARD_SIZE = 0
+"""Images per shard. 0: one shard holding every image, each unit seeded with the run's own seed, as the
+evaluation has always been seeded (so earlier results reproduce; units still split by alpha and
+attack). N > 0: shards of N images, each unit seeded from the run's seed and its key. Results depend on
+the shard size, never on the number of workers."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,13 @@ class UnitContext:
     device: torch.device
     batch_size: int
     seed: int
+    derive_seeds: bool = True
+    """True: each unit gets `unit_seed(seed, key)`; False (one shard of every image): the run's seed."""
 
     def runtime_for(self, unit: Unit) -> Runtime:
-        """A runtime seeded with the unit's own seed (`unit_seed`), without progress bars."""
-        return Runtime(self.device, self.batch_size, unit_seed(self.seed, unit.key), progress=False)
+        """A runtime seeded for the unit (see `derive_seeds`), without progress bars."""
+        seed = unit_seed(self.seed, unit.key) if self.derive_seeds else self.seed
+        return Runtime(self.device, self.batch_size, seed, progress=False)
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,10 @@ def unit_seed(seed: int, key: str) -> int:
 
 
 def shard_slices(count: int, shard_size: int) -> list[slice]:
-    """Consecutive slices of `range(count)` of at most `shard_size` items."""
-    size = max(1, int(shard_size))
+    """Consecutive slices of `range(count)` of at most `shard_size` items (0: one slice of all)."""
+    if int(shard_size) <= 0:
+        return [slice(0, count)]
+    size = int(shard_size)
     return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
@@ -152,11 +160,11 @@ def code_fingerprint() -> str:
 
 def unit_fingerprint(unit: Unit, models: ModelSet, runtime: Runtime) -> str:
     """What a unit's result depends on: its key, images, labels, parameters, the models' weights, the
-    seed, batch size, device type and the code (`code_fingerprint`). A checkpoint is reused only under
-    the same fingerprint."""
+    seed and how units are seeded, batch size, device type and the code (`code_fingerprint`). A
+    checkpoint is reused only under the same fingerprint."""
     digest = hashlib.sha256()
     for part in (code_fingerprint(), unit.key, repr(sorted(unit.params.items())), str(unit.depends_on),
-                 str(runtime.seed),
+                 str(runtime.seed), f"derive_seeds={shard_size_of(runtime) > 0}",
                  str(runtime.batch_size), runtime.device.type,
                  *(f"{role}={_model_fingerprint(model)}" for role, model in models.roles().items())):
         digest.update(part.encode("utf-8"))
@@ -237,7 +245,8 @@ def execute(units: Sequence[Unit], models: ModelSet, runtime: Runtime, descripti
 
     try:
         if execution.backend is None:
-            context = UnitContext(models, runtime.device, runtime.batch_size, runtime.seed)
+            context = UnitContext(models, runtime.device, runtime.batch_size, runtime.seed,
+                                  derive_seeds=shard_size_of(runtime) > 0)
             for unit in pending:
                 dependency = results[unit.depends_on] if unit.depends_on else None
                 finished(unit.key, run_unit(context, unit, dependency))
