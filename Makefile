@@ -16,7 +16,7 @@ help:
 	@echo "make bench  - benchmarks (figures in bench/results/, summary in docs/BENCHMARKS.md)"
 	@echo "make setup  - only the set-up"
 
-$(DEPS_STAMP): requirements.txt requirements-dev.txt requirements-ros.txt scripts/setup.sh
+$(DEPS_STAMP): requirements.txt requirements-dev.txt requirements-ros.txt requirements-cluster.txt scripts/setup.sh
 	bash scripts/setup.sh deps
 	touch $@
 

@@ -28,6 +28,6 @@ setup(
     packages=find_packages(include=["mixclf_ros", "mixclf_ros.*"]),
     package_data={"mixclf_ros.models": ["zoo/*.pt", "zoo/*.json"]},
     install_requires=pinned("requirements.txt"),
-    extras_require={"test": pinned("requirements-dev.txt")},
+    extras_require={"test": pinned("requirements-dev.txt"), "cluster": pinned("requirements-cluster.txt")},
     entry_points={"console_scripts": ["mixclf-eval = mixclf_ros.evaluation.cli:main"]},
 )

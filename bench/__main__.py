@@ -1,6 +1,6 @@
 """`make bench`: speed and memory of the node, measured side by side in one run.
 
-    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,soak] [--soak-seconds 60]
+    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport] [--soak-seconds 60]
 
 Every figure is a ratio against a baseline measured in the same run (this machine is shared and
 noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BENCHMARKS.md.
@@ -14,6 +14,8 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
 - smoothing: certified frames/s for n = 100, 1 000, 10 000; noisy samples/s against the bare
              batched forward pass of the same base model.
 - certify:   certificate arithmetic against one forward pass (bench/bench_certify.py).
+- cluster:   a PGD sweep on a local Ray instance with 1 and 2 single-threaded workers, against the same
+             work units in process with one thread (bench/bench_cluster.py).
 - soak:      resident memory of the node at 30 Hz over --soak-seconds.
 - transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
              machine, per Fast DDS configuration (bench/bench_transport.py).
@@ -43,6 +45,7 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
 from bench.bench_certify import median_seconds  # noqa: E402
+from bench.bench_cluster import bench_cluster, cluster_markdown  # noqa: E402
 from bench.bench_transport import bench_transport  # noqa: E402
 from bench.bench_transport import markdown as transport_markdown  # noqa: E402
 
@@ -524,6 +527,8 @@ def write_markdown(report: dict) -> None:
                   "| attack | images/s |", "|---|---|"]
         lines += [f"| {name} | {rate:.1f} |" for name, rate in attacks["images_per_s"].items()]
         lines.append("")
+    if report.get("cluster"):
+        lines += cluster_markdown(report["cluster"])
     soak = report.get("soak")
     if soak:
         lines += ["## Memory soak at 30 Hz", "",
@@ -542,7 +547,7 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak,transport")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
@@ -560,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         "smoothing": bench_smoothing,
         "certify": bench_certify,
         "attacks": bench_attacks,
+        "cluster": bench_cluster,
         "soak": lambda: bench_soak(work, args.soak_seconds),
         "transport": lambda: bench_transport(work, args.transport_frames),
     }

@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 step "installing pinned Python dependencies"
-.venv/bin/pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-ros.txt
+.venv/bin/pip install --quiet -r requirements.txt -r requirements-dev.txt -r requirements-ros.txt -r requirements-cluster.txt
 
 # The wheels' exported CMake targets name include directories of the machine they were built on.
 step "rewriting the ROS wheels' build-host include directories"

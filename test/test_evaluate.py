@@ -41,11 +41,13 @@ def synthetic_data(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (prototypes()[labels] + noise).clamp(0.0, 1.0), labels
 
 
-def mlp(hidden: int = 32) -> nn.Module:
+def mlp(hidden: int = 32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)  # initial weights independent of what ran before
     return nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
 
 
-def linear() -> nn.Module:
+def linear(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, CLASSES))
 
 
@@ -140,7 +142,7 @@ def test_std_attack_at_alpha_zero_equals_the_attack_on_the_standard_model(standa
     attack = PGDSettings("linf", 0.15, 10)
     result = run_sweep(standard, robust, x, y, SweepSettings((0.0, 1.0), attack), RUNTIME)
     by_alpha = {row["alpha"]: row for row in result.rows}
-    # Independently: the same seeded attack on g alone, scored on g alone.
+    # Independently: the same seeded attack on g alone (one shard of every image: the run's seed), scored on g.
     x_adv, _ = final_iterate_pgd(standard, x, y, attack, RUNTIME, "reference")
     with torch.no_grad():
         alone = ((standard(x).argmax(1) == y) & (standard(x_adv).argmax(1) == y)).float().mean().item()

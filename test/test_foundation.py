@@ -112,7 +112,8 @@ def test_node_module_does_need_ros():
 def test_pip_builds_a_wheel_with_the_library(tmp_path: Path):
     source = tmp_path / "src"
     source.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md", "requirements.txt", "requirements-dev.txt"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "requirements.txt", "requirements-dev.txt",
+                 "requirements-cluster.txt"):
         (source / name).write_bytes((REPO_ROOT / name).read_bytes())
     subprocess.run(["cp", "-r", str(REPO_ROOT / "mixclf_ros"), str(source / "mixclf_ros")], check=True)
     result = subprocess.run(
@@ -126,6 +127,8 @@ def test_pip_builds_a_wheel_with_the_library(tmp_path: Path):
     assert any(name.startswith("mixclf_ros/models/zoo/") and name.endswith(".pt") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mixclf-eval = mixclf_ros.evaluation.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert "Provides-Extra: cluster" in metadata and 'Requires-Dist: ray==2.60.0; extra == "cluster"' in metadata
 
 
 def test_installed_layout(installed_prefix: Path):

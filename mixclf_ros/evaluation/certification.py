@@ -19,6 +19,7 @@ from mixclf_ros.evaluation.certificates import (
     robust_certificates,
 )
 from mixclf_ros.evaluation.settings import CertifySettings, EvaluationError, Runtime, SmoothingOverrides
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL
 from mixclf_ros.runtime.reachability import unreachable_warning
 
@@ -92,18 +93,37 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
     """
     runtime = runtime or Runtime()
     overrides = settings.smoothing
-    logits_g = predict_logits(standard, images, runtime, "standard model").double()
     if overrides.sigma is not None and getattr(robust, "kind", None) != "smoothing":
         raise EvaluationError("--sigma applies to a smoothing robust model only")
-    certificates = robust_certificates(robust, images, runtime, overrides)
+    kind = getattr(robust, "kind", None)
+    if kind not in ("lipschitz", "smoothing"):
+        raise EvaluationError(f"certify needs a robust model of kind 'lipschitz' or 'smoothing', got {kind!r}")
+    baseline_plan = _baseline_plan(robust, settings, baseline, baseline_label)
+    parts = shards(images, labels, runtime)
+    plans = {"robust": ("robust", overrides)}
+    if baseline_plan is not None:
+        plans["baseline"] = baseline_plan[:2]
+    units = [Unit(f"certify/logits_g/shard={i}", _logits_unit, *part, {"role": "standard"})
+             for i, part in enumerate(parts)]
+    units += [Unit(f"certify/{name}/shard={i}", _certificates_unit, *part, {"role": role, "overrides": unit_overrides})
+              for name, (role, unit_overrides) in plans.items() for i, part in enumerate(parts)]
+    results = execute(units, ModelSet(standard, robust, baseline), runtime, "certify units")
+    logits_g = torch.cat([results[f"certify/logits_g/shard={i}"]["logits"] for i in range(len(parts))]).double()
+    certificates = _joined_certificates([results[f"certify/robust/shard={i}"] for i in range(len(parts))])
+    if baseline_plan is None:
+        baseline_certificates, baseline_info = certificates, {
+            "description": "the robust model alone (alpha = 1): no robust model of equal clean accuracy was "
+                           "given", "label": "robust model"}
+    else:
+        baseline_certificates = _joined_certificates([results[f"certify/baseline/shard={i}"]
+                                                      for i in range(len(parts))])
+        baseline_info = baseline_plan[2]
     curves = []
     for alpha in settings.alphas:
         accuracy = mixture_clean_accuracy(logits_g, certificates, labels, alpha)
         for theorem in certificates.theorems():
             curves.append(_curve("mixture", theorem, alpha, accuracy, certificates, labels))
 
-    baseline_certificates, baseline_info = _baseline(robust, certificates, images, settings, runtime, baseline,
-                                                     baseline_label)
     baseline_accuracy = mixture_clean_accuracy(logits_g, baseline_certificates, labels, 1.0)
     baseline_info["clean_accuracy"] = baseline_accuracy
     for theorem in baseline_certificates.theorems():
@@ -177,23 +197,49 @@ def _unreachable_warnings(certificates: Certificates, alphas: Sequence[float], n
     return warnings
 
 
-def _baseline(robust: nn.Module, certificates: Certificates, images: torch.Tensor, settings: CertifySettings,
-              runtime: Runtime, baseline: nn.Module | None,
-              baseline_label: str) -> tuple[Certificates, dict[str, Any]]:
-    """Certificates of the baseline and how it was chosen (see `certify_mixture`)."""
+def _baseline_plan(robust: nn.Module, settings: CertifySettings, baseline: nn.Module | None,
+                   baseline_label: str) -> tuple[str, SmoothingOverrides, dict[str, Any]] | None:
+    """How the baseline is certified (see `certify_mixture`): (model role, smoothing overrides, how it
+    was chosen), or None when the baseline is the robust model alone."""
     overrides = settings.smoothing
+    kind = getattr(robust, "kind", None)
     if baseline is None and settings.baseline_sigma is None:
-        return certificates, {"description": "the robust model alone (alpha = 1): no robust model of equal "
-                                             "clean accuracy was given", "label": "robust model"}
+        return None
     if baseline is not None:
-        if getattr(baseline, "kind", None) != certificates.kind:
-            raise EvaluationError(f"the baseline must be of the robust model's kind ({certificates.kind})")
+        if getattr(baseline, "kind", None) != kind:
+            raise EvaluationError(f"the baseline must be of the robust model's kind ({kind})")
         keep_sigma = SmoothingOverrides(None, overrides.n0, overrides.n, overrides.beta)
-        return (robust_certificates(baseline, images, runtime, keep_sigma),
-                {"description": f"robust model {baseline_label} alone (alpha = 1)", "label": baseline_label})
-    if certificates.kind != "smoothing":
+        return "baseline", keep_sigma, {"description": f"robust model {baseline_label} alone (alpha = 1)",
+                                        "label": baseline_label}
+    if kind != "smoothing":
         raise EvaluationError("--baseline-sigma needs a smoothing robust model")
     sigma = settings.baseline_sigma
-    return (robust_certificates(robust, images, runtime, replace(overrides, sigma=sigma)),
-            {"description": f"the robust base network smoothed with sigma={sigma:g} (alpha = 1)",
-             "label": f"sigma={sigma:g}"})
+    return "robust", replace(overrides, sigma=sigma), {
+        "description": f"the robust base network smoothed with sigma={sigma:g} (alpha = 1)",
+        "label": f"sigma={sigma:g}"}
+
+
+def _logits_unit(context: UnitContext, unit: Unit, dependency: None) -> dict[str, torch.Tensor]:
+    """Logits of one model on one shard."""
+    model = getattr(context.models, unit.params["role"])
+    return {"logits": predict_logits(model, unit.images, context.runtime_for(unit))}
+
+
+def _certificates_unit(context: UnitContext, unit: Unit, dependency: None) -> dict[str, Any]:
+    """Certificates of one robust model on one shard (`robust_certificates`; smoothing noise seeded
+    per shard), as plain tensors and numbers."""
+    model = getattr(context.models, unit.params["role"])
+    certificates = robust_certificates(model, unit.images, context.runtime_for(unit), unit.params["overrides"])
+    return {name: getattr(certificates, name) for name in CERTIFICATE_FIELDS}
+
+
+CERTIFICATE_FIELDS = ("kind", "norm", "predicted", "probs_h", "lipschitz", "p_lower", "p_upper", "sigma", "beta",
+                      "radius_scale")
+
+
+def _joined_certificates(parts: Sequence[dict[str, Any]]) -> Certificates:
+    """The certificates of consecutive shards as one `Certificates`."""
+    first = parts[0]
+    joined = {name: (torch.cat([part[name] for part in parts]) if isinstance(first[name], torch.Tensor)
+                     else first[name]) for name in CERTIFICATE_FIELDS}
+    return Certificates(**joined)

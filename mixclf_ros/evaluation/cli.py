@@ -9,6 +9,10 @@ Also `python -m mixclf_ros.evaluation ...` (or `python -m mixclf_ros.evaluation.
 writes a CSV and a JSON file with every number, and a PNG plot, under `--out` (default `eval_out/`), and
 prints a compact table.
 
+Every experiment runs as work units (alpha x image shard x attack, `evaluation.units`), one after the other
+in this process, or with `--ray [ADDRESS]` as Ray tasks on a local instance or a cluster
+(`evaluation.cluster`); finished units are checkpointed under `--out`, so a rerun resumes.
+
 Units and conventions:
 - images are [0,1] pixel tensors (N, C, H, W) at the model input; attack budgets `eps` and
   certified radii are in the named norm ("linf" or "l2") in those units;
@@ -41,6 +45,7 @@ import torch
 
 from mixclf_ros.evaluation.commands import COMMANDS, run_header
 from mixclf_ros.evaluation.datasets import DataSettings
+from mixclf_ros.evaluation.execution_options import add_execution_arguments, execution_from_arguments
 from mixclf_ros.evaluation.input_space import evaluation_inputs
 from mixclf_ros.evaluation.model_pair import load_model_pair
 from mixclf_ros.evaluation.settings import (
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_group.add_argument("--out", default="eval_out", metavar="DIR", help="output folder")
     data_group.add_argument("--name", default=None, help="stem of the output files (default per command)")
     data_group.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    add_execution_arguments(common)
 
     attack_options = argparse.ArgumentParser(add_help=False)
     attack_group = attack_options.add_argument_group("PGD attack")
@@ -221,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "design": f"design_{getattr(args, 'norm', '')}",
                          "certify": f"certify_{pair.robust_label.replace(':', '_').replace('/', '_')}"}
         stem = args.name or default_stems[args.command]
+        runtime.execution = execution_from_arguments(args, runtime, out, stem)
         header = run_header(args, argv, pair, data, runtime)
-        COMMANDS[args.command](args, header, pair, data, runtime, out, stem)
+        try:
+            COMMANDS[args.command](args, header, pair, data, runtime, out, stem)
+        finally:
+            if runtime.execution.backend is not None:
+                runtime.execution.backend.close()
     except (EvaluationError, FileNotFoundError) as error:
         print(f"mixclf-eval: error: {error}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ def run_header(args: argparse.Namespace, argv: Sequence[str], pair: ModelPair, d
         "data": {"source": data.source, "available": data.total_available, "evaluated": int(data.labels.shape[0]),
                  "subset": "all" if data.labels.shape[0] == data.total_available
                  else f"seeded random subset (seed {runtime.seed})"},
+        "execution": runtime.execution,  # its report (units, per-worker throughput) is written at the end
     }
 
 

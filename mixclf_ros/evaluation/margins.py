@@ -9,6 +9,7 @@ from torch import nn
 
 from mixclf_ros.evaluation.attack_runs import final_iterate_pgd, mean_or_nan, predict_logits
 from mixclf_ros.evaluation.settings import PGDSettings, Runtime
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 
 
 def probability_gap(logits: torch.Tensor) -> torch.Tensor:
@@ -31,18 +32,37 @@ def margins_table(standard: nn.Module, robust: nn.Module, images: torch.Tensor, 
     for each of MARGIN_COLUMNS the mean gap (NaN when no sample falls in the cell) and `count_<column>`.
     """
     runtime = runtime or Runtime()
+    parts = shards(images, labels, runtime)
+    units = [Unit(f"margins/{name}/shard={i}", _margins_unit, *part, {"attack": attack, "target": role})
+             for name, role in (("g", "standard"), ("h", "robust")) for i, part in enumerate(parts)]
+    results = execute(units, ModelSet(standard, robust), runtime, "margins units")
     table = []
-    for name, model in (("g", standard), ("h", robust)):
-        clean_logits = predict_logits(model, images, runtime, f"clean {name}")
-        adversarial, _ = final_iterate_pgd(model, images, labels, attack, runtime, f"PGD on {name}")
-        attacked_logits = predict_logits(model, adversarial, runtime, f"attacked {name}")
+    for name in ("g", "h"):
+        keys = [f"margins/{name}/shard={i}" for i in range(len(parts))]
         row: dict[str, Any] = {"model": name}
-        for condition, logits in (("clean", clean_logits), ("attacked", attacked_logits)):
-            correct = logits.argmax(1) == labels
-            gap = probability_gap(logits)
+        for condition in ("clean", "attacked"):
+            correct = _joined(results, keys, f"{condition}_correct", torch.bool)
+            gap = _joined(results, keys, f"{condition}_gap", torch.float32)
             row[f"accuracy_{condition}"] = mean_or_nan(correct)
             for outcome, mask in (("correct", correct), ("incorrect", ~correct)):
                 row[f"{condition}_{outcome}"] = mean_or_nan(gap[mask])
                 row[f"count_{condition}_{outcome}"] = int(mask.sum())
         table.append(row)
     return table
+
+
+def _joined(results: dict[str, dict], keys: list[str], name: str, dtype: torch.dtype) -> torch.Tensor:
+    parts = [results[key][name] for key in keys]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+def _margins_unit(context: UnitContext, unit: Unit, dependency: None) -> dict[str, torch.Tensor]:
+    """One model on one shard: correct and top-1 minus top-2 gap, clean and under PGD aimed at it."""
+    runtime = context.runtime_for(unit)
+    model = getattr(context.models, unit.params["target"])
+    clean_logits = predict_logits(model, unit.images, runtime)
+    adversarial, _ = final_iterate_pgd(model, unit.images, unit.labels, unit.params["attack"], runtime, "PGD")
+    attacked_logits = predict_logits(model, adversarial, runtime)
+    return {f"{condition}_{what}": value for condition, logits in (("clean", clean_logits),
+                                                                   ("attacked", attacked_logits))
+            for what, value in (("correct", logits.argmax(1) == unit.labels), ("gap", probability_gap(logits)))}

@@ -24,6 +24,8 @@ def json_ready(value: Any) -> Any:
         return {str(key): json_ready(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [json_ready(item) for item in value]
+    if callable(getattr(value, "report", None)):  # evaluation.units.Execution: what ran where, how fast
+        return json_ready(value.report())
     if isinstance(value, PGDSettings):
         return {"norm": value.norm, "eps": value.eps, "steps": value.steps,
                 "step_size": value.resolved_step_size, "restarts": value.restarts}

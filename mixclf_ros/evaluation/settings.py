@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -67,12 +68,15 @@ class PGDSettings:
 
 @dataclass
 class Runtime:
-    """Where and how to run: device, batch size (images per forward/attack batch), seed, progress."""
+    """Where and how to run: device, batch size (images per forward/attack batch), seed, progress, and
+    `execution` (an `evaluation.units.Execution`: Ray backend, checkpoints, shard size; None: in this
+    process, no checkpoints, default shards)."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int = 256
     seed: int = 0
     progress: bool = False
+    execution: Any = None
 
     def batches(self, count: int, description: str) -> Iterator[slice]:
         """Slices of `range(count)` of at most `batch_size`, with a tqdm bar when `progress`."""

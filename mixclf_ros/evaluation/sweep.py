@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from mixclf_ros.core.mixing import MixedClassifier
 from mixclf_ros.evaluation.attack_runs import (
@@ -19,9 +18,9 @@ from mixclf_ros.evaluation.attack_runs import (
     images_per_second,
     mean_or_nan,
     mixture_correct,
-    predict_logits,
 )
 from mixclf_ros.evaluation.settings import PGDSettings, Runtime, SweepSettings
+from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
 
 
 @dataclass
@@ -61,54 +60,63 @@ def run_sweep(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labe
             the other rows get NaN in the AutoAttack columns).
         clean_images, clean_labels: optional larger clean set for `clean_accuracy_all`.
 
-    The STD and ROB adversarial examples do not depend on alpha and are computed once.
+    Work units (`evaluation.units`): per image shard the clean predictions, the STD and the ROB attack
+    (they do not depend on alpha: once per shard), and per (alpha, shard) the MIX attack, then
+    AutoAttack on its survivors; each unit with its own seed.
     """
     runtime = runtime or Runtime()
-    attack, autoattack = settings.attack, settings.autoattack
+    attack, autoattack, alphas = settings.attack, settings.autoattack, settings.alphas
     if clean_images is None or clean_labels is None:
         clean_images, clean_labels = images, labels
-    g_clean_all = predict_logits(standard, clean_images, runtime, "clean g")
-    h_clean_all = predict_logits(robust, clean_images, runtime, "clean h")
-    g_clean = predict_logits(standard, images, runtime, "clean g (attacked set)")
-    h_clean = predict_logits(robust, images, runtime, "clean h (attacked set)")
+    clean_shards = shards(clean_images, clean_labels, runtime)
+    attacked_shards = shards(images, labels, runtime)
+    units = [Unit(f"clean_all/shard={i}", _clean_unit, *part, {"alphas": alphas})
+             for i, part in enumerate(clean_shards)]
+    for i, part in enumerate(attacked_shards):
+        units.append(Unit(f"clean/shard={i}", _clean_unit, *part, {"alphas": alphas}))
+        for name, target in (("std", "standard"), ("rob", "robust")):
+            units.append(Unit(f"{name}/shard={i}", _transfer_unit, *part,
+                              {"alphas": alphas, "attack": attack, "target": target}))
+    for alpha in alphas:
+        for i, part in enumerate(attacked_shards):
+            mix_key = f"mix/alpha={alpha!r}/shard={i}"
+            units.append(Unit(mix_key, _mix_unit, *part, {"alpha": alpha, "attack": attack}))
+            if autoattack is not None and autoattack.runs_at(alpha):
+                units.append(Unit(f"autoattack/alpha={alpha!r}/shard={i}", _autoattack_unit, *part,
+                                  {"alpha": alpha, "attack": attack, "autoattack": autoattack}, depends_on=mix_key))
+    results = execute(units, ModelSet(standard, robust), runtime, "sweep units")
 
-    x_std, seconds_std = final_iterate_pgd(standard, images, labels, attack, runtime, "STD attack")
-    x_rob, seconds_rob = final_iterate_pgd(robust, images, labels, attack, runtime, "ROB attack")
-    g_on_std, h_on_std = both_logits(standard, robust, x_std, runtime)
-    g_on_rob, h_on_rob = both_logits(standard, robust, x_rob, runtime)
+    def joined(kind: str, name: str, count: int = len(attacked_shards), alpha: float | None = None) -> torch.Tensor:
+        keys = [f"{kind}/shard={i}" if alpha is None else f"{kind}/alpha={alpha!r}/shard={i}" for i in range(count)]
+        parts = [results[key][name] for key in keys]
+        if parts:
+            return torch.cat(parts, dim=-1)
+        rows_of = {"mix": (len(alphas),), "per_attack": (len(AUTOATTACK_NAMES),)}
+        return torch.zeros(*rows_of.get(name, ()), 0, dtype=torch.bool)  # no images in this set
 
-    g_correct = g_clean.argmax(1) == labels
-    h_correct = h_clean.argmax(1) == labels
+    g_all, h_all, mix_all = (joined("clean_all", name, len(clean_shards)) for name in ("g", "h", "mix"))
+    g_correct, h_correct, clean_mix = (joined("clean", name) for name in ("g", "h", "mix"))
+    std_g, std_h, std_mix = (joined("std", name) for name in ("g", "h", "mix"))
+    rob_g, rob_h, rob_mix = (joined("rob", name) for name in ("g", "h", "mix"))
     reference = {
-        "standard_clean_accuracy_all": mean_or_nan(g_clean_all.argmax(1) == clean_labels),
-        "robust_clean_accuracy_all": mean_or_nan(h_clean_all.argmax(1) == clean_labels),
+        "standard_clean_accuracy_all": mean_or_nan(g_all),
+        "robust_clean_accuracy_all": mean_or_nan(h_all),
         "standard_clean_accuracy": mean_or_nan(g_correct),
         "robust_clean_accuracy": mean_or_nan(h_correct),
-        "standard_std_attacked_accuracy": mean_or_nan(g_correct & (g_on_std.argmax(1) == labels)),
-        "robust_rob_attacked_accuracy": mean_or_nan(h_correct & (h_on_rob.argmax(1) == labels)),
-        "robust_std_attacked_accuracy": mean_or_nan(h_correct & (h_on_std.argmax(1) == labels)),
-        "standard_rob_attacked_accuracy": mean_or_nan(g_correct & (g_on_rob.argmax(1) == labels)),
+        "standard_std_attacked_accuracy": mean_or_nan(g_correct & std_g),
+        "robust_rob_attacked_accuracy": mean_or_nan(h_correct & rob_h),
+        "robust_std_attacked_accuracy": mean_or_nan(h_correct & std_h),
+        "standard_rob_attacked_accuracy": mean_or_nan(g_correct & rob_g),
     }
-    mix_timer = _Timer()
-    auto_timer = _Timer()
     rows = []
-    for alpha in tqdm(settings.alphas, desc="alpha grid", disable=not runtime.progress, unit="alpha"):
-        clean_correct = mixture_correct(g_clean, h_clean, labels, alpha)
-        std_correct = clean_correct & mixture_correct(g_on_std, h_on_std, labels, alpha)
-        rob_correct = clean_correct & mixture_correct(g_on_rob, h_on_rob, labels, alpha)
-
-        mixture = MixedClassifier(standard, robust, alpha)
-        mix_correct = clean_correct.clone()
-        targets = torch.nonzero(clean_correct).flatten()  # wrong on clean data: already not robust
-        if targets.numel():
-            x_mix, seconds = first_success_pgd(mixture, images[targets], labels[targets], attack, runtime,
-                                               f"MIX attack alpha={alpha:g}")
-            mix_timer.add(targets.numel(), seconds)
-            mix_correct[targets] = mixture_correct(*both_logits(standard, robust, x_mix, runtime),
-                                                   labels[targets], alpha)
+    for index, alpha in enumerate(alphas):
+        clean_correct = clean_mix[index]
+        std_correct = clean_correct & std_mix[index]
+        rob_correct = clean_correct & rob_mix[index]
+        mix_correct = joined("mix", "correct", alpha=alpha)  # clean-and-attacked correct
         row = {
             "alpha": float(alpha),
-            "clean_accuracy_all": mean_or_nan(mixture_correct(g_clean_all, h_clean_all, clean_labels, alpha)),
+            "clean_accuracy_all": mean_or_nan(mix_all[index]),
             "clean_accuracy": mean_or_nan(clean_correct),
             "std_accuracy": mean_or_nan(std_correct),
             "rob_accuracy": mean_or_nan(rob_correct),
@@ -116,64 +124,99 @@ def run_sweep(standard: nn.Module, robust: nn.Module, images: torch.Tensor, labe
         }
         robust_to_all = std_correct & rob_correct & mix_correct
         if autoattack is not None:
-            worst_correct = _autoattack_columns(row, mixture, standard, robust, images, labels, mix_correct,
-                                                alpha, settings, runtime, auto_timer)
-            if worst_correct is not None:
-                robust_to_all &= worst_correct
+            runs = autoattack.runs_at(alpha)
+            per_attack = joined("autoattack", "per_attack", alpha=alpha) if runs else None
+            for position, name in enumerate(AUTOATTACK_NAMES):
+                row[f"mix_{name.replace('-', '_')}_accuracy"] = (mean_or_nan(per_attack[position]) if runs
+                                                                 else math.nan)
+            if runs:
+                worst = joined("autoattack", "worst", alpha=alpha)
+                row["mix_worst_accuracy"] = mean_or_nan(worst)
+                robust_to_all &= worst
+            else:
+                row["mix_worst_accuracy"] = math.nan
         row["worst_accuracy"] = mean_or_nan(robust_to_all)
         rows.append(row)
-    throughput = {
-        "pgd_std": images_per_second(images.shape[0], seconds_std),
-        "pgd_rob": images_per_second(images.shape[0], seconds_rob),
-        "pgd_mix": mix_timer.rate(),
-    }
+
+    def rate(prefix: str) -> float:
+        chosen = [result for key, result in results.items() if key.startswith(prefix)]
+        return images_per_second(sum(int(result["attacked"]) for result in chosen),
+                                 sum(float(result["seconds"]) for result in chosen))
+
+    throughput = {"pgd_std": rate("std/"), "pgd_rob": rate("rob/"), "pgd_mix": rate("mix/")}
     if autoattack is not None:
-        throughput["autoattack_apgd_ce_apgd_t_square"] = auto_timer.rate()
+        throughput["autoattack_apgd_ce_apgd_t_square"] = rate("autoattack/")
     return SweepResult(rows, reference, throughput, attack, int(clean_labels.shape[0]),
                        int(labels.shape[0]), autoattack is not None)
 
 
-class _Timer:
-    """Images attacked and seconds spent, summed over the alpha grid."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.seconds = 0.0
-
-    def add(self, count: int, seconds: float) -> None:
-        self.count += int(count)
-        self.seconds += seconds
-
-    def rate(self) -> float:
-        return images_per_second(self.count, self.seconds)
+def _mixture_per_alpha(logits_g: torch.Tensor, logits_h: torch.Tensor, labels: torch.Tensor,
+                       alphas: tuple[float, ...]) -> torch.Tensor:
+    """(len(alphas), n) bool: eq. 4 correct at each alpha."""
+    if not alphas:
+        return torch.zeros(0, labels.shape[0], dtype=torch.bool)
+    return torch.stack([mixture_correct(logits_g, logits_h, labels, alpha) for alpha in alphas])
 
 
-def _autoattack_columns(row: dict[str, float], mixture: nn.Module, standard: nn.Module, robust: nn.Module,
-                        images: torch.Tensor, labels: torch.Tensor, mix_correct: torch.Tensor, alpha: float,
-                        settings: SweepSettings, runtime: Runtime, timer: _Timer) -> torch.Tensor | None:
-    """Fills the AutoAttack columns of `row` (NaN where AutoAttack does not run at `alpha`); returns
-    (N,) bool correct under PGD and all three attacks, or None where it does not run."""
-    autoattack = settings.autoattack
-    assert autoattack is not None
-    if not autoattack.runs_at(alpha):
-        for name in AUTOATTACK_NAMES:
-            row[f"mix_{name.replace('-', '_')}_accuracy"] = math.nan
-        row["mix_worst_accuracy"] = math.nan
-        return None
+def _clean_unit(context: UnitContext, unit: Unit, dependency: None) -> dict[str, torch.Tensor]:
+    """Clean predictions of one shard: g, h (n,) correct and the mixture (alphas, n) correct."""
+    runtime = context.runtime_for(unit)
+    logits_g, logits_h = both_logits(context.models.standard, context.models.robust, unit.images, runtime)
+    return {"g": logits_g.argmax(1) == unit.labels, "h": logits_h.argmax(1) == unit.labels,
+            "mix": _mixture_per_alpha(logits_g, logits_h, unit.labels, unit.params["alphas"])}
+
+
+def _transfer_unit(context: UnitContext, unit: Unit, dependency: None) -> dict[str, object]:
+    """STD or ROB attack on one shard (classic PGD aimed at g or at h): g, h and the mixture at each
+    alpha correct on the adversarial images (not yet and-ed with clean correctness)."""
+    runtime = context.runtime_for(unit)
+    model = getattr(context.models, unit.params["target"])
+    adversarial, seconds = final_iterate_pgd(model, unit.images, unit.labels, unit.params["attack"], runtime,
+                                             f"PGD on {unit.params['target']}")
+    logits_g, logits_h = both_logits(context.models.standard, context.models.robust, adversarial, runtime)
+    return {"g": logits_g.argmax(1) == unit.labels, "h": logits_h.argmax(1) == unit.labels,
+            "mix": _mixture_per_alpha(logits_g, logits_h, unit.labels, unit.params["alphas"]),
+            "seconds": seconds, "attacked": int(unit.labels.shape[0])}
+
+
+def _mix_unit(context: UnitContext, unit: Unit, dependency: None) -> dict[str, object]:
+    """MIX attack on one shard at one alpha: end-to-end first-success PGD on the mixture, on the samples
+    it classifies correctly; `correct` (n,) = correct on the clean and on the adversarial image."""
+    runtime = context.runtime_for(unit)
+    standard, robust = context.models.standard, context.models.robust
+    alpha, images, labels = unit.params["alpha"], unit.images, unit.labels
+    correct = mixture_correct(*both_logits(standard, robust, images, runtime), labels, alpha)
+    targets = torch.nonzero(correct).flatten()  # wrong on clean data: already not robust
+    seconds = 0.0
+    if targets.numel():
+        adversarial, seconds = first_success_pgd(MixedClassifier(standard, robust, alpha), images[targets],
+                                                 labels[targets], unit.params["attack"], runtime,
+                                                 f"MIX attack alpha={alpha:g}")
+        correct[targets] = mixture_correct(*both_logits(standard, robust, adversarial, runtime), labels[targets],
+                                           alpha)
+    return {"correct": correct, "seconds": seconds, "attacked": int(targets.numel())}
+
+
+def _autoattack_unit(context: UnitContext, unit: Unit, dependency: dict) -> dict[str, object]:
+    """APGD-CE, APGD-T and Square on the mixture, on the samples of one shard that survive its MIX
+    attack (`dependency`): `per_attack` (3, n) robust to PGD and that attack, `worst` (n,) to all."""
+    runtime = context.runtime_for(unit)
+    standard, robust = context.models.standard, context.models.robust
+    alpha, attack, labels = unit.params["alpha"], unit.params["attack"], unit.labels
+    autoattack = unit.params["autoattack"]
+    mix_correct = dependency["correct"]
     survivors = torch.nonzero(mix_correct).flatten()
-    worst_correct = mix_correct.clone()
-    per_attack = {name: mix_correct.clone() for name in AUTOATTACK_NAMES}
+    worst = mix_correct.clone()
+    per_attack = [mix_correct.clone() for _ in AUTOATTACK_NAMES]
+    seconds = 0.0
     if survivors.numel():
         adversarial, seconds = autoattack_in_batches(
-            mixture, images[survivors], labels[survivors], settings.attack.norm, settings.attack.eps,
-            autoattack.iterations, autoattack.target_classes, runtime, f"AutoAttack alpha={alpha:g}")
-        timer.add(survivors.numel(), seconds)
-        for name in AUTOATTACK_NAMES:
-            still = mixture_correct(*both_logits(standard, robust, adversarial[name], runtime),
-                                    labels[survivors], alpha)
-            per_attack[name][survivors] = still
-            worst_correct[survivors] &= still
-    for name in AUTOATTACK_NAMES:
-        row[f"mix_{name.replace('-', '_')}_accuracy"] = mean_or_nan(per_attack[name])
-    row["mix_worst_accuracy"] = mean_or_nan(worst_correct)
-    return worst_correct
+            MixedClassifier(standard, robust, alpha), unit.images[survivors], labels[survivors], attack.norm,
+            attack.eps, autoattack.iterations, autoattack.target_classes, runtime, f"AutoAttack alpha={alpha:g}")
+        for position, name in enumerate(AUTOATTACK_NAMES):
+            still = mixture_correct(*both_logits(standard, robust, adversarial[name], runtime), labels[survivors],
+                                    alpha)
+            per_attack[position][survivors] = still
+            worst[survivors] &= still
+    return {"per_attack": torch.stack(per_attack), "worst": worst, "seconds": seconds,
+            "attacked": int(survivors.numel())}
