@@ -17,6 +17,9 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
 - soak:      resident memory of the node at 30 Hz over --soak-seconds.
 - transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
              machine, per Fast DDS configuration (bench/bench_transport.py).
+- levers:    in-process A/B of preprocessing paths and torch thread counts (bench/levers.py).
+
+Every run ends with the targets (bench/targets.py), each met, missed or not run.
 """
 
 from __future__ import annotations
@@ -42,9 +45,11 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
+from bench import targets  # noqa: E402
 from bench.bench_certify import median_seconds  # noqa: E402
 from bench.bench_transport import bench_transport  # noqa: E402
 from bench.bench_transport import markdown as transport_markdown  # noqa: E402
+from bench.levers import bench_levers  # noqa: E402
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # Reliable frames everywhere: Fast DDS drops best-effort 900 KB frames between processes here
@@ -472,6 +477,7 @@ def write_markdown(report: dict) -> None:
     runs = "; then ".join(f"`{run['command']}` at {run['date']}" for run in report["runs"])
     lines = ["# Benchmarks", "", f"Generated on {report['machine']} by {runs}.",
              "All ratios are measured side by side in the same run. Raw figures: `bench/results/latest.json`.", ""]
+    lines += ["## Targets", ""] + targets.table(targets.evaluate(report)) + [""]
     latency = report.get("latency")
     if latency:
         lines += ["## End-to-end latency (one frame in flight, 640x480 rgb8)", "",
@@ -524,6 +530,9 @@ def write_markdown(report: dict) -> None:
                   "| attack | images/s |", "|---|---|"]
         lines += [f"| {name} | {rate:.1f} |" for name, rate in attacks["images_per_s"].items()]
         lines.append("")
+    levers = report.get("levers")
+    if levers:
+        lines += ["## Levers, in process (`--only levers`)", "", "```json", json.dumps(levers, indent=1), "```", ""]
     soak = report.get("soak")
     if soak:
         lines += ["## Memory soak at 30 Hz", "",
@@ -542,7 +551,7 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak,transport")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak,transport,levers")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
@@ -562,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         "attacks": bench_attacks,
         "soak": lambda: bench_soak(work, args.soak_seconds),
         "transport": lambda: bench_transport(work, args.transport_frames),
+        "levers": bench_levers,
     }
     for name in selected:
         start = time.monotonic()
@@ -579,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {**previous, **report, "runs": previous.get("runs", []) + [run]}
     latest.write_text(json.dumps(report, indent=1))
     write_markdown(report)
+    print("\n".join(["bench: targets"] + targets.table(targets.evaluate(report))), flush=True)
     print(f"bench: logs in {work}; summary in docs/BENCHMARKS.md")
     return 0
 
