@@ -66,11 +66,12 @@ def fixed_plan(count: int) -> ThreadPlan:
 
 
 def measure_thread_plan(run: Callable[[int], object], batch_sizes: Iterable[int],
-                        candidates: Iterable[int] | None = None, repeats: int = 7) -> ThreadPlan:
+                        candidates: Iterable[int] | None = None, repeats: int = 7,
+                        clock: Callable[[], float] = time.perf_counter) -> ThreadPlan:
     """Times `run(batch_size)` (the real path: preprocessing, both models, certificate) under each
     candidate thread count (default 1 .. `available_cores()`) and keeps, per batch size, the fewest
     threads within `GAIN_REQUIRED` of the fastest. Median of `repeats` after one unmeasured call per
-    count. Leaves torch set for the smallest batch size."""
+    count; `clock` in seconds. Leaves torch set for the smallest batch size."""
     counts = sorted(set(candidates or range(1, available_cores() + 1)))
     plan = ThreadPlan({})
     for size in sorted(set(int(b) for b in batch_sizes)):
@@ -80,9 +81,9 @@ def measure_thread_plan(run: Callable[[int], object], batch_sizes: Iterable[int]
             run(size)
             samples = []
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = clock()
                 run(size)
-                samples.append(1e3 * (time.perf_counter() - start))
+                samples.append(1e3 * (clock() - start))
             timings[count] = statistics.median(samples)
         best = counts[0]
         for count in counts[1:]:
