@@ -18,6 +18,8 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
 - transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
              machine, per Fast DDS configuration (bench/bench_transport.py).
 - levers:    in-process A/B of preprocessing paths and torch thread counts (bench/levers.py).
+- executors: ping-pong latency of the node per executor (events, multi_threaded) with and without
+             inline inference, beside the relay.
 
 Every run ends with the targets (bench/targets.py), each met, missed or not run.
 """
@@ -173,10 +175,17 @@ def bare_forward_ms(standard, robust, shape: tuple[int, ...], repeats: int = 200
         return 1e3 * median_seconds(lambda: (standard(x), robust(x)), torch.device("cpu"), repeats, warmup=20)
 
 
+def node_threads(log_path: Path) -> int:
+    """torch threads the node chose (or was given) for one frame, from its configure log line."""
+    import re
+
+    found = re.search(r"torch threads: batch 1 -> (\d+)", log_path.read_text())
+    return int(found.group(1)) if found else 1
+
+
 def bench_latency(work: Path, count: int) -> dict:
     from mixclf_ros.models.loading import load_model, zoo_config
 
-    torch.set_num_threads(1)
     frames = demo_frames()
     out = {}
     session = Session("bench_latency")
@@ -189,9 +198,12 @@ def bench_latency(work: Path, count: int) -> dict:
             relay_ms = ping_pong(session.client, frames, count)
     finally:
         session.close()
+    threads = node_threads(work / "node.log")  # the bare forward passes run under the node's thread setting
+    torch.set_num_threads(threads)
     forward_ms = bare_forward_ms(load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz")),
                                  (1, 28, 28))
-    out["demo_models_640x480_rgb8"] = summarize_overhead(node_ms, relay_ms, forward_ms)
+    out["demo_models_640x480_rgb8"] = {**summarize_overhead(node_ms, relay_ms, forward_ms),
+                                       "node_torch_threads": threads}
 
     # a model large enough that compute dominates: torchvision resnet18 at 224x224, both models
     import torchvision
@@ -220,9 +232,36 @@ def bench_latency(work: Path, count: int) -> dict:
     finally:
         session.close()
     model = torchvision.models.resnet18(num_classes=10).eval()
+    threads = node_threads(work / "resnet.log")
+    torch.set_num_threads(threads)
     forward_ms = bare_forward_ms(model, model, (3, 224, 224), repeats=20)
-    out["resnet18_224_640x480_rgb8"] = summarize_overhead(node_ms, relay_ms, forward_ms)
+    out["resnet18_224_640x480_rgb8"] = {**summarize_overhead(node_ms, relay_ms, forward_ms),
+                                        "node_torch_threads": threads}
     out["target_overhead_ratio"] = 1.15
+    return out
+
+
+def bench_executors(work: Path, count: int) -> dict:
+    """Ping-pong latency (ms) of the demo node per executor and inference hand-off, side by side, and
+    the relay as the floor."""
+    frames = demo_frames()
+    out = {}
+    session = Session("bench_executors")
+    try:
+        for executor in ("events", "multi_threaded"):
+            for inline in (True, False):
+                name = f"{executor}_{'inline' if inline else 'handoff'}"
+                with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+                                  *RELIABLE, "-p", f"executor:={executor}", "-p",
+                                  f"inline_inference:={str(inline).lower()}", log_path=work / f"exec_{name}.log"):
+                    latencies = ping_pong(session.client, frames, count)
+                out[name] = {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+                             "frames": len(latencies)}
+        with subprocess_node([sys.executable, str(REPO_ROOT / "bench" / "relay_node.py")], work / "relay_exec.log"):
+            latencies = ping_pong(session.client, frames, count)
+        out["relay"] = {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99), "frames": len(latencies)}
+    finally:
+        session.close()
     return out
 
 
@@ -530,6 +569,12 @@ def write_markdown(report: dict) -> None:
                   "| attack | images/s |", "|---|---|"]
         lines += [f"| {name} | {rate:.1f} |" for name, rate in attacks["images_per_s"].items()]
         lines.append("")
+    executors = report.get("executors")
+    if executors:
+        lines += ["## Executor and inference hand-off (ping-pong, demo models)", "",
+                  "| node | p50 / p99 ms |", "|---|---|"]
+        lines += [f"| {name} | {r['p50']:.2f} / {r['p99']:.2f} |" for name, r in executors.items()]
+        lines.append("")
     levers = report.get("levers")
     if levers:
         lines += ["## Levers, in process (`--only levers`)", "", "```json", json.dumps(levers, indent=1), "```", ""]
@@ -551,7 +596,8 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak,transport,levers")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,soak,transport,levers,"
+                                          "executors")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
@@ -572,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         "soak": lambda: bench_soak(work, args.soak_seconds),
         "transport": lambda: bench_transport(work, args.transport_frames),
         "levers": bench_levers,
+        "executors": lambda: bench_executors(work, args.pings),
     }
     for name in selected:
         start = time.monotonic()
