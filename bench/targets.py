@@ -58,7 +58,7 @@ def evaluate(report: dict) -> list[dict]:
                                 f"{entry['relay_latency_ms']['p50']:.1f} ms, forward "
                                 f"{entry['bare_forward_both_models_ms']:.1f} ms at {threads} thread(s)"))
         else:
-            rows.append(_target(label, math.nan, f"<= {OVERHEAD_TARGET}", None))
+            rows.append(_target(label, math.nan, f"<= {OVERHEAD_TARGET}", None, latency.get(f"{key}_error", "")))
     cameras = report.get("cameras") or {}
     for count in CAMERA_COUNTS:
         entry = cameras.get(str(count))

@@ -42,3 +42,17 @@ def test_fixed_plan_and_smaller_batches():
     plan = ThreadPlan({4: 2, 16: 1})
     assert plan.for_batch(1) == 2  # below every measured size: the smallest one's count
     assert plan.for_batch(20) == 1
+
+
+def test_slow_paths_are_timed_fewer_times():
+    before = torch.get_num_threads()
+    try:
+        work = SimulatedWork({(1, 1): 2.0, (1, 2): 1.0})  # seconds a pass: a large float64 model
+        calls = []
+        plain_run = work.run
+        work.run = lambda batch: (calls.append(batch), plain_run(batch))
+        plan = measure_thread_plan(work.run, (1,), candidates=(1, 2), clock=work.clock, budget_s=4.0)
+        assert plan.threads == {1: 2}
+        assert len(calls) == 2 * (1 + 1) + 1  # one unmeasured and one measured call per count (+1 for 2 threads)
+    finally:
+        torch.set_num_threads(before)

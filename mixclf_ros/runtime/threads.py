@@ -67,20 +67,26 @@ def fixed_plan(count: int) -> ThreadPlan:
 
 def measure_thread_plan(run: Callable[[int], object], batch_sizes: Iterable[int],
                         candidates: Iterable[int] | None = None, repeats: int = 7,
-                        clock: Callable[[], float] = time.perf_counter) -> ThreadPlan:
+                        clock: Callable[[], float] = time.perf_counter, budget_s: float = 5.0) -> ThreadPlan:
     """Times `run(batch_size)` (the real path: preprocessing, both models, certificate) under each
     candidate thread count (default 1 .. `available_cores()`) and keeps, per batch size, the fewest
     threads within `GAIN_REQUIRED` of the fastest. Median of `repeats` after one unmeasured call per
-    count; `clock` in seconds. Leaves torch set for the smallest batch size."""
+    count; fewer repeats (at least 1) where the unmeasured call shows that `repeats` would overrun
+    `budget_s` seconds for the whole measurement (a large model in float64 takes seconds a pass);
+    `clock` in seconds. Leaves torch set for the smallest batch size."""
     counts = sorted(set(candidates or range(1, available_cores() + 1)))
     plan = ThreadPlan({})
-    for size in sorted(set(int(b) for b in batch_sizes)):
+    sizes = sorted(set(int(b) for b in batch_sizes))
+    share = budget_s / (len(sizes) * len(counts))
+    for size in sizes:
         timings = {}
         for count in counts:
             torch.set_num_threads(count)
+            start = clock()
             run(size)
+            first = clock() - start
             samples = []
-            for _ in range(repeats):
+            for _ in range(max(1, min(repeats, int(share / first) if first > 0 else repeats))):
                 start = clock()
                 run(size)
                 samples.append(1e3 * (clock() - start))
