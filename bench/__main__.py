@@ -244,31 +244,36 @@ def bench_latency(work: Path, count: int) -> dict:
     return out
 
 
-def bench_executors(work: Path, count: int) -> dict:
-    """Ping-pong latency (ms) of the demo node per executor and inference hand-off, side by side, and
-    the relay as the floor."""
+def bench_executors(work: Path, count: int, rounds: int = 3) -> dict:
+    """Ping-pong latency (ms) of the demo node per executor and inference hand-off, and of the relay
+    on both executors, interleaved over `rounds` rounds (load on this machine moves between minutes):
+    p50 and p99 over all rounds' pings, and each round's p50."""
     frames = demo_frames()
-    out = {}
+    variants = [(f"{executor}_{'inline' if inline else 'handoff'}", executor, inline)
+                for executor in ("events", "multi_threaded") for inline in (True, False)]
+    variants += [(f"relay_{executor}", executor, None) for executor in ("events", "single")]
+    pooled: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    per_round: dict[str, list[float]] = {name: [] for name, _, _ in variants}
     session = Session("bench_executors")
     try:
-        for executor in ("events", "multi_threaded"):
-            for inline in (True, False):
-                name = f"{executor}_{'inline' if inline else 'handoff'}"
-                with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
-                                  *RELIABLE, "-p", f"executor:={executor}", "-p",
-                                  f"inline_inference:={str(inline).lower()}", log_path=work / f"exec_{name}.log"):
+        for round_index in range(rounds):
+            for name, executor, inline in variants:
+                log = work / f"exec_{name}_{round_index}.log"
+                if inline is None:
+                    starter = subprocess_node([sys.executable, str(REPO_ROOT / "bench" / "relay_node.py"), executor],
+                                              log)
+                else:
+                    starter = node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+                                           *RELIABLE, "-p", f"executor:={executor}", "-p",
+                                           f"inline_inference:={str(inline).lower()}", log_path=log)
+                with starter:
                     latencies = ping_pong(session.client, frames, count)
-                out[name] = {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-                             "frames": len(latencies)}
-        for executor in ("events", "single"):
-            with subprocess_node([sys.executable, str(REPO_ROOT / "bench" / "relay_node.py"), executor],
-                                 work / f"relay_{executor}.log"):
-                latencies = ping_pong(session.client, frames, count)
-            out[f"relay_{executor}"] = {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
-                                        "frames": len(latencies)}
+                pooled[name] += latencies
+                per_round[name].append(percentile(latencies, 50))
     finally:
         session.close()
-    return out
+    return {name: {"p50": percentile(pooled[name], 50), "p99": percentile(pooled[name], 99),
+                   "frames": len(pooled[name]), "round_p50s": per_round[name]} for name in pooled}
 
 
 def summarize_overhead(node_ms: list[float], relay_ms: list[float], forward_ms: float) -> dict:
@@ -578,8 +583,9 @@ def write_markdown(report: dict) -> None:
     executors = report.get("executors")
     if executors:
         lines += ["## Executor and inference hand-off (ping-pong, demo models)", "",
-                  "| node | p50 / p99 ms |", "|---|---|"]
-        lines += [f"| {name} | {r['p50']:.2f} / {r['p99']:.2f} |" for name, r in executors.items()]
+                  "| node | p50 / p99 ms (all rounds) | p50 per round |", "|---|---|---|"]
+        lines += [f"| {name} | {r['p50']:.2f} / {r['p99']:.2f} | "
+                  + ", ".join(f"{v:.1f}" for v in r.get("round_p50s", [])) + " |" for name, r in executors.items()]
         lines.append("")
     levers = report.get("levers")
     if levers:
