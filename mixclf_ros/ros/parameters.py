@@ -107,7 +107,7 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("autostart", True, _B, STARTUP, "configure and activate at start-up"),
     NodeParameter("executor", "events", _S, STARTUP,
                   "events (rclpy.experimental.EventsExecutor, one thread) | multi_threaded (MultiThreadedExecutor)"),
-    NodeParameter("inline_inference", True, _B, STARTUP,
+    NodeParameter("inline_inference", False, _B, STARTUP,
                   "classify a frame in its subscription callback when the inference thread is idle (no "
                   "hand-off); frames arriving meanwhile go to the inference thread"),
 )
