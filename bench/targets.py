@@ -98,6 +98,7 @@ def table(rows: list[dict]) -> list[str]:
     """Markdown lines of the targets table."""
     lines = ["| target | value | goal | status | figures |", "|---|---|---|---|---|"]
     for row in rows:
-        value = "" if math.isnan(row["value"]) else f"{row['value']:.2f}"
+        number = row["value"]
+        value = "" if math.isnan(number) else (f"{number:.3f}" if number < 10 else f"{number:.1f}")
         lines.append(f"| {row['target']} | {value} | {row['goal']} | **{row['status']}** | {row['detail']} |")
     return lines
