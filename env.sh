@@ -29,9 +29,8 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST
 # transports, so FASTDDS_BUILTIN_TRANSPORTS applies only where no profile is set.
 export FASTDDS_DEFAULT_PROFILES_FILE="${FASTDDS_DEFAULT_PROFILES_FILE:-$_mixclf_root/config/fastdds_camera.xml}"
 export FASTDDS_BUILTIN_TRANSPORTS="${FASTDDS_BUILTIN_TRANSPORTS:-LARGE_DATA}"
-# Small models, one frame at a time: waking torch's thread pool costs more than it saves
-# (measured in bench/; override for big models).
-export MIXCLF_TORCH_THREADS="${MIXCLF_TORCH_THREADS:-1}"
+# torch threads: the node measures them at warm-up (torch_threads 0); MIXCLF_TORCH_THREADS=N fixes
+# the parameter's default at N.
 
 # `mixclf-eval`: the evaluation CLI of this checkout (bin/).
 case ":$PATH:" in *":$_mixclf_root/bin:"*) ;; *) export PATH="$_mixclf_root/bin:$PATH" ;; esac

@@ -19,6 +19,11 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
 - soak:      resident memory of the node at 30 Hz over --soak-seconds.
 - transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
              machine, per Fast DDS configuration (bench/bench_transport.py).
+- levers:    in-process A/B of preprocessing paths and torch thread counts (bench/levers.py).
+- executors: ping-pong latency of the node per executor (events, multi_threaded) with and without
+             inline inference, beside the relay.
+
+Every run ends with the targets (bench/targets.py), each met, missed or not run.
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
+from bench import targets  # noqa: E402
 from bench.bench_certify import median_seconds  # noqa: E402
 from bench.bench_cluster import bench_cluster, cluster_markdown  # noqa: E402
 from bench.bench_transport import bench_transport  # noqa: E402
 from bench.bench_transport import markdown as transport_markdown  # noqa: E402
+from bench.levers import bench_levers  # noqa: E402
 
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # Reliable frames everywhere: Fast DDS drops best-effort 900 KB frames between processes here
@@ -171,10 +178,17 @@ def bare_forward_ms(standard, robust, shape: tuple[int, ...], repeats: int = 200
         return 1e3 * median_seconds(lambda: (standard(x), robust(x)), torch.device("cpu"), repeats, warmup=20)
 
 
+def node_threads(log_path: Path) -> int:
+    """torch threads the node chose (or was given) for one frame, from its configure log line."""
+    import re
+
+    found = re.search(r"torch threads: batch 1 -> (\d+)", log_path.read_text())
+    return int(found.group(1)) if found else 1
+
+
 def bench_latency(work: Path, count: int) -> dict:
     from mixclf_ros.models.loading import load_model, zoo_config
 
-    torch.set_num_threads(1)
     frames = demo_frames()
     out = {}
     session = Session("bench_latency")
@@ -187,9 +201,12 @@ def bench_latency(work: Path, count: int) -> dict:
             relay_ms = ping_pong(session.client, frames, count)
     finally:
         session.close()
+    threads = node_threads(work / "node.log")  # the bare forward passes run under the node's thread setting
+    torch.set_num_threads(threads)
     forward_ms = bare_forward_ms(load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz")),
                                  (1, 28, 28))
-    out["demo_models_640x480_rgb8"] = summarize_overhead(node_ms, relay_ms, forward_ms)
+    out["demo_models_640x480_rgb8"] = {**summarize_overhead(node_ms, relay_ms, forward_ms),
+                                       "node_torch_threads": threads}
 
     # a model large enough that compute dominates: torchvision resnet18 at 224x224, both models
     import torchvision
@@ -208,20 +225,58 @@ def bench_latency(work: Path, count: int) -> dict:
     for prefix in ("standard_model", "robust_model"):
         model_args += ["-p", f"{prefix}.crop_height:=0", "-p", f"{prefix}.crop_width:=0",
                        "-p", f"{prefix}.resize:=bilinear"]
-    session = Session("bench_latency_resnet")
-    try:
-        with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, *RELIABLE,
-                          log_path=work / "resnet.log"):
-            node_ms = ping_pong(session.client, frames, max(20, count // 4))
-        with subprocess_node(relay, work / "relay2.log"):
-            relay_ms = ping_pong(session.client, frames, max(20, count // 4))
-    finally:
-        session.close()
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    forward_ms = bare_forward_ms(model, model, (3, 224, 224), repeats=20)
-    out["resnet18_224_640x480_rgb8"] = summarize_overhead(node_ms, relay_ms, forward_ms)
+    try:  # configure runs the robust resnet in float64 (its error estimate): minutes on a loaded 2-core machine
+        session = Session("bench_latency_resnet")
+        try:
+            with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, *RELIABLE,
+                              log_path=work / "resnet.log"):
+                node_ms = ping_pong(session.client, frames, max(20, count // 4))
+            with subprocess_node(relay, work / "relay2.log"):
+                relay_ms = ping_pong(session.client, frames, max(20, count // 4))
+        finally:
+            session.close()
+        model = torchvision.models.resnet18(num_classes=10).eval()
+        threads = node_threads(work / "resnet.log")
+        torch.set_num_threads(threads)
+        forward_ms = bare_forward_ms(model, model, (3, 224, 224), repeats=20)
+        out["resnet18_224_640x480_rgb8"] = {**summarize_overhead(node_ms, relay_ms, forward_ms),
+                                            "node_torch_threads": threads}
+    except Exception as error:  # recorded, so that the other figures of the run survive
+        out["resnet18_224_640x480_rgb8_error"] = f"{type(error).__name__}: {error}"[:500]
     out["target_overhead_ratio"] = 1.15
     return out
+
+
+def bench_executors(work: Path, count: int, rounds: int = 3) -> dict:
+    """Ping-pong latency (ms) of the demo node per executor and inference hand-off, and of the relay
+    on both executors, interleaved over `rounds` rounds (load on this machine moves between minutes):
+    p50 and p99 over all rounds' pings, and each round's p50."""
+    frames = demo_frames()
+    variants = [(f"{executor}_{'inline' if inline else 'handoff'}", executor, inline)
+                for executor in ("events", "multi_threaded") for inline in (True, False)]
+    variants += [(f"relay_{executor}", executor, None) for executor in ("events", "single")]
+    pooled: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    per_round: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    session = Session("bench_executors")
+    try:
+        for round_index in range(rounds):
+            for name, executor, inline in variants:
+                log = work / f"exec_{name}_{round_index}.log"
+                if inline is None:
+                    starter = subprocess_node([sys.executable, str(REPO_ROOT / "bench" / "relay_node.py"), executor],
+                                              log)
+                else:
+                    starter = node_process("mixclf_node", "--params-file", str(CONFIG), "-p", "max_image_age:=0.0",
+                                           *RELIABLE, "-p", f"executor:={executor}", "-p",
+                                           f"inline_inference:={str(inline).lower()}", log_path=log)
+                with starter:
+                    latencies = ping_pong(session.client, frames, count)
+                pooled[name] += latencies
+                per_round[name].append(percentile(latencies, 50))
+    finally:
+        session.close()
+    return {name: {"p50": percentile(pooled[name], 50), "p99": percentile(pooled[name], 99),
+                   "frames": len(pooled[name]), "round_p50s": per_round[name]} for name in pooled}
 
 
 def summarize_overhead(node_ms: list[float], relay_ms: list[float], forward_ms: float) -> dict:
@@ -475,6 +530,7 @@ def write_markdown(report: dict) -> None:
     runs = "; then ".join(f"`{run['command']}` at {run['date']}" for run in report["runs"])
     lines = ["# Benchmarks", "", f"Generated on {report['machine']} by {runs}.",
              "All ratios are measured side by side in the same run. Raw figures: `bench/results/latest.json`.", ""]
+    lines += ["## Targets", ""] + targets.table(targets.evaluate(report)) + [""]
     latency = report.get("latency")
     if latency:
         lines += ["## End-to-end latency (one frame in flight, 640x480 rgb8)", "",
@@ -529,6 +585,16 @@ def write_markdown(report: dict) -> None:
         lines.append("")
     if report.get("cluster"):
         lines += cluster_markdown(report["cluster"])
+    executors = report.get("executors")
+    if executors:
+        lines += ["## Executor and inference hand-off (ping-pong, demo models)", "",
+                  "| node | p50 / p99 ms (all rounds) | p50 per round |", "|---|---|---|"]
+        lines += [f"| {name} | {r['p50']:.2f} / {r['p99']:.2f} | "
+                  + ", ".join(f"{v:.1f}" for v in r.get("round_p50s", [])) + " |" for name, r in executors.items()]
+        lines.append("")
+    levers = report.get("levers")
+    if levers:
+        lines += ["## Levers, in process (`--only levers`)", "", "```json", json.dumps(levers, indent=1), "```", ""]
     soak = report.get("soak")
     if soak:
         lines += ["## Memory soak at 30 Hz", "",
@@ -547,7 +613,8 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport")
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport,"
+                                          "levers,executors")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
@@ -568,6 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         "cluster": bench_cluster,
         "soak": lambda: bench_soak(work, args.soak_seconds),
         "transport": lambda: bench_transport(work, args.transport_frames),
+        "levers": bench_levers,
+        "executors": lambda: bench_executors(work, args.pings),
     }
     for name in selected:
         start = time.monotonic()
@@ -585,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {**previous, **report, "runs": previous.get("runs", []) + [run]}
     latest.write_text(json.dumps(report, indent=1))
     write_markdown(report)
+    print("\n".join(["bench: targets"] + targets.table(targets.evaluate(report))), flush=True)
     print(f"bench: logs in {work}; summary in docs/BENCHMARKS.md")
     return 0
 

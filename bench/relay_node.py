@@ -1,8 +1,14 @@
 """The floor for end-to-end latency: an rclpy node that receives the same image over the same
-QoS and publishes a CertifiedClassification with its header, doing no work at all."""
+QoS and publishes a CertifiedClassification with its header, doing no work at all.
+
+    relay_node.py [events|single]   (executor: rclpy's EventsExecutor, the default and the mixclf
+                                     node's default, or rclpy.spin's SingleThreadedExecutor)"""
+
+import sys
 
 import rclpy
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.experimental import EventsExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
@@ -19,8 +25,15 @@ def main() -> int:
 
     # the same QoS as the mixclf node in the benchmark: depth 1, reliable (see bench/__main__.py)
     node.create_subscription(Image, "image", relay, QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
+    events = (sys.argv[1:] or ["events"])[0] == "events"
+    executor = EventsExecutor() if events else SingleThreadedExecutor()
+    executor.add_node(node)
     try:
-        rclpy.spin(node)
+        if events:  # as the mixclf node runs it (its spin() starves callbacks in this rclpy build)
+            while rclpy.ok():
+                executor.spin_once(timeout_sec=0.5)
+        else:
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

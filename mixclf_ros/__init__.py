@@ -64,6 +64,8 @@ _PUBLIC: dict[str, str] = {
     "is_safe": "runtime.classifier",
     "threshold_reachable": "runtime.reachability",
     "unreachable_warning": "runtime.reachability",
+    "ThreadPlan": "runtime.threads",
+    "measure_thread_plan": "runtime.threads",
     "pgd": "attacks",
     "load_fashion_mnist": "data",
 }

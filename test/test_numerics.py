@@ -28,6 +28,7 @@ from mixclf_ros.vision.decode import DecodedImage
 from mixclf_ros.vision.preprocess import (
     PreprocessConfig,
     Preprocessor,
+    colour_matrix,
     image_radius,
     preprocessing_float_error,
     preprocessing_operator_norm,
@@ -344,6 +345,60 @@ def test_preprocessing_bound_holds_for_the_float32_map(config):
             out_gap = torch.linalg.vector_norm(outputs[i] - outputs[i + 1], ord=order)
             source_gap = torch.linalg.vector_norm(sources[i] - sources[i + 1], ord=order)
             assert out_gap <= operator_norm * source_gap + error
+
+
+def _exact_area_map(frame: np.ndarray, order: str, config: PreprocessConfig) -> np.ndarray:
+    """The exact linear preprocessing P of a uint8 frame (centre crop, whole-number area
+    down-scaling, colour matrix, scale 1/255), in float64 from exact integer block sums."""
+    height, width, channels = frame.shape
+    crop_h, crop_w = config.crop_height or height, config.crop_width or width
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    crop = frame[top: top + crop_h, left: left + crop_w].astype(np.int64)
+    rows, cols = crop_h // config.output_height, crop_w // config.output_width
+    sums = crop.reshape(config.output_height, rows, config.output_width, cols, channels).sum(axis=(1, 3))
+    means = sums / (rows * cols) / 255.0
+    return np.einsum("oc,yxc->oyx", colour_matrix(order, config.output_channels), means)
+
+
+@pytest.mark.parametrize(("shape", "order", "config"), [
+    ((480, 640, 3), "rgb", PreprocessConfig(1, 28, 28, 476, 476)),  # the demo camera
+    ((480, 640, 3), "bgr", PreprocessConfig(3, 28, 28, 476, 476)),
+    ((64, 96, 4), "bgra", PreprocessConfig(1, 8, 12)),
+    ((60, 60, 1), "mono", PreprocessConfig(3, 20, 10, crop_width=50)),
+    ((33, 35, 3), "rgb", PreprocessConfig(1, 33, 35)),  # no resize
+])
+def test_uint8_area_path_within_the_float_error_bound(shape, order, config):
+    """uint8 frames with whole-number area down-scaling: the Preprocessor's output is within half
+    of `preprocessing_float_error` of the exact map P (so any pair is within the whole bound), in
+    both norms, including the saturated extremes 0 and 255."""
+    rng = np.random.default_rng(11)
+    frames = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(6)]
+    frames += [np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)]
+    outputs = Preprocessor(config)([DecodedImage(f, order, 1 / 255) for f in frames]).double().numpy()
+    for frame, output in zip(frames, outputs):
+        gap = output - np.clip(_exact_area_map(frame, order, config), 0.0, 1.0)
+        for norm, ord_ in (("l2", None), ("linf", np.inf)):
+            error = preprocessing_float_error(shape[0], shape[1], order, config, norm)
+            assert np.linalg.norm(gap.ravel(), ord=ord_) <= error / 2
+
+
+def test_uint8_whole_number_area_resize_skips_the_float_resize(monkeypatch):
+    """The demo camera geometry (476 -> 28, 17 x 17 blocks) runs on exact integer block sums, not
+    through the float64 interpolation, and gives the same tensor."""
+    from mixclf_ros.vision import preprocess as preprocess_module
+
+    frame = np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    config = PreprocessConfig(1, 28, 28, 476, 476)
+    expected = _exact_area_map(frame, "rgb", config)
+
+    def refuse(x, size, mode):
+        if tuple(x.shape[-2:]) != tuple(size):
+            raise AssertionError("float resize used for a whole-number uint8 area resize")
+        return x
+
+    monkeypatch.setattr(preprocess_module, "_resize", refuse)
+    out = Preprocessor(config)([DecodedImage(frame, "rgb", 1 / 255)])
+    np.testing.assert_allclose(out[0].double().numpy(), expected, atol=1e-6)
 
 
 def test_bilinear_norm_covers_the_float32_weights_at_camera_size():

@@ -94,8 +94,9 @@ class FrameQueue:
     def is_open(self) -> bool:
         return self._open
 
-    def put(self, topic: str, message: Any, stamp_s: float) -> bool:
-        """Queues a frame; False (counted as not ready) while the queue is closed."""
+    def put(self, topic: str, message: Any, stamp_s: float, wake: bool = True) -> bool:
+        """Queues a frame; False (counted as not ready) while the queue is closed. `wake` = False
+        leaves the inference thread asleep (the caller takes the frame itself, `take_now`)."""
         now = time.monotonic()
         with self._condition:
             stats = self._stats[topic]
@@ -110,8 +111,22 @@ class FrameQueue:
                 queue.popleft()
                 stats.dropped += 1
             queue.append(PendingFrame(topic, message, now))
-            self._condition.notify()
+            if wake:
+                self._condition.notify()
             return True
+
+    def take_now(self) -> list[PendingFrame]:
+        """The oldest frame of each camera, without waiting ([] when none wait or closed)."""
+        with self._condition:
+            if not self._open:
+                return []
+            return [queue.popleft() for queue in self._pending.values() if queue]
+
+    def wake(self) -> None:
+        """Wakes the inference thread if frames wait."""
+        with self._condition:
+            if any(self._pending.values()):
+                self._condition.notify()
 
     def take_batch(self, poll_s: float = 0.5) -> list[PendingFrame] | None:
         """Blocks until frames wait; returns the oldest frame of each camera, or None once closed."""

@@ -37,6 +37,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.experimental import EventsExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.qos_overriding_options import QoSOverridingOptions
@@ -50,6 +51,7 @@ from mixclf_ros.ros.frame_queue import FrameQueue, PendingFrame
 from mixclf_ros.ros.messages import camera_topics, decode_message, result_message, stale_reason, stamp_ns
 from mixclf_ros.ros.outputs import Outputs
 from mixclf_ros.runtime.classifier import CertifiedClassifier, FrameResult, Status, select_device
+from mixclf_ros.runtime.threads import ThreadPlan, fixed_plan, measure_thread_plan
 from mixclf_ros.vision.decode import INPUT_KINDS, BadImageError, DecodedImage
 
 
@@ -75,6 +77,9 @@ class MixclfNode(LifecycleNode):
         self._configure_error = ""
         self._log_times: dict[str, float] = {}
         self._frames_cb_group = ReentrantCallbackGroup()
+        self._busy = threading.Lock()  # held while a batch is classified (inline or by the worker)
+        self._inline = bool(self.get_parameter("inline_inference").value)
+        self._threads: ThreadPlan = fixed_plan(1)
 
         self._publisher = None  # lifecycle publishers: created at configure, destroyed at cleanup
         self._outputs: Outputs | None = None
@@ -134,7 +139,7 @@ class MixclfNode(LifecycleNode):
             moved = parameters.moved_parameters(self)
             if moved:
                 raise ValueError(moved)
-            torch.set_num_threads(value("torch_threads"))
+            torch.set_num_threads(max(1, value("torch_threads")))
             device = select_device(value("device"))
             confidence = self._live.classifier.confidence
             standard = load_model(parameters.model_config(self, "standard_model", confidence), name="standard_model")
@@ -147,6 +152,7 @@ class MixclfNode(LifecycleNode):
             self._warmup_ms = classifier.warm_up(self._live.classifier)
             monitor = CertificateMonitor(classifier, parameters.smoothing_seed(self), self.get_logger().warning)
             monitor.settings_changed(self._live.classifier)
+            self._threads = self._thread_plan(classifier, value("torch_threads"))
             self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
             self._outputs = Outputs(self, debug_image=value("debug_image"))
         except Exception as error:  # every configuration mistake is one clear log line
@@ -167,8 +173,24 @@ class MixclfNode(LifecycleNode):
             + (f", Lipschitz {robust.lipschitz_constant:.4g} {robust.lipschitz_source}"
                if robust.kind == "lipschitz" else "")
             + f"); load {1e3 * (time.perf_counter() - started):.0f} ms, first warm-up pass "
-            f"{self._warmup_ms:.1f} ms")
+            f"{self._warmup_ms:.1f} ms; torch threads: {self._threads.describe()}")
         return TransitionCallbackReturn.SUCCESS
+
+    def _thread_plan(self, classifier: CertifiedClassifier, setting: int) -> ThreadPlan:
+        """`torch_threads` N > 0: N always; 0: measured on the real path for one frame and for one
+        frame of every camera (a blank VGA frame, or the crops' size if larger, as at warm-up)."""
+        if setting > 0:
+            return fixed_plan(setting)
+        import numpy as np
+
+        configs = (classifier.preprocess_config, classifier.standard_preprocess_config)
+        channels = max(config.output_channels for config in configs)
+        height = max(480, *(config.crop_height for config in configs))
+        width = max(640, *(config.crop_width for config in configs))
+        frame = DecodedImage(np.zeros((height, width, channels), np.uint8), "mono" if channels == 1 else "rgb", 1 / 255)
+        live = self._live.classifier
+        cameras = max(1, len(self._topic_names()))
+        return measure_thread_plan(lambda batch: classifier.classify([frame] * batch, live), {1, cameras})
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         super().on_activate(state)  # enables the lifecycle publishers
@@ -262,20 +284,37 @@ class MixclfNode(LifecycleNode):
 
     # ---------------------------------------------------------------- frames
     def _on_frame(self, topic: str, message: Image | CompressedImage) -> None:
-        if not self._queue.put(topic, message, stamp_ns(message.header) * 1e-9) and self._configure_error:
-            self._publish(message.header, FrameResult.failure(  # not active: counted, no output, unless
-                Status.NOT_READY, self._configure_error, self._live.classifier))  # configure failed
+        """Queues the frame (not active: counted, no output, unless configure failed). With
+        `inline_inference`, when no batch is being classified, classifies it here, in the callback:
+        no hand-off to the inference thread, which only takes the frames that arrive while a batch runs."""
+        stamp_s = stamp_ns(message.header) * 1e-9
+        inline = self._inline and self._busy.acquire(blocking=False)
+        try:
+            if self._queue.put(topic, message, stamp_s, wake=not inline):
+                if inline:
+                    self._classify_safely(self._queue.take_now())
+            elif self._configure_error:
+                self._publish(message.header, FrameResult.failure(
+                    Status.NOT_READY, self._configure_error, self._live.classifier))
+        finally:
+            if inline:
+                self._busy.release()
+                self._queue.wake()
 
     def _inference_loop(self) -> None:
         while (frames := self._queue.take_batch()) is not None:
-            try:
-                self._process(frames)
-            except Exception as error:  # keep serving: report, publish unsafe, continue
-                self._last_error = f"inference loop: {type(error).__name__}: {error}"
-                self._log_limited("loop", self._last_error)
-                for frame in frames:
-                    self._finish(frame, FrameResult.failure(
-                        Status.MODEL_ERROR, self._last_error, self._live.classifier))
+            with self._busy:
+                self._classify_safely(frames)
+
+    def _classify_safely(self, frames: list[PendingFrame]) -> None:
+        try:
+            self._process(frames)
+        except Exception as error:  # keep serving: report, publish unsafe, continue
+            self._last_error = f"inference loop: {type(error).__name__}: {error}"
+            self._log_limited("loop", self._last_error)
+            for frame in frames:
+                self._finish(frame, FrameResult.failure(
+                    Status.MODEL_ERROR, self._last_error, self._live.classifier))
 
     def _process(self, frames: list[PendingFrame]) -> None:
         live = self._live  # one consistent snapshot for the whole batch
@@ -298,6 +337,7 @@ class MixclfNode(LifecycleNode):
             for frame in batch:
                 self._finish(frame, FrameResult.failure(Status.NOT_READY, "models not loaded", live.classifier))
             return
+        self._threads.apply(len(decoded))
         for frame, image, result in zip(batch, decoded, classifier.classify(decoded, live.classifier)):
             if result.status == Status.OK:
                 monitor.frame_seen(frame.topic, image)
@@ -347,10 +387,20 @@ class MixclfNode(LifecycleNode):
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
     node = MixclfNode()
-    executor = MultiThreadedExecutor(num_threads=4)
+    kind = node.get_parameter("executor").value
+    if kind not in ("events", "multi_threaded"):
+        node.get_logger().error(f"executor must be 'events' or 'multi_threaded', got {kind!r}; using events")
+        kind = "events"
+    executor = EventsExecutor() if kind == "events" else MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
-        executor.spin()
+        if kind == "events":
+            # EventsExecutor.spin() stops serving this node's callbacks in this rclpy build (timers and
+            # subscriptions starve after activation); repeated spin_once serves them.
+            while rclpy.ok():
+                executor.spin_once(timeout_sec=0.5)
+        else:
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -90,9 +90,10 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("device", "auto", _S, CONFIGURE, "auto (first CUDA device, else CPU), cpu, cuda:N"),
     NodeParameter("standard_precision", "float32", _S, CONFIGURE,
                   "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
-    NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "1")), _I, CONFIGURE,
-                  "CPU threads for torch (1 is fastest for small models, one frame at a time)",
-                  integer_range=(1, 256)),
+    NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "0")), _I, CONFIGURE,
+                  "CPU threads for torch: 0 = chosen at warm-up by timing the real path per batch size "
+                  "(one frame, all cameras); N = always N",
+                  integer_range=(0, 256)),
     NodeParameter("frame_policy", "newest", _S, CONFIGURE,
                   "newest: classify only the newest frame of each camera (real time; older frames are "
                   "dropped and counted) | every: classify every frame in order, up to "
@@ -104,6 +105,11 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
                   integer_range=(OS_ENTROPY_SEED, 2**63 - 1)),
     NodeParameter("diagnostics_period", 1.0, _D, STARTUP, "seconds between /diagnostics messages", (0.05, 60.0)),
     NodeParameter("autostart", True, _B, STARTUP, "configure and activate at start-up"),
+    NodeParameter("executor", "events", _S, STARTUP,
+                  "events (rclpy.experimental.EventsExecutor, one thread) | multi_threaded (MultiThreadedExecutor)"),
+    NodeParameter("inline_inference", False, _B, STARTUP,
+                  "classify a frame in its subscription callback when the inference thread is idle (no "
+                  "hand-off); frames arriving meanwhile go to the inference thread"),
 )
 _BY_NAME = {parameter.name: parameter for parameter in NODE_PARAMETERS}
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,41 @@ def _resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
 
 
+def _integer_area_factors(crop_height: int, crop_width: int, config: PreprocessConfig) -> tuple[int, int] | None:
+    """(rows, columns) per output pixel when the area resize of a uint8 crop can run as exact integer
+    block sums (whole-number down-scaling), else None."""
+    if config.resize != "area":
+        return None
+    height, width = config.output_height, config.output_width
+    if crop_height % height or crop_width % width:
+        return None
+    return crop_height // height, crop_width // width
+
+
+_MAX_EXACT_BLOCK = 2 ** 24 // 255
+"""Largest block (rows x columns) whose uint8 sum is below 2^24, so exact in float32."""
+
+
+def _integer_area_resize(crops: Sequence[np.ndarray], factors: tuple[int, int]) -> np.ndarray:
+    """Area resize of uint8 crops (h, w, C) by whole-number factors (rows, columns per output pixel,
+    at most `_MAX_EXACT_BLOCK` samples a block): (N, h/rows, w/columns, C) float32 block means.
+
+    Block sums are exact integers (OpenCV's integral image, int32 where the whole crop's sum fits,
+    else float64, exact below 2^53), below 2^24 so exact in float32; the float32 mean then carries a
+    single rounding (2^-24 relative), within the gamma_{k+2}(2^-53) + 2^-24 that
+    `preprocessing_float_error` allows for the float64 area path."""
+    rows, columns = factors
+    means = []
+    for crop in crops:
+        height, width, channels = crop.shape
+        depth = cv2.CV_32S if height * width * 255 < 2 ** 31 else cv2.CV_64F
+        integral = cv2.integral(crop if channels > 1 else crop[:, :, 0], sdepth=depth)
+        corners = integral.reshape(height + 1, width + 1, channels)[::rows, ::columns]
+        sums = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
+        means.append(sums.astype(np.float32) / np.float32(rows * columns))
+    return np.stack(means)
+
+
 class Preprocessor:
     """Decoded frames -> (N, C, H, W) float32 tensor with pixels in [0, 1] on `config.device`.
 
@@ -125,6 +161,10 @@ class Preprocessor:
     (the grey weights sum to 1 only up to rounding). Clamps are 1-Lipschitz, so
     `preprocessing_operator_norm` bounds the whole map. Frames of identical geometry and type are
     processed as one batch; others one by one, then stacked.
+    uint8 frames whose crop is a whole multiple of the output size in area mode (the demo camera:
+    476 -> 28) take an exact shortcut with the same result: block sums on the host from OpenCV's
+    integral image of the uint8 crop (no float copy of the full crop), one float32 division per
+    output sample, then one upload of the small result (`_integer_area_resize`).
     """
 
     def __init__(self, config: PreprocessConfig):
@@ -162,6 +202,12 @@ class Preprocessor:
             raise BadImageError(f"unsupported sample type {first.pixels.dtype} (uint8, uint16 or float expected)")
         if kind == "f" and not all(np.isfinite(crop).all() for crop in crops):
             raise BadImageError("float image contains NaN or infinite values")
+        factors = _integer_area_factors(crop_height, crop_width, config) if host_dtype == np.uint8 else None
+        if factors is not None and factors[0] * factors[1] <= _MAX_EXACT_BLOCK:
+            # whole-number area down-scaling of uint8 samples: exact block sums on the host, then one
+            # upload of the small (N, H, W, C) result
+            resized = torch.from_numpy(_integer_area_resize(crops, factors)).to(self.device).permute(0, 3, 1, 2)
+            return _map_samples(resized, first.channel_order, first.scale, False, config, self._grey)
         # One host copy: contiguous, native byte order, writable (torch refuses read-only memory).
         host = np.empty((len(crops), crop_height, crop_width, first.pixels.shape[2]), dtype=host_dtype)
         for index, crop in enumerate(crops):
@@ -302,7 +348,8 @@ def preprocessing_float_error(source_height: int, source_width: int, channel_ord
     2^-24 for float32, v = 2^-53 for float64, gamma_k(u) = k u / (1 - k u)): the resize, a
     non-negative combination of k samples with weights summing to 1, evaluated in any order —
     bilinear in float32, k = 4: gamma_6(u); area in float64, k <= (ceil(h / H) + 1)(ceil(w / W) + 1):
-    gamma_{k+2}(v) plus u for the rounding to float32; then the grey weighting, a 3-term weighted
+    gamma_{k+2}(v) plus u for the rounding to float32 (uint8 whole-number area: exact integer block
+    sums, then u for the float32 division, which is less); then the grey weighting, a 3-term weighted
     sum (gamma_4(u)), the float32 grey weights, the scaling by `DecodedImage.scale` and the float32
     cast of float64 frames (u each, plus one spare u), all times 1.01 for second-order terms.
     Integer samples are exact; clamps only shrink differences. Over the output: l2 `sqrt(C H W)`
