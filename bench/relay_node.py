@@ -7,12 +7,13 @@ QoS and publishes a CertifiedClassification with its header, doing no work at al
 import sys
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.experimental import EventsExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
 from mixclf_ros.msg import CertifiedClassification
+from mixclf_ros.ros.node import serve
 
 
 def main() -> int:
@@ -29,13 +30,7 @@ def main() -> int:
     executor = EventsExecutor() if events else SingleThreadedExecutor()
     executor.add_node(node)
     try:
-        if events:  # as the mixclf node runs it (its spin() starves callbacks in this rclpy build)
-            while rclpy.ok():
-                executor.spin_once(timeout_sec=0.5)
-        else:
-            executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        serve(executor, events)  # as the mixclf node serves its executor
     finally:
         node.destroy_node()
         rclpy.try_shutdown()

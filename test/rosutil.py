@@ -125,8 +125,9 @@ class RosClient:
                     return found
                 self.lock.wait(remaining)
 
-    def wait_until_ready(self, timeout: float = 90.0) -> None:
-        """Publishes a probe frame until a result with status OK comes back."""
+    def wait_until_ready(self, timeout: float = 90.0, probe_timeout: float = 0.5) -> None:
+        """Publishes a probe frame until a result with status OK comes back, waiting `probe_timeout`
+        seconds for each (longer for slow models, e.g. smoothing with many samples)."""
         from mixclf_ros.msg import CertifiedClassification as Msg
 
         deadline = time.monotonic() + timeout
@@ -134,7 +135,7 @@ class RosClient:
         while time.monotonic() < deadline:
             frame_id = f"probe-{index}"
             self.image_publisher.publish(image_message(np.zeros((480, 640, 3), np.uint8), frame_id, self.node))
-            found = self.wait_for({frame_id}, timeout=0.5)
+            found = self.wait_for({frame_id}, timeout=probe_timeout)
             if found and found[frame_id].status == Msg.STATUS_OK:
                 return
             index += 1

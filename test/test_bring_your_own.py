@@ -66,25 +66,6 @@ def python_path(command: str) -> str:
     return match.group(1).replace("$PWD", str(REPO_ROOT)).replace("$PYTHONPATH", current)
 
 
-def wait_until_classified(client: RosClient, timeout: float = 180.0) -> None:
-    """Publishes probe frames, each waited for long enough for a slow model (smoothing: 1000 samples),
-    until one gets an OK result."""
-    import time
-
-    import numpy as np
-
-    from mixclf_ros.msg import CertifiedClassification as Msg
-
-    deadline = time.monotonic() + timeout
-    index = 0
-    while time.monotonic() < deadline:
-        frame_id = f"probe-{index}"
-        client.image_publisher.publish(image_message(np.zeros((480, 640, 3), np.uint8), frame_id, client.node))
-        found = client.wait_for({frame_id}, timeout=10.0)
-        if found and found[frame_id].status == Msg.STATUS_OK:
-            return
-        index += 1
-    raise AssertionError("the node classified no frame")
 
 
 @pytest.mark.parametrize("letter", sorted(EXAMPLES))
@@ -111,7 +92,7 @@ def test_guide_example_in_the_node(letter, standins, tmp_path):
                           log_path=tmp_path / "mixclf_node.log", env={**env, "ROS_DOMAIN_ID": str(domain)}):
             client = RosClient(context, reliable=True)
             try:
-                wait_until_classified(client)
+                client.wait_until_ready(timeout=180.0, probe_timeout=10.0)
                 results = []
                 for index in (0, 1, 2):
                     message = image_message(embed_article(images[index]), f"frame-{index}", client.node)

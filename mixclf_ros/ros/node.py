@@ -36,7 +36,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.experimental import EventsExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -384,6 +384,20 @@ class MixclfNode(LifecycleNode):
         self._diagnostics.publish(array)
 
 
+def serve(executor: Executor, events: bool) -> None:
+    """Spins `executor` until rclpy shuts down or Ctrl-C. EventsExecutor.spin() stops serving this
+    node's callbacks in this rclpy build (timers and subscriptions starve after activation), so an
+    EventsExecutor (`events`) is served by repeated spin_once."""
+    try:
+        if events:
+            while rclpy.ok():
+                executor.spin_once(timeout_sec=0.5)
+        else:
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+
+
 def main(args: list[str] | None = None) -> int:
     rclpy.init(args=args)
     node = MixclfNode()
@@ -394,15 +408,7 @@ def main(args: list[str] | None = None) -> int:
     executor = EventsExecutor() if kind == "events" else MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
-        if kind == "events":
-            # EventsExecutor.spin() stops serving this node's callbacks in this rclpy build (timers and
-            # subscriptions starve after activation); repeated spin_once serves them.
-            while rclpy.ok():
-                executor.spin_once(timeout_sec=0.5)
-        else:
-            executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        serve(executor, events=kind == "events")
     finally:
         node.stop_worker()
         executor.shutdown()
