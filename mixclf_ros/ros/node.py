@@ -207,11 +207,15 @@ class MixclfNode(LifecycleNode):
         return super().on_deactivate(state)  # disables the lifecycle publishers
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_all()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_all(self) -> None:
+        """Back to unconfigured: no worker, no subscriptions, no models, no publishers."""
         self.stop_worker()
         self._unsubscribe()
         self._release_models()
         self._destroy_publishers()
-        return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.stop_worker()
@@ -223,10 +227,7 @@ class MixclfNode(LifecycleNode):
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         """A transition raised: release everything and go back to unconfigured."""
         self.get_logger().error(f"error during a transition from '{state.label}': releasing models and topics")
-        self.stop_worker()
-        self._unsubscribe()
-        self._release_models()
-        self._destroy_publishers()
+        self._release_all()
         return TransitionCallbackReturn.SUCCESS
 
     def _publish_configure_failures(self, state: LifecycleState) -> None:

@@ -442,13 +442,13 @@ class CertifiedClassifier:
                 certified_radius = 0.0
             # Published as float32: rounded towards zero here, so the message carries exactly this.
             certified_radius = certify.float32_toward_zero(certified_radius)
-            height, width = decoded.pixels.shape[0], decoded.pixels.shape[1]
-            operator_norm = preprocessing_operator_norm(
-                height, width, decoded.channel_order, self.preprocess_config, self.norm)
             has_certificate = method != CertificateMethod.NONE and certified_radius > 0.0
             source_radius = 0.0
             # Frames converted from YUV/Bayer are no linear map of the message: no image-space claim.
             if has_certificate and decoded.linear_in_message:
+                height, width = decoded.pixels.shape[0], decoded.pixels.shape[1]
+                operator_norm = preprocessing_operator_norm(
+                    height, width, decoded.channel_order, self.preprocess_config, self.norm)
                 float_error = preprocessing_float_error(height, width, decoded.channel_order,
                                                         self.preprocess_config, self.norm)
                 source_radius = certify.float32_toward_zero(
