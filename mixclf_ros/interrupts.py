@@ -7,8 +7,13 @@ program often gets two in a row: the first must stop it, a second must not cut i
 `ignore_repeated_interrupts` installs a SIGINT handler that raises `KeyboardInterrupt` once and
 ignores every later SIGINT. Install it before `rclpy.init`: rclpy's own handler (the default,
 `SignalHandlerOptions.ALL`) then still shuts the context down and wakes the executors, and chains
-to this one. `run` runs an entry point under it and also ends quietly (exit code 0) when the
-interrupt arrives while the program is still importing (torch, rclpy: seconds on a loaded machine).
+to this one.
+
+`run` runs an entry point under it. While the program is still importing (torch, rclpy: seconds on
+a loaded machine) an interrupt is only remembered, and the program ends (exit code 0) as soon as
+the imports are done: a `KeyboardInterrupt` raised inside torch's import left libtorch half set up
+and the process aborted at exit (-6), and one raised inside a library's `except:` was swallowed,
+so that the second SIGINT met rclpy's handler alone.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import NoReturn
 
 __all__ = ["ignore_repeated_interrupts", "run"]
 
+_interrupted = threading.Event()
+
 
 def _raise_once(signum, frame) -> None:
     # SIG_IGN, not a Python function that returns: Python's finalization resets signals with Python
@@ -28,7 +35,12 @@ def _raise_once(signum, frame) -> None:
     # leaves ignored ones alone. It also replaces rclpy's handler, whose work (shutting the context
     # down) is done by the first SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _interrupted.set()
     raise KeyboardInterrupt
+
+
+def _remember(signum, frame) -> None:
+    _interrupted.set()
 
 
 def ignore_repeated_interrupts() -> None:
@@ -41,13 +53,32 @@ def ignore_repeated_interrupts() -> None:
     signal.signal(signal.SIGINT, _raise_once)
 
 
-def run(entry_point: str) -> NoReturn:
-    """Exits with the return code of `entry_point` ("package.module:function"), or 0 when interrupted."""
-    ignore_repeated_interrupts()
-    module_name, _, function_name = entry_point.partition(":")
-    try:
-        code = getattr(importlib.import_module(module_name), function_name)()
-    except KeyboardInterrupt:
-        code = 0
+def _quiet_exit(code: int) -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the program is done: nothing left to interrupt
     sys.exit(code)
+
+
+def run(entry_point: str) -> NoReturn:
+    """Exits with the return code of `entry_point` ("package.module:function"), or 0 when interrupted.
+
+    An error raised after an interrupt (e.g. rclpy's "context is not valid" when the SIGINT shut the
+    context down while a node was being created) is the interrupt's doing: it ends the program with a
+    one-line note instead of a traceback."""
+    signal.signal(signal.SIGINT, _remember)
+    module_name, _, function_name = entry_point.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    ignore_repeated_interrupts()
+    if _interrupted.is_set():
+        _quiet_exit(0)
+    try:
+        try:
+            code = function()
+        except Exception as error:
+            # a call, so a SIGINT whose handler is still pending raises here, into the outer `except`
+            if not _interrupted.is_set():
+                raise
+            print(f"interrupted: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            code = 0
+    except KeyboardInterrupt:
+        code = 0
+    _quiet_exit(code)

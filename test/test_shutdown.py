@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -40,6 +42,7 @@ def test_active_node_ends_cleanly_on_two_sigints_to_its_group(tmp_path, installe
 
 @pytest.mark.parametrize("executable, delay_s", [
     ("mixclf_monitor", 0.5),   # importing
+    ("mixclf_monitor", 1.5),   # importing, or between rclpy.init and the node's creation
     ("mixclf_monitor", 8.0),   # waiting for the classifier's parameter services (15 s)
     ("mixclf_camera_sim", 0.5),
     ("mixclf_camera_sim", 8.0),  # loading data or waiting for subscribers
@@ -58,3 +61,59 @@ def test_programs_end_cleanly_when_interrupted_while_starting(tmp_path, installe
     output = log_path.read_text()
     assert code == 0, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+def run_entry_point(tmp_path, module_source: str) -> subprocess.CompletedProcess:
+    """Runs `interrupts.run("entry:main")` for a module written from `module_source`."""
+    (tmp_path / "entry.py").write_text(textwrap.dedent(module_source))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
+    return subprocess.run([sys.executable, "-c", "from mixclf_ros.interrupts import run; run('entry:main')"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_an_interrupt_while_importing_ends_the_program_before_main_even_if_a_library_swallows_it(tmp_path):
+    # libraries that wrap their optional imports in a bare `except:` used to swallow the
+    # KeyboardInterrupt, and a KeyboardInterrupt inside torch's import aborted the process at exit
+    result = run_entry_point(tmp_path, """
+        import os, signal, time
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        except BaseException:
+            pass
+
+        def main():
+            print("main ran")
+            return 3
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "main ran" not in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_an_error_that_follows_an_interrupt_ends_the_program_with_one_line(tmp_path):
+    # rclpy's own handler shuts the context down at once, so node creation can fail with
+    # "context is not valid" before the program sees the KeyboardInterrupt
+    result = run_entry_point(tmp_path, """
+        import os, signal, time
+
+        def main():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
+            raise RuntimeError("the given context is not valid")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "interrupted: RuntimeError: the given context is not valid" in result.stderr
+
+
+def test_an_error_without_an_interrupt_still_fails_the_program(tmp_path):
+    result = run_entry_point(tmp_path, """
+        def main():
+            raise RuntimeError("a real failure")
+    """)
+    assert result.returncode == 1
+    assert "RuntimeError: a real failure" in result.stderr
