@@ -130,10 +130,17 @@ class ErrorBoundedForward:
         self.network = copy.deepcopy(network).to(dtype).eval()
         self.network.requires_grad_(False)
         self._check(self.network, "model")
+        self._absolute = self._absolute_parameters()
 
     def to(self, device: torch.device | str) -> ErrorBoundedForward:
         self.network.to(device)
+        self._absolute = self._absolute_parameters()
         return self
+
+    def _absolute_parameters(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """(|W|, |b|) of every affine layer, by module id: computed once, not per frame."""
+        return {id(module): (module.weight.abs(), None if module.bias is None else module.bias.abs())
+                for module in self.network.modules() if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d)}
 
     def _check(self, module: nn.Module, name: str) -> None:
         _check_plain(module, name)
@@ -188,21 +195,22 @@ class ErrorBoundedForward:
             local = _gamma(2, u) * (x.abs() + mean.abs()) / std.abs()
             return out, (error / std.abs() + local) * BOUND_SLACK
         if kind is nn.Linear:
-            weight, bias = module.weight, module.bias
-            out = F.linear(x, weight, bias)
-            magnitude = F.linear(x.abs(), weight.abs(), None if bias is None else bias.abs())
             gamma = _gamma(module.in_features + 1, u)
-            return out, (F.linear(error, weight.abs()) + gamma * magnitude) * BOUND_SLACK
+            abs_weight, abs_bias = self._absolute[id(module)]
+            out = F.linear(x, module.weight, module.bias)
+            # |W| E + gamma (|W| |x| + |b|), as one product: |W| (E + gamma |x|) + gamma |b|
+            bound = F.linear(error + gamma * x.abs(), abs_weight, None if abs_bias is None else gamma * abs_bias)
+            return out, bound * BOUND_SLACK
         if kind in (nn.Conv1d, nn.Conv2d):
             conv = F.conv1d if kind is nn.Conv1d else F.conv2d
             options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
                            groups=module.groups)
-            weight, bias = module.weight, module.bias
-            out = conv(x, weight, bias, **options)
-            magnitude = conv(x.abs(), weight.abs(), None if bias is None else bias.abs(), **options)
-            taps = weight.shape[1] * math.prod(weight.shape[2:])
-            gamma = _gamma(taps + 1, u)
-            return out, (conv(error, weight.abs(), None, **options) + gamma * magnitude) * BOUND_SLACK
+            weight = module.weight
+            gamma = _gamma(weight.shape[1] * math.prod(weight.shape[2:]) + 1, u)
+            abs_weight, abs_bias = self._absolute[id(module)]
+            out = conv(x, weight, module.bias, **options)
+            bound = conv(error + gamma * x.abs(), abs_weight, None if abs_bias is None else gamma * abs_bias, **options)
+            return out, bound * BOUND_SLACK
         if kind in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
             return module(x), error  # clamps: exact and 1-Lipschitz
         if kind is nn.LeakyReLU:

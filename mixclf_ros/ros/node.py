@@ -145,12 +145,13 @@ class MixclfNode(LifecycleNode):
             standard = load_model(parameters.model_config(self, "standard_model", confidence), name="standard_model")
             robust = load_model(parameters.model_config(self, "robust_model", confidence), name="robust_model")
             check_compatible(standard, robust)
+            seed = parameters.smoothing_seed(self)
             # each model its own preprocessing, from its config (crop, resize, input size and channels)
             classifier = CertifiedClassifier(standard, robust, None, device,
                                              standard_precision=value("standard_precision"),
-                                             seed=parameters.smoothing_seed(self))
+                                             seed=seed)
             self._warmup_ms = classifier.warm_up(self._live.classifier)
-            monitor = CertificateMonitor(classifier, parameters.smoothing_seed(self), self.get_logger().warning)
+            monitor = CertificateMonitor(classifier, seed, self.get_logger().warning)
             monitor.settings_changed(self._live.classifier)
             self._threads = self._thread_plan(classifier, value("torch_threads"))
             self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
