@@ -4,7 +4,7 @@ The public API is importable from here, e.g. `from mixclf_ros import MixedClassi
 Names resolve lazily (PEP 562), so `import mixclf_ros` imports neither torch nor rclpy.
 
 Layout (imports only run downwards; `ros`, `evaluation` and `demo` are leaves):
-    core/        the paper's math: mixing, certify, lipschitz, smoothing, numerics (torch only)
+    core/        the paper's math: mixing, certify, lipschitz, smoothing, numerics, forward_error (torch only)
     models/      builders, the model config, loading, the zoo
     vision/      decoding and preprocessing, with the preprocessing's operator norm
     runtime/     CertifiedClassifier: frames in, certified results out
@@ -35,7 +35,7 @@ _PUBLIC: dict[str, str] = {
     "smoothing_radius": "core.certify",
     "softmax_lipschitz_factor": "core.certify",
     "float32_toward_zero": "core.certify",
-    "ErrorBoundedForward": "core.numerics",
+    "ErrorBoundedForward": "core.forward_error",
     "full_precision": "core.numerics",
     "UnsupportedLayerError": "core.lipschitz",
     "logit_lipschitz_bound": "core.lipschitz",

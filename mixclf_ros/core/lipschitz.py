@@ -150,7 +150,10 @@ class _Tracer(fx.Tracer):
         return super().create_arg(a)
 
 
-def _trace(model: nn.Module, name: str) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+def trace_forward(model: nn.Module, name: str) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    """The fx graph of `model`'s forward, with the layers `layer_bounds` knows (and all torch.nn
+    library layers) kept whole as call_module nodes, and its tensor constants by get_attr name.
+    In-place operations are recorded as such (see `resolve_inplace`). Raises UnsupportedLayerError."""
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -413,7 +416,7 @@ def logit_lipschitz_bound(model: nn.Module, norm: str, input_shape: Sequence[int
     dummy = torch.rand((DUMMY_BATCH, *input_shape), generator=generator, dtype=torch.float64)
     dummy = dummy.to(device=device, dtype=dtype)
     with _eval_mode(model), torch.no_grad():
-        graph, constants = _trace(model, name)
+        graph, constants = trace_forward(model, name)
         resolve_inplace(graph, dict(model.named_modules()), name)
         bound, walked = _walk(model, graph, constants, dummy.clone(), norm, name)
         try:
@@ -449,4 +452,5 @@ __all__ = [
     "probability_gradient_norm_search",
     "probability_lipschitz_bound",
     "resolve_inplace",
+    "trace_forward",
 ]

@@ -27,13 +27,9 @@ from enum import IntEnum
 import torch
 
 from mixclf_ros.core import certify
+from mixclf_ros.core.forward_error import ErrorBoundedForward, UnboundedForwardError
 from mixclf_ros.core.mixing import mix_log_probs
-from mixclf_ros.core.numerics import (
-    ErrorBoundedForward,
-    UnboundedForwardError,
-    full_precision,
-    probabilities_with_error,
-)
+from mixclf_ros.core.numerics import full_precision, probabilities_with_error
 from mixclf_ros.core.smoothing import Smooth, max_smoothing_radius
 from mixclf_ros.vision.decode import BadImageError, DecodedImage
 from mixclf_ros.vision.preprocess import (
@@ -255,7 +251,8 @@ class CertifiedClassifier:
         self.robust_float64: torch.nn.Module | None = None
         if self.kind == "lipschitz":
             try:
-                self.robust_bounded = ErrorBoundedForward(getattr(robust, "network", robust)).to(device)
+                self.robust_bounded = ErrorBoundedForward(getattr(robust, "network", robust),
+                                                          input_shape=robust.input_shape).to(device)
                 self.forward_error = "bounded"
             except UnboundedForwardError:
                 self.forward_error = "estimated"

@@ -1,0 +1,439 @@
+"""The robust network's forward pass with a rigorous bound of its rounding error (Theorem 1 holds
+for the exact function h; the node evaluates a floating-point approximation of it).
+
+Running error analysis (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3), layer by
+layer, componentwise, with u the unit roundoff and `gamma_k = k u / (1 - k u)`:
+- an affine layer `y = W x + b` with n-term dot products: `|fl(W x + b) - (W x + b)| <= gamma_{n+1}
+  (|W| |x| + |b|)` (any summation order, FMA or not); an error E already in x reaches y as at most
+  `|W| E`; both as one product, `|W| (E + gamma |x|) + gamma |b|`;
+- batch norm in eval mode, `y = s x + t` with s and t computed once: `(|s| + ds) E + ds |x| + dt +
+  gamma_2 (|s x| + |t|)`, where ds, dt bound the errors of s and t;
+- clamps, max-pools, reshapes: exact, the error passes through; sums, means and average pools add
+  `gamma` times their magnitude.
+`numerics.probabilities_with_error` turns the logit bound into a probability bound, which
+`certify.lipschitz_radius(..., probability_error=...)` subtracts from the margin.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from mixclf_ros.core.layers import GroupSort, Normalize, Residual
+from mixclf_ros.core.lipschitz import UnsupportedLayerError, check_runs_as_traced, resolve_inplace, trace_forward
+from mixclf_ros.core.numerics import BOUND_SLACK, UnboundedForwardError, gamma
+
+__all__ = ["ErrorBoundedForward", "UnboundedForwardError"]
+
+
+def _check_plain(module: nn.Module, name: str) -> None:
+    if "forward" in vars(module):
+        raise UnboundedForwardError(f"{name}: forward replaced on the instance")
+    if (module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks):
+        raise UnboundedForwardError(f"{name}: forward hooks are not supported")
+
+
+class ErrorBoundedForward:
+    """The logits of `network` in `dtype`, with a componentwise bound of their rounding error.
+
+    Args:
+        network: the robust model ([0,1] pixels -> logits). A copy is kept in
+            `dtype` (float64 for certificates: weights cast once, exactly), in eval mode.
+        dtype: torch.float64 (certificates) or torch.float32 (tests of the bound itself).
+        input_shape: (C, H, W) without the batch dimension; needed only for a network with its own
+            forward (the traced graph is checked against the forward on a dummy batch).
+
+    Supported layers: `layers.Normalize`, Linear, Conv1d/2d (zero padding), BatchNorm1d/2d (eval,
+    running statistics), ReLU, ReLU6, Hardtanh, LeakyReLU, MaxPool1d/2d, AvgPool1d/2d,
+    AdaptiveAvgPool2d, Flatten, Unflatten, Identity, Dropout (eval), `layers.GroupSort`; matched by
+    exact type, without hooks or instance-level forward overrides. They may be chained by
+    `nn.Sequential` and `layers.Residual`, or by any forward torch.fx can trace (torchvision's
+    ResNets, users' modules) whose other operations are residual adds and subtractions, products
+    and quotients by a number, relu, flatten/view/reshape and means over non-batch dimensions;
+    in-place operations are rewritten as `lipschitz.resolve_inplace` does. The layers are
+    evaluated by this class with the functional ops (the bound is for what it computes). Anything
+    else raises `UnboundedForwardError` at construction, naming it.
+    """
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype = torch.float64,
+                 input_shape: Sequence[int] | None = None):
+        self.dtype = dtype
+        self.unit_roundoff = torch.finfo(dtype).eps / 2.0
+        self.network = copy.deepcopy(network).to(dtype).eval()
+        self.network.requires_grad_(False)
+        self._traced: tuple[fx.Graph, dict[str, Any], dict[str, nn.Module]] | None = None
+        try:
+            self._check(self.network, "model")
+        except UnboundedForwardError as tree_error:
+            if input_shape is None:
+                raise
+            self._trace(input_shape)
+            del tree_error
+        self._constants = self._layer_constants()
+        if self._traced is not None:
+            self._check_traced(input_shape)
+
+    def to(self, device: torch.device | str) -> ErrorBoundedForward:
+        self.network.to(device)
+        self._constants = self._layer_constants()
+        return self
+
+    def _layer_constants(self) -> dict[int, tuple[torch.Tensor | None, ...]]:
+        """By module id, computed once, not per frame: (|W|, |b|) of every affine layer; (scale,
+        shift, scale error, shift error) of every batch norm, `y = scale x + shift`."""
+        constants: dict[int, tuple[torch.Tensor | None, ...]] = {}
+        u = self.unit_roundoff
+        for module in self.network.modules():
+            kind = type(module)
+            if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
+                constants[id(module)] = (module.weight.abs(), None if module.bias is None else module.bias.abs())
+            elif kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+                mean, variance = module.running_mean, module.running_var
+                weight = torch.ones_like(mean) if module.weight is None else module.weight
+                bias = torch.zeros_like(mean) if module.bias is None else module.bias
+                # eps rounded to dtype, the add, the square root and the division: 4 roundings
+                scale = weight / torch.sqrt(variance + module.eps)
+                scale_error = gamma(4, u) * scale.abs() * BOUND_SLACK
+                shift = bias - mean * scale
+                shift_error = mean.abs() * scale_error + gamma(2, u) * (bias.abs() + (mean * scale).abs())
+                shift_error = shift_error * BOUND_SLACK
+                constants[id(module)] = (scale, shift, scale_error, shift_error)
+        return constants
+
+    def _check(self, module: nn.Module, name: str) -> None:
+        _check_plain(module, name)
+        kind = type(module)
+        if kind in (nn.Sequential,):
+            for child_name, child in module.named_children():
+                self._check(child, f"{name}.{child_name}")
+        elif kind is Residual:
+            self._check(module.block, f"{name}.block")
+        else:
+            self._check_layer(module, name)
+
+    @staticmethod
+    def _check_layer(module: nn.Module, name: str) -> None:
+        _check_plain(module, name)
+        kind = type(module)
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            if module.running_mean is None or module.running_var is None:
+                raise UnboundedForwardError(f"{name}: batch norm without running statistics uses batch statistics")
+        elif kind in (nn.Conv1d, nn.Conv2d):
+            if module.padding_mode != "zeros":
+                raise UnboundedForwardError(f"{name}: padding_mode {module.padding_mode!r} is not supported")
+        elif kind in (nn.MaxPool1d, nn.MaxPool2d):
+            if module.return_indices:
+                raise UnboundedForwardError(f"{name}: return_indices is not supported")
+        elif kind not in (nn.Linear, Normalize, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.AvgPool1d,
+                          nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout,
+                          nn.Dropout1d, nn.Dropout2d, GroupSort):
+            raise UnboundedForwardError(f"{name}: no rounding-error bound for {kind.__name__}")
+
+    # ------------------------------------------------------------------ networks with their own forward
+
+    def _trace(self, input_shape: Sequence[int]) -> None:
+        try:
+            check_runs_as_traced(self.network, "model")
+            graph, constants = trace_forward(self.network, "model")
+            modules = dict(self.network.named_modules())
+            resolve_inplace(graph, modules, "model")
+        except UnsupportedLayerError as error:
+            raise UnboundedForwardError(str(error)) from None
+        placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnboundedForwardError("model: the forward must take exactly one input")
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self._check_layer(modules[node.target], f"model.{node.target}")
+            elif node.op in ("call_function", "call_method") and _graph_rule(node) is None \
+                    and _functional_layer(node) is None:
+                raise UnboundedForwardError(f"model: {node.name}: no rounding-error rule for {_op_name(node)}")
+        self._traced = (graph, constants, modules)
+
+    def _check_traced(self, input_shape: Sequence[int]) -> None:
+        """The walk must compute what the forward computes (as `lipschitz.logit_lipschitz_bound` checks)."""
+        dummy = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=self.dtype)
+        try:
+            with torch.no_grad():
+                walked, _ = self._walk_graph(dummy.clone(), torch.zeros_like(dummy))
+                direct = self.network(dummy.clone())
+        except UnboundedForwardError:
+            raise
+        except Exception as error:
+            raise UnboundedForwardError(f"model: the traced forward fails on a dummy batch "
+                                        f"({type(error).__name__}: {error})") from None
+        if not isinstance(direct, torch.Tensor) or direct.shape != walked.shape or not torch.allclose(
+                direct, walked, rtol=1e-4, atol=1e-5):
+            raise UnboundedForwardError("model: the outputs of its traced graph differ from the forward's")
+
+    def _walk_graph(self, x: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        graph, constants, modules = self._traced
+        values: dict[fx.Node, Any] = {}
+        errors: dict[fx.Node, Any] = {}
+        batch = x.shape[0]
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                values[node], errors[node] = x, error
+                continue
+            if node.op == "get_attr":
+                value = constants[node.target] if node.target in constants else _attribute(self.network, node.target)
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    value = value.to(dtype=self.dtype, device=x.device)  # float32 to float64: exact
+                values[node], errors[node] = value, None
+                continue
+            if node.op == "output":
+                return values[node.args[0]], errors[node.args[0]]
+            args = fx.node.map_arg(node.args, values.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
+            arg_errors = fx.node.map_aggregate(node.args, lambda a: errors[a] if isinstance(a, fx.Node) else None)
+            if any(isinstance(a, fx.Node) and errors[a] is not None for a in node.kwargs.values()):
+                raise UnboundedForwardError(f"model: {node.name}: an input-dependent keyword argument")
+            layer = modules[node.target] if node.op == "call_module" else _functional_layer(node)
+            if layer is not None:
+                if layer is not nn.Module:  # a torch.nn layer, or the class of a functional pooling
+                    layer = layer if node.op == "call_module" else layer(*args[1:], **kwargs)
+                    self._check_layer(layer, f"model: {node.name}")
+                if arg_errors[0] is None or any(e is not None for e in arg_errors[1:]) or (
+                        node.op == "call_module" and (len(args) != 1 or kwargs)):
+                    raise UnboundedForwardError(f"model: {node.name}: a layer must take one input-dependent tensor")
+                out, out_error = (self._walk(layer, args[0], arg_errors[0]) if layer is not nn.Module
+                                  else _functional_affine(self.unit_roundoff, node, args, kwargs, arg_errors[0]))
+            else:
+                out, out_error = _graph_rule(node)(self.unit_roundoff, node, args, kwargs, arg_errors)
+            if out_error is not None and (not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != batch):
+                raise UnboundedForwardError(f"model: {node.name} mixes the samples of a batch")
+            values[node], errors[node] = out, out_error
+        raise UnboundedForwardError("model: the traced graph has no output")
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, C), error bound (N, C)) for inputs x (cast to `dtype`, exactly from
+        float32): `|logits - exact logits of the network at x| <= error bound` elementwise."""
+        x = x.to(self.dtype)
+        # cuDNN may pick FFT or Winograd convolutions, whose errors the bound does not cover: the
+        # native (im2col + GEMM) kernels run instead. A process-global switch, like full_precision.
+        cudnn_enabled = torch.backends.cudnn.enabled
+        try:
+            if x.is_cuda:
+                torch.backends.cudnn.enabled = False
+            with torch.no_grad():
+                if self._traced is None:
+                    logits, error = self._walk(self.network, x, torch.zeros_like(x))
+                else:
+                    logits, error = self._walk_graph(x, torch.zeros_like(x))
+        finally:
+            torch.backends.cudnn.enabled = cudnn_enabled
+        return logits, error
+
+    def _walk(self, module: nn.Module, x: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = type(module)
+        u = self.unit_roundoff
+        if kind is nn.Sequential:
+            for child in module:
+                x, error = self._walk(child, x, error)
+            return x, error
+        if kind is Residual:
+            inner, inner_error = self._walk(module.block, x, error)
+            out = x + inner
+            return out, (error + inner_error + u * out.abs()) * BOUND_SLACK
+        if kind is Normalize:
+            mean = module.mean.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+            std = module.std.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+            out = (x - mean) / std
+            local = gamma(2, u) * (x.abs() + mean.abs()) / std.abs()
+            return out, (error / std.abs() + local) * BOUND_SLACK
+        if kind is nn.Linear:
+            relative = gamma(module.in_features + 1, u)
+            abs_weight, abs_bias = self._constants[id(module)]
+            out = F.linear(x, module.weight, module.bias)
+            # |W| E + gamma (|W| |x| + |b|), as one product: |W| (E + gamma |x|) + gamma |b|
+            bound = F.linear(error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias)
+            return out, bound * BOUND_SLACK
+        if kind in (nn.Conv1d, nn.Conv2d):
+            conv = F.conv1d if kind is nn.Conv1d else F.conv2d
+            options = dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                           groups=module.groups)
+            weight = module.weight
+            relative = gamma(weight.shape[1] * math.prod(weight.shape[2:]) + 1, u)
+            abs_weight, abs_bias = self._constants[id(module)]
+            out = conv(x, weight, module.bias, **options)
+            bound = conv(error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias,
+                         **options)
+            return out, bound * BOUND_SLACK
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            scale, shift, scale_error, shift_error = (c.view(shape) for c in self._constants[id(module)])
+            scaled = x * scale
+            out = scaled + shift
+            # exact: (x - E) s_exact + t_exact, with |s - s_exact| <= scale_error, |t - t_exact| <= shift_error
+            bound = ((scale.abs() + scale_error) * error + scale_error * x.abs() + shift_error
+                     + gamma(2, u) * (scaled.abs() + shift.abs()))
+            return out, bound * BOUND_SLACK
+        if kind in (nn.ReLU, nn.ReLU6, nn.Hardtanh):
+            return module(x), error  # clamps: exact and 1-Lipschitz
+        if kind is nn.LeakyReLU:
+            out = F.leaky_relu(x, module.negative_slope)
+            return out, (max(1.0, abs(module.negative_slope)) * error + u * out.abs()) * BOUND_SLACK
+        if kind in (nn.MaxPool1d, nn.MaxPool2d):
+            # |max a - max b| <= max |a - b|: the window maximum of the error bounds.
+            return module(x), module(error)
+        if kind in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+            if kind is nn.AdaptiveAvgPool2d:
+                out_size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+                taps = math.prod(math.ceil(s / (o or s)) + 1 for s, o in zip(x.shape[-2:], out_size))
+            else:
+                kernel = module.kernel_size
+                dims = 1 if kind is nn.AvgPool1d else 2
+                taps = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** dims
+            # A non-negative linear map: errors pass through it; sum then divide (or multiply by
+            # a rounded reciprocal) adds gamma_{taps+2} times the mean of |x|.
+            return module(x), (module(error) + gamma(taps + 2, u) * module(x.abs())) * BOUND_SLACK
+        if kind is GroupSort:
+            # Sorting is 1-Lipschitz in max norm: each output moves by at most the group's largest error.
+            size = module.group_size
+            grouped = error.reshape(error.shape[0], error.shape[1] // size, size, *error.shape[2:])
+            return module(x), grouped.amax(dim=2, keepdim=True).expand_as(grouped).reshape(error.shape)
+        # Flatten, Unflatten, Identity, Dropout in eval mode: exact reshapes / identities.
+        return module(x), module(error)
+
+
+# ----------------------------------------------------------------------------- rules of a traced graph
+# Each rule maps (unit roundoff, node, operand values, keyword values, operand error bounds; None for
+# an operand that does not depend on the input) to (value, error bound; None if input-independent).
+
+
+def _attribute(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return f".{target}()" if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def _sum_or_difference(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    if kwargs or len(args) != 2:
+        raise UnboundedForwardError(f"model: {node.name}: {_op_name(node)} with extra arguments")
+    subtract = node.target in (operator.sub, operator.isub, torch.sub)
+    out = torch.sub(*args) if subtract else torch.add(*args)
+    # exact operands within E_a, E_b; the operation rounds once
+    bound = sum(e for e in errors if e is not None) + u * out.abs()
+    return out, bound * BOUND_SLACK
+
+
+def _scaled(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    """A product or quotient of an input-dependent tensor and a Python number."""
+    divide = node.target in (operator.truediv, operator.itruediv, torch.div)
+    if kwargs or len(args) != 2 or errors[0] is None or errors[1] is not None \
+            or not isinstance(args[1], (int, float)) or (divide and args[1] == 0):
+        raise UnboundedForwardError(f"model: {node.name}: {_op_name(node)} is bounded only for a tensor and a "
+                                    "non-zero Python number")
+    factor = abs(1.0 / args[1]) if divide else abs(args[1])
+    out = args[0] / args[1] if divide else args[0] * args[1]
+    return out, (factor * errors[0] + u * out.abs()) * BOUND_SLACK
+
+
+def _relu(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    return torch.relu(args[0]), errors[0]  # exact and 1-Lipschitz; computed out of place
+
+
+def _reshaped(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    """flatten/view/reshape/contiguous: exact, and the same map of the error bound."""
+    if any(e is not None for e in errors[1:]):
+        raise UnboundedForwardError(f"model: {node.name}: {_op_name(node)} with input-dependent arguments")
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs), getattr(errors[0], node.target)(*args[1:], **kwargs)
+    return node.target(*args, **kwargs), node.target(errors[0], *args[1:], **kwargs)
+
+
+def _mean(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    options = dict(kwargs)
+    dim = options.pop("dim", args[1] if len(args) > 1 else None)
+    keepdim = options.pop("keepdim", args[2] if len(args) > 2 else False)
+    dims = (dim,) if isinstance(dim, int) else tuple(dim) if dim is not None else ()
+    x = args[0]
+    if options or not dims or any(d % x.dim() == 0 for d in dims):
+        raise UnboundedForwardError(f"model: {node.name}: mean is bounded only over non-batch dimensions")
+    count = math.prod(x.shape[d] for d in dims)
+    out = x.mean(dim=dims, keepdim=keepdim)
+    # a non-negative linear map (errors pass through) plus the sum's and the division's rounding
+    bound = errors[0].mean(dim=dims, keepdim=keepdim) + gamma(count + 1, u) * x.abs().mean(dim=dims, keepdim=keepdim)
+    return out, bound * BOUND_SLACK
+
+
+def _shape_query(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    """x.size(), x.dim(), x.shape and indexing into them: input-independent integers."""
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs), None
+    if node.target is operator.getitem and isinstance(args[0], torch.Tensor):
+        raise UnboundedForwardError(f"model: {node.name}: indexing a tensor is not bounded")
+    if node.target is getattr and args[1] not in ("shape",):
+        raise UnboundedForwardError(f"model: {node.name}: attribute {args[1]!r} of a tensor")
+    return node.target(*args, **kwargs), None
+
+
+def _concatenated(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
+    tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if dim % tensors[0].dim() == 0:
+        raise UnboundedForwardError(f"model: {node.name}: cat along the batch dimension")
+    parts = [torch.zeros_like(t) if e is None else e for t, e in zip(tensors, errors[0])]
+    return torch.cat(tensors, dim), torch.cat(parts, dim)  # exact
+
+
+def _functional_affine(u: float, node: fx.Node, args: tuple, kwargs: dict, error: torch.Tensor) -> tuple:
+    """F.conv1d/conv2d/linear with input-independent weights: the rule of the Linear/Conv layers."""
+    x, weight, *rest = args
+    bias = rest.pop(0) if rest else kwargs.pop("bias", None)
+    taps = weight.shape[1] * math.prod(weight.shape[2:]) if node.target is not F.linear else weight.shape[1]
+    relative = gamma(taps + 1, u)
+    out = node.target(x, weight, bias, *rest, **kwargs)
+    bound = node.target(error + relative * x.abs(), weight.abs(), None if bias is None else relative * bias.abs(),
+                        *rest, **kwargs)
+    return out, bound * BOUND_SLACK
+
+
+_FUNCTIONAL_LAYERS: dict[Any, Any] = {
+    F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d,
+    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    **dict.fromkeys((F.conv1d, F.conv2d, torch.conv1d, torch.conv2d, F.linear), nn.Module),  # _functional_affine
+}
+
+
+def _functional_layer(node: fx.Node) -> Any:
+    """The layer class a functional call is evaluated as (nn.Module: by `_functional_affine`), or None."""
+    if node.op != "call_function":
+        return None
+    try:
+        return _FUNCTIONAL_LAYERS.get(node.target)
+    except TypeError:  # an unhashable target
+        return None
+
+
+_GRAPH_RULES: dict[Any, Any] = {
+    torch.cat: _concatenated,
+    **dict.fromkeys((operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub),
+                    _sum_or_difference),
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div),
+                    _scaled),
+    **dict.fromkeys((F.relu, torch.relu, torch.relu_, "relu", "relu_"), _relu),
+    **dict.fromkeys((torch.flatten, torch.reshape, "flatten", "view", "reshape", "contiguous"), _reshaped),
+    **dict.fromkeys((torch.mean, "mean"), _mean),
+    **dict.fromkeys(("size", "dim", getattr, operator.getitem), _shape_query),
+}
+
+
+def _graph_rule(node: fx.Node) -> Any:
+    try:
+        return _GRAPH_RULES.get(node.target)
+    except TypeError:  # an unhashable target
+        return None

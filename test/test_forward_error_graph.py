@@ -1,0 +1,131 @@
+"""The rounding-error bound of the robust forward for networks with their own forward (torch.fx
+graphs: ResNet-style blocks, batch norm, functional calls): it must contain the real error, compute
+what the forward computes, agree with the chain walk on the same network, and refuse what it cannot
+bound by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_lipschitz_graph import FunctionalLipschitzCNN, TinyResNet, randomise_batch_norm
+from torch import nn
+
+from mixclf_ros.core.forward_error import ErrorBoundedForward, UnboundedForwardError
+from mixclf_ros.models.loading import load_model, zoo_config
+from mixclf_ros.runtime.classifier import CertifiedClassifier
+from mixclf_ros.vision.preprocess import PreprocessConfig
+
+
+def _tiny_resnet(depth: int, cat_branches: bool) -> nn.Module:
+    torch.manual_seed(depth)
+    model = TinyResNet(depth, 4, "relu", cat_branches)
+    randomise_batch_norm(model, torch.Generator().manual_seed(depth))
+    return model.eval()
+
+
+@pytest.mark.parametrize("depth, cat_branches", [(1, False), (2, True), (3, True)])
+def test_graph_bound_covers_the_float32_error_of_a_resnet_with_its_own_forward(depth, cat_branches):
+    model = _tiny_resnet(depth, cat_branches)
+    x = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    logits32, bound32 = ErrorBoundedForward(model, torch.float32, input_shape=(1, 8, 8))(x)
+    logits64, bound64 = ErrorBoundedForward(model, input_shape=(1, 8, 8))(x)
+    error = (logits32.double() - logits64).abs()
+    assert (error > 0).any()
+    assert (error <= bound32.double() + bound64).all()
+    assert float(bound64.max()) < 1e-9
+    torch.testing.assert_close(logits64, model.double()(x.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_in_a_chain_is_bounded():
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 6), nn.BatchNorm1d(6)).eval()
+    randomise_batch_norm(chain, torch.Generator().manual_seed(0))
+    x = torch.rand(16, 1, 8, 8)
+    logits32, bound32 = ErrorBoundedForward(chain, torch.float32)(x)
+    logits64, bound64 = ErrorBoundedForward(chain)(x)
+    assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()
+    torch.testing.assert_close(logits64, chain.double()(x.double()), rtol=1e-12, atol=1e-12)
+
+
+def test_functional_forward_gets_the_same_logits_and_bound_as_the_zoo_chain():
+    chain = load_model(zoo_config("robust_lipschitz")).network
+    functional = FunctionalLipschitzCNN()
+    with torch.no_grad():
+        for mine, theirs in ((functional.conv1, chain[1]), (functional.conv2, chain[4]), (functional.fc1, chain[8]),
+                             (functional.fc2, chain[10])):
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    logits, bound = ErrorBoundedForward(functional, input_shape=(1, 28, 28))(x)
+    chain_logits, chain_bound = ErrorBoundedForward(chain)(x)
+    assert torch.equal(logits, chain_logits)
+    torch.testing.assert_close(bound, chain_bound, rtol=1e-12, atol=0.0)
+
+
+class Sigmoidal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x.flatten(1)))
+
+
+class WritesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.fc(x.flatten(1))
+
+
+class MeanOverBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) - self.fc(x.flatten(1)).mean(0)
+
+
+@pytest.mark.parametrize("model, message", [
+    (Sigmoidal(), "sigmoid"),
+    (WritesItsInput(), "writes to the model input"),
+    (MeanOverBatch(), "mean is bounded only over non-batch dimensions"),
+])
+def test_what_the_graph_walk_cannot_bound_is_refused_by_name(model, message):
+    with pytest.raises(UnboundedForwardError, match=message):
+        ErrorBoundedForward(model, input_shape=(1, 4, 4))
+
+
+def test_a_network_with_its_own_forward_needs_the_input_shape():
+    with pytest.raises(UnboundedForwardError, match="no rounding-error bound for TinyResNet"):
+        ErrorBoundedForward(_tiny_resnet(1, False))
+
+
+def test_functional_pooling_is_evaluated_with_its_own_options():
+    class Pool(nn.Module):
+        def forward(self, x):
+            # positional flags (nn.MaxPool2d orders them differently), a kernel from the shape
+            pooled = F.max_pool2d(x, 2, 2, 0, 1, True)
+            return torch.cat([F.avg_pool2d(pooled, pooled.shape[-1]), F.adaptive_avg_pool2d(x, 1)], 1).flatten(1)
+
+    x = torch.rand(4, 1, 5, 5)
+    logits, bound = ErrorBoundedForward(Pool(), input_shape=(1, 5, 5))(x)
+    torch.testing.assert_close(logits, Pool()(x.double()), rtol=1e-12, atol=1e-12)
+    assert logits.shape == (4, 2) and float(bound.max()) < 1e-14
+
+
+def test_classifier_bounds_the_error_of_a_robust_model_with_its_own_forward():
+    """Was "estimated" (float32/float64 disagreement); now a rigorous bound."""
+    model = _tiny_resnet(2, True)
+    for key, value in dict(kind="lipschitz", norm="l2", num_classes=5, lipschitz_constant=50.0,
+                           input_shape=(1, 8, 8)).items():
+        setattr(model, key, value)
+    standard = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()
+    classifier = CertifiedClassifier(standard, model, PreprocessConfig(1, 8, 8), torch.device("cpu"))
+    assert classifier.forward_error == "bounded"
