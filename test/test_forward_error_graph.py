@@ -129,3 +129,37 @@ def test_classifier_bounds_the_error_of_a_robust_model_with_its_own_forward():
     standard = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()
     classifier = CertifiedClassifier(standard, model, PreprocessConfig(1, 8, 8), torch.device("cpu"))
     assert classifier.forward_error == "bounded"
+
+
+def _deep_chain(depth: int, weight_scale: float) -> nn.Sequential:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(1, 16, 3, padding=1)]
+    for _ in range(depth):
+        layers += [nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+    chain = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 8 * 8, 5)).eval()
+    with torch.no_grad():
+        for layer in chain:
+            if isinstance(layer, nn.Conv2d):
+                layer.weight.mul_(weight_scale)
+    return chain
+
+
+@pytest.mark.parametrize("depth, weight_scale, warns", [(1, 1.0, False), (10, 4.0, True)])
+def test_a_bound_that_eats_the_margins_is_a_warning_on_diagnostics(depth, weight_scale, warns):
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from mixclf_ros.ros.certifiable import CertificateMonitor
+
+    robust = _deep_chain(depth, weight_scale)
+    for key, value in dict(kind="lipschitz", norm="l2", num_classes=5, lipschitz_constant=50.0,
+                           lipschitz_source="computed", input_shape=(1, 8, 8)).items():
+        setattr(robust, key, value)
+    standard = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()
+    classifier = CertifiedClassifier(standard, robust, PreprocessConfig(1, 8, 8), torch.device("cpu"))
+    assert classifier.forward_error == "bounded"
+    assert (classifier.forward_error_bound > 1e-3) == warns
+    status = CertificateMonitor(classifier, None, lambda message: None).status("mixclf")
+    values = {item.key: item.value for item in status.values}
+    assert float(values["forward_error_bound"]) == pytest.approx(classifier.forward_error_bound, rel=1e-2)
+    assert ("rounding-error bound" in status.message) == warns
+    assert (status.level == DiagnosticStatus.WARN) == warns

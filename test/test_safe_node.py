@@ -157,6 +157,7 @@ def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, 
         assert status is not None
         assert values(status)["lipschitz_source"] == "declared"
         assert values(status)["forward_error"] == "bounded"  # the zoo model's float64 error bound
+        assert float(values(status)["forward_error_bound"]) < 1e-9
         assert status.level == DiagnosticStatus.WARN and "declared Lipschitz constant" in status.message
 
 

@@ -21,6 +21,9 @@ from mixclf_ros.vision.decode import DecodedImage
 DECLARED_CONSTANT_NOTE = "certificate rests on a declared Lipschitz constant (not computed from the weights)"
 """Added to every OK result's status_message when the robust model's constant is declared."""
 
+FORWARD_ERROR_NOTICEABLE = 1e-3
+"""A forward rounding-error bound (probability) above this is a WARN: it visibly shrinks radii."""
+
 FrameSize = tuple[int, int, str]
 """(height, width, channel order) of a camera's frames."""
 
@@ -124,6 +127,13 @@ class CertificateMonitor:
             values["forward_error"] = classifier.forward_error
             if self.declared_constant:
                 problems.append(DECLARED_CONSTANT_NOTE)
+            if classifier.forward_error == "bounded":
+                bound = classifier.forward_error_bound
+                values["forward_error_bound"] = f"{bound:.3g}"
+                if not bound <= FORWARD_ERROR_NOTICEABLE:
+                    problems.append(f"the robust forward's rounding-error bound is {bound:.3g} in probability"
+                                    " at a grey frame and comes off every margin: few or no frames "
+                                    "can be certified (the componentwise bound compounds over deep networks)")
             if classifier.forward_error.startswith("estimated"):
                 problems.append(f"the robust model's floating-point error is {classifier.forward_error}, not bounded "
                                 "(layers the error-bounded forward does not cover)")

@@ -247,6 +247,8 @@ class CertifiedClassifier:
         self.robust = robust.to(device).eval()
         self.standard = standard
         self.forward_error = ""
+        self.forward_error_bound = math.nan
+        """The bounded forward's probability error bound at a grey frame (NaN when not bounded)."""
         self.robust_bounded: ErrorBoundedForward | None = None
         self.robust_float64: torch.nn.Module | None = None
         if self.kind == "lipschitz":
@@ -254,6 +256,7 @@ class CertifiedClassifier:
                 self.robust_bounded = ErrorBoundedForward(getattr(robust, "network", robust),
                                                           input_shape=robust.input_shape).to(device)
                 self.forward_error = "bounded"
+                self.forward_error_bound = self._probe_forward_error(device)
             except UnboundedForwardError:
                 self.forward_error = "estimated"
                 try:
@@ -292,6 +295,13 @@ class CertifiedClassifier:
             "lipschitz": CertificateMethod.LIPSCHITZ,
             "smoothing": CertificateMethod.RANDOMIZED_SMOOTHING,
         }.get(self.kind, CertificateMethod.NONE)
+
+    def _probe_forward_error(self, device: torch.device) -> float:
+        """The probability error bound of the bounded robust forward at a mid-grey input: deep
+        networks compound the componentwise bound, and a bound this large comes off every margin."""
+        probe = torch.full((1, *self.robust.input_shape), 0.5, device=device)
+        with torch.inference_mode(), full_precision():
+            return float(probabilities_with_error(*self.robust_bounded(probe))[1].max())
 
     def max_certified_radius(self, settings: LiveSettings) -> float:
         """The largest `certified_radius` any frame can get at these settings ([0,1] pixels at the
