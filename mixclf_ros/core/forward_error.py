@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from mixclf_ros.core.forward_error_ops import (
+    Bound,
+    attribute,
+    functional_affine,
+    functional_layer,
+    graph_rule,
+    l2,
+    op_name,
+)
+from mixclf_ros.core.layer_bounds import leaf_bound
 from mixclf_ros.core.layers import GroupSort, Normalize, Residual
 from mixclf_ros.core.lipschitz import UnsupportedLayerError, check_runs_as_traced, resolve_inplace, trace_forward
 from mixclf_ros.core.numerics import BOUND_SLACK, UnboundedForwardError, gamma
@@ -78,6 +87,10 @@ class ErrorBoundedForward:
             self._trace(input_shape)
             del tree_error
         self._constants = self._layer_constants()
+        self._l2_constants = {id(module): (module.weight[0].numel(), _schur(module.weight.abs()),
+                                           0.0 if module.bias is None else float(module.bias.norm()))
+                              for module in self.network.modules() if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d)}
+        self._operator_norms: dict[tuple, float] = {}
         if self._traced is not None:
             self._check_traced(input_shape)
 
@@ -153,9 +166,9 @@ class ErrorBoundedForward:
         for node in graph.nodes:
             if node.op == "call_module":
                 self._check_layer(modules[node.target], f"model.{node.target}")
-            elif node.op in ("call_function", "call_method") and _graph_rule(node) is None \
-                    and _functional_layer(node) is None:
-                raise UnboundedForwardError(f"model: {node.name}: no rounding-error rule for {_op_name(node)}")
+            elif node.op in ("call_function", "call_method") and graph_rule(node) is None \
+                    and functional_layer(node) is None:
+                raise UnboundedForwardError(f"model: {node.name}: no rounding-error rule for {op_name(node)}")
         self._traced = (graph, constants, modules)
 
     def _check_traced(self, input_shape: Sequence[int]) -> None:
@@ -163,7 +176,7 @@ class ErrorBoundedForward:
         dummy = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0), dtype=self.dtype)
         try:
             with torch.no_grad():
-                walked, _ = self._walk_graph(dummy.clone(), torch.zeros_like(dummy))
+                walked, _ = self._walk_graph(dummy.clone(), (torch.zeros_like(dummy), dummy.new_zeros(2)))
                 direct = self.network(dummy.clone())
         except UnboundedForwardError:
             raise
@@ -174,17 +187,17 @@ class ErrorBoundedForward:
                 direct, walked, rtol=1e-4, atol=1e-5):
             raise UnboundedForwardError("model: the outputs of its traced graph differ from the forward's")
 
-    def _walk_graph(self, x: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _walk_graph(self, x: torch.Tensor, bound: Bound) -> tuple[torch.Tensor, Bound]:
         graph, constants, modules = self._traced
         values: dict[fx.Node, Any] = {}
         errors: dict[fx.Node, Any] = {}
         batch = x.shape[0]
         for node in graph.nodes:
             if node.op == "placeholder":
-                values[node], errors[node] = x, error
+                values[node], errors[node] = x, bound
                 continue
             if node.op == "get_attr":
-                value = constants[node.target] if node.target in constants else _attribute(self.network, node.target)
+                value = constants[node.target] if node.target in constants else attribute(self.network, node.target)
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     value = value.to(dtype=self.dtype, device=x.device)  # float32 to float64: exact
                 values[node], errors[node] = value, None
@@ -196,7 +209,7 @@ class ErrorBoundedForward:
             arg_errors = fx.node.map_aggregate(node.args, lambda a: errors[a] if isinstance(a, fx.Node) else None)
             if any(isinstance(a, fx.Node) and errors[a] is not None for a in node.kwargs.values()):
                 raise UnboundedForwardError(f"model: {node.name}: an input-dependent keyword argument")
-            layer = modules[node.target] if node.op == "call_module" else _functional_layer(node)
+            layer = modules[node.target] if node.op == "call_module" else functional_layer(node)
             if layer is not None:
                 if layer is not nn.Module:  # a torch.nn layer, or the class of a functional pooling
                     layer = layer if node.op == "call_module" else layer(*args[1:], **kwargs)
@@ -205,9 +218,9 @@ class ErrorBoundedForward:
                         node.op == "call_module" and (len(args) != 1 or kwargs)):
                     raise UnboundedForwardError(f"model: {node.name}: a layer must take one input-dependent tensor")
                 out, out_error = (self._walk(layer, args[0], arg_errors[0]) if layer is not nn.Module
-                                  else _functional_affine(self.unit_roundoff, node, args, kwargs, arg_errors[0]))
+                                  else functional_affine(self.unit_roundoff, node, args, kwargs, arg_errors[0]))
             else:
-                out, out_error = _graph_rule(node)(self.unit_roundoff, node, args, kwargs, arg_errors)
+                out, out_error = graph_rule(node)(self.unit_roundoff, node, args, kwargs, arg_errors)
             if out_error is not None and (not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != batch):
                 raise UnboundedForwardError(f"model: {node.name} mixes the samples of a batch")
             values[node], errors[node] = out, out_error
@@ -224,25 +237,75 @@ class ErrorBoundedForward:
             if x.is_cuda:
                 torch.backends.cudnn.enabled = False
             with torch.no_grad():
+                start = (torch.zeros_like(x), x.new_zeros(x.shape[0]))
                 if self._traced is None:
-                    logits, error = self._walk(self.network, x, torch.zeros_like(x))
+                    logits, (error, norm) = self._walk(self.network, x, start)
                 else:
-                    logits, error = self._walk_graph(x, torch.zeros_like(x))
+                    logits, (error, norm) = self._walk_graph(x, start)
         finally:
             torch.backends.cudnn.enabled = cudnn_enabled
-        return logits, error
+        # both bound the same error: componentwise, and in l2 norm per sample (which bounds each entry)
+        return logits, torch.minimum(error, norm.view(-1, *[1] * (error.dim() - 1)))
 
-    def _walk(self, module: nn.Module, x: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _walk(self, module: nn.Module, x: torch.Tensor, bound: Bound) -> tuple[torch.Tensor, Bound]:
+        """(output, its error bound) of a chain, a residual layer or a leaf layer. A bound is a pair:
+        componentwise E (|error| <= E) and, per sample, d >= the error's l2 norm. E alone compounds
+        over deep networks (|W| E grows with every layer's absolute row sums); d grows only by each
+        layer's l2 operator norm (`layer_bounds.leaf_bound`), plus the l2 norm of the layer's own
+        rounding error bounded through `||x||_2` (Schur's bound of |W|)."""
         kind = type(module)
         u = self.unit_roundoff
         if kind is nn.Sequential:
             for child in module:
-                x, error = self._walk(child, x, error)
-            return x, error
+                x, bound = self._walk(child, x, bound)
+            return x, bound
         if kind is Residual:
-            inner, inner_error = self._walk(module.block, x, error)
+            inner, (inner_error, inner_norm) = self._walk(module.block, x, bound)
             out = x + inner
-            return out, (error + inner_error + u * out.abs()) * BOUND_SLACK
+            return out, ((bound[0] + inner_error + u * out.abs()) * BOUND_SLACK,
+                         (bound[1] + inner_norm + u * l2(out)) * BOUND_SLACK)
+        out, error = self._leaf(module, x, bound[0])
+        norm = (self._operator_norm(module, x, out) * bound[1] + self._locall2(module, x, out)) * BOUND_SLACK
+        return out, (error, norm)
+
+    def _operator_norm(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> float:
+        """The layer's l2 operator norm (inf where `layer_bounds` has none, e.g. Conv1d), cached:
+        by module for layers with weights, by configuration for stateless ones (functional pools)."""
+        stateless = type(module) in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+        key = (repr(module) if stateless else id(module), tuple(x.shape[1:]))
+        if key not in self._operator_norms:
+            try:  # average pools are measured with autograd, which the classifier's inference mode disables
+                with torch.inference_mode(False):
+                    self._operator_norms[key] = leaf_bound(module, x[:1], out[:1], "l2", "model")
+            except UnsupportedLayerError:
+                self._operator_norms[key] = math.inf
+        return self._operator_norms[key]
+
+    def _locall2(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | float:
+        """Per sample, an l2 bound of the rounding error the layer itself adds (the l2 norm of its
+        componentwise rule's local term, bounded through ||x||_2)."""
+        kind, u = type(module), self.unit_roundoff
+        positions = math.sqrt(out[0, 0].numel()) if out.dim() > 2 else 1.0  # a per-channel vector repeats
+        if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
+            taps, schur, bias_norm = self._l2_constants[id(module)]
+            return gamma(taps + 1, u) * (schur * l2(x) + bias_norm * positions)
+        if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+            scale, shift, scale_error, shift_error = self._constants[id(module)]
+            return (float(scale_error.max()) * l2(x) + float(shift_error.norm()) * positions
+                    + gamma(2, u) * (float(scale.abs().max()) * l2(x) + float(shift.norm()) * positions))
+        if kind is Normalize:
+            mean, std = module.mean.to(x.dtype), module.std.to(x.dtype)
+            return gamma(2, u) * (l2(x) + float(mean.norm()) * positions) / float(std.abs().min())
+        if kind is nn.LeakyReLU:
+            return u * l2(out)
+        if kind in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+            return gamma(_pool_taps(module, x) + 2, u) * self._operator_norm(module, x, out) * l2(x)
+        return 0.0  # clamps, max pools, sorting, reshapes: exact
+
+    def _leaf(self, module: nn.Module, x: torch.Tensor, error: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, componentwise error bound) of one layer."""
+        kind = type(module)
+        u = self.unit_roundoff
         if kind is Normalize:
             mean = module.mean.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
             std = module.std.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
@@ -285,15 +348,9 @@ class ErrorBoundedForward:
             # |max a - max b| <= max |a - b|: the window maximum of the error bounds.
             return module(x), module(error)
         if kind in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
-            if kind is nn.AdaptiveAvgPool2d:
-                out_size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
-                taps = math.prod(math.ceil(s / (o or s)) + 1 for s, o in zip(x.shape[-2:], out_size))
-            else:
-                kernel = module.kernel_size
-                dims = 1 if kind is nn.AvgPool1d else 2
-                taps = math.prod(kernel) if isinstance(kernel, tuple) else kernel ** dims
             # A non-negative linear map: errors pass through it; sum then divide (or multiply by
             # a rounded reciprocal) adds gamma_{taps+2} times the mean of |x|.
+            taps = _pool_taps(module, x)
             return module(x), (module(error) + gamma(taps + 2, u) * module(x.abs())) * BOUND_SLACK
         if kind is GroupSort:
             # Sorting is 1-Lipschitz in max norm: each output moves by at most the group's largest error.
@@ -304,136 +361,21 @@ class ErrorBoundedForward:
         return module(x), module(error)
 
 
-# ----------------------------------------------------------------------------- rules of a traced graph
-# Each rule maps (unit roundoff, node, operand values, keyword values, operand error bounds; None for
-# an operand that does not depend on the input) to (value, error bound; None if input-independent).
+def _pool_taps(module: nn.Module, x: torch.Tensor) -> int:
+    """Most inputs one output of an average pool sums."""
+    if type(module) is nn.AdaptiveAvgPool2d:
+        out_size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        return math.prod(math.ceil(s / (o or s)) + 1 for s, o in zip(x.shape[-2:], out_size))
+    kernel = module.kernel_size
+    dims = 1 if type(module) is nn.AvgPool1d else 2
+    return math.prod(kernel) if isinstance(kernel, tuple) else kernel ** dims
 
 
-def _attribute(module: nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    return f".{target}()" if isinstance(target, str) else getattr(target, "__name__", repr(target))
-
-
-def _sum_or_difference(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    if kwargs or len(args) != 2:
-        raise UnboundedForwardError(f"model: {node.name}: {_op_name(node)} with extra arguments")
-    subtract = node.target in (operator.sub, operator.isub, torch.sub)
-    out = torch.sub(*args) if subtract else torch.add(*args)
-    # exact operands within E_a, E_b; the operation rounds once
-    bound = sum(e for e in errors if e is not None) + u * out.abs()
-    return out, bound * BOUND_SLACK
-
-
-def _scaled(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    """A product or quotient of an input-dependent tensor and a Python number."""
-    divide = node.target in (operator.truediv, operator.itruediv, torch.div)
-    if kwargs or len(args) != 2 or errors[0] is None or errors[1] is not None \
-            or not isinstance(args[1], (int, float)) or (divide and args[1] == 0):
-        raise UnboundedForwardError(f"model: {node.name}: {_op_name(node)} is bounded only for a tensor and a "
-                                    "non-zero Python number")
-    factor = abs(1.0 / args[1]) if divide else abs(args[1])
-    out = args[0] / args[1] if divide else args[0] * args[1]
-    return out, (factor * errors[0] + u * out.abs()) * BOUND_SLACK
-
-
-def _relu(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    return torch.relu(args[0]), errors[0]  # exact and 1-Lipschitz; computed out of place
-
-
-def _reshaped(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    """flatten/view/reshape/contiguous: exact, and the same map of the error bound."""
-    if any(e is not None for e in errors[1:]):
-        raise UnboundedForwardError(f"model: {node.name}: {_op_name(node)} with input-dependent arguments")
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs), getattr(errors[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs), node.target(errors[0], *args[1:], **kwargs)
-
-
-def _mean(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    options = dict(kwargs)
-    dim = options.pop("dim", args[1] if len(args) > 1 else None)
-    keepdim = options.pop("keepdim", args[2] if len(args) > 2 else False)
-    dims = (dim,) if isinstance(dim, int) else tuple(dim) if dim is not None else ()
-    x = args[0]
-    if options or not dims or any(d % x.dim() == 0 for d in dims):
-        raise UnboundedForwardError(f"model: {node.name}: mean is bounded only over non-batch dimensions")
-    count = math.prod(x.shape[d] for d in dims)
-    out = x.mean(dim=dims, keepdim=keepdim)
-    # a non-negative linear map (errors pass through) plus the sum's and the division's rounding
-    bound = errors[0].mean(dim=dims, keepdim=keepdim) + gamma(count + 1, u) * x.abs().mean(dim=dims, keepdim=keepdim)
-    return out, bound * BOUND_SLACK
-
-
-def _shape_query(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    """x.size(), x.dim(), x.shape and indexing into them: input-independent integers."""
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs), None
-    if node.target is operator.getitem and isinstance(args[0], torch.Tensor):
-        raise UnboundedForwardError(f"model: {node.name}: indexing a tensor is not bounded")
-    if node.target is getattr and args[1] not in ("shape",):
-        raise UnboundedForwardError(f"model: {node.name}: attribute {args[1]!r} of a tensor")
-    return node.target(*args, **kwargs), None
-
-
-def _concatenated(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
-    tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
-    if dim % tensors[0].dim() == 0:
-        raise UnboundedForwardError(f"model: {node.name}: cat along the batch dimension")
-    parts = [torch.zeros_like(t) if e is None else e for t, e in zip(tensors, errors[0])]
-    return torch.cat(tensors, dim), torch.cat(parts, dim)  # exact
-
-
-def _functional_affine(u: float, node: fx.Node, args: tuple, kwargs: dict, error: torch.Tensor) -> tuple:
-    """F.conv1d/conv2d/linear with input-independent weights: the rule of the Linear/Conv layers."""
-    x, weight, *rest = args
-    bias = rest.pop(0) if rest else kwargs.pop("bias", None)
-    taps = weight.shape[1] * math.prod(weight.shape[2:]) if node.target is not F.linear else weight.shape[1]
-    relative = gamma(taps + 1, u)
-    out = node.target(x, weight, bias, *rest, **kwargs)
-    bound = node.target(error + relative * x.abs(), weight.abs(), None if bias is None else relative * bias.abs(),
-                        *rest, **kwargs)
-    return out, bound * BOUND_SLACK
-
-
-_FUNCTIONAL_LAYERS: dict[Any, Any] = {
-    F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.max_pool1d: nn.MaxPool1d, F.max_pool2d: nn.MaxPool2d,
-    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
-    **dict.fromkeys((F.conv1d, F.conv2d, torch.conv1d, torch.conv2d, F.linear), nn.Module),  # _functional_affine
-}
-
-
-def _functional_layer(node: fx.Node) -> Any:
-    """The layer class a functional call is evaluated as (nn.Module: by `_functional_affine`), or None."""
-    if node.op != "call_function":
-        return None
-    try:
-        return _FUNCTIONAL_LAYERS.get(node.target)
-    except TypeError:  # an unhashable target
-        return None
-
-
-_GRAPH_RULES: dict[Any, Any] = {
-    torch.cat: _concatenated,
-    **dict.fromkeys((operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub),
-                    _sum_or_difference),
-    **dict.fromkeys((operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div),
-                    _scaled),
-    **dict.fromkeys((F.relu, torch.relu, torch.relu_, "relu", "relu_"), _relu),
-    **dict.fromkeys((torch.flatten, torch.reshape, "flatten", "view", "reshape", "contiguous"), _reshaped),
-    **dict.fromkeys((torch.mean, "mean"), _mean),
-    **dict.fromkeys(("size", "dim", getattr, operator.getitem), _shape_query),
-}
-
-
-def _graph_rule(node: fx.Node) -> Any:
-    try:
-        return _GRAPH_RULES.get(node.target)
-    except TypeError:  # an unhashable target
-        return None
+def _schur(abs_weight: torch.Tensor) -> float:
+    """An l2 bound of the map `x -> |W| x` (dense or convolution, any stride or padding), by
+    Schur's test: sqrt(largest row sum * largest column sum); a convolution's input pixel meets
+    each kernel tap at most once per output channel, so its column sum is at most the sum of |W|
+    over output channels and taps."""
+    rows = abs_weight.flatten(1).sum(dim=1).max()
+    columns = abs_weight.transpose(0, 1).flatten(1).sum(dim=1).max()
+    return math.sqrt(float(rows) * float(columns)) * BOUND_SLACK
