@@ -177,3 +177,28 @@ def test_a_bound_that_eats_the_margins_is_a_warning_on_diagnostics(depth, weight
     assert float(values["forward_error_bound"]) == pytest.approx(classifier.forward_error_bound, rel=1e-2)
     assert ("rounding-error bound" in status.message) == warns
     assert (status.level == DiagnosticStatus.WARN) == warns
+
+
+class ThreePools(nn.Module):
+    """The same kernel with three divisors: the l2 operator norms differ (0.67, 0.83, 6), so a
+    cache of them keyed by anything less than the whole configuration would understate one."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        pooled = [F.avg_pool2d(x, 3, 2, 1), F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+                  F.avg_pool2d(x, 3, 2, 1, divisor_override=1)]
+        return torch.cat([p - 0.5 for p in pooled], 1).flatten(1)
+
+
+def test_functional_pools_with_different_options_keep_their_own_operator_norms():
+    torch.manual_seed(4)
+    model = ThreePools().eval()
+    x = torch.rand(16, 1, 6, 6, generator=torch.Generator().manual_seed(4))
+    logits32, bound32 = ErrorBoundedForward(model, torch.float32, input_shape=(1, 6, 6))(x)
+    logits64, bound64 = ErrorBoundedForward(model, input_shape=(1, 6, 6))(x)
+    torch.testing.assert_close(logits64, model.double()(x.double()), rtol=1e-12, atol=1e-12)
+    assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()

@@ -272,7 +272,8 @@ class ErrorBoundedForward:
         """The layer's l2 operator norm (inf where `layer_bounds` has none, e.g. Conv1d), cached:
         by module for layers with weights, by configuration for stateless ones (functional pools)."""
         stateless = type(module) in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-        key = (repr(module) if stateless else id(module), tuple(x.shape[1:]))
+        configuration = tuple(sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_")))
+        key = (type(module), configuration if stateless else id(module), tuple(x.shape[1:]))
         if key not in self._operator_norms:
             try:  # average pools are measured with autograd, which the classifier's inference mode disables
                 with torch.inference_mode(False):
