@@ -202,3 +202,22 @@ def test_functional_pools_with_different_options_keep_their_own_operator_norms()
     logits64, bound64 = ErrorBoundedForward(model, input_shape=(1, 6, 6))(x)
     torch.testing.assert_close(logits64, model.double()(x.double()), rtol=1e-12, atol=1e-12)
     assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2, groups=2),
+                                  nn.Conv2d(4, 4, 5, dilation=2, padding=4)])
+def test_the_cheap_convolution_norm_is_above_the_tight_one(conv):
+    from mixclf_ros.core.forward_error import _affine_operator_norm
+    from mixclf_ros.core.layer_bounds import conv2d_l2_bound
+
+    assert _affine_operator_norm(conv) >= conv2d_l2_bound(conv, (12, 12))
+
+
+def test_conv1d_chains_get_a_bound_that_holds():
+    torch.manual_seed(5)
+    chain = nn.Sequential(nn.Flatten(2), nn.Conv1d(1, 6, 5, padding=2), nn.ReLU(), nn.Conv1d(6, 6, 3, stride=2),
+                          nn.Flatten(), nn.Linear(6 * 31, 4)).eval()
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    logits32, bound32 = ErrorBoundedForward(chain, torch.float32)(x)
+    logits64, bound64 = ErrorBoundedForward(chain)(x)
+    assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()
