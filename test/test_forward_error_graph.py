@@ -221,3 +221,16 @@ def test_conv1d_chains_get_a_bound_that_holds():
     logits32, bound32 = ErrorBoundedForward(chain, torch.float32)(x)
     logits64, bound64 = ErrorBoundedForward(chain)(x)
     assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()
+
+
+def test_a_dense_layer_on_every_row_of_an_image_gets_a_bound_that_holds():
+    """nn.Linear on the last dimension of (N, 1, 8, 8): its bias repeats over 8 rows, not over the
+    5 features (the l2 part's broadcast factor)."""
+    torch.manual_seed(6)
+    chain = nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Flatten(), nn.Linear(40, 3)).eval()
+    with torch.no_grad():
+        chain[0].bias.mul_(1e4)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    logits32, bound32 = ErrorBoundedForward(chain, torch.float32)(x)
+    logits64, bound64 = ErrorBoundedForward(chain)(x)
+    assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()

@@ -2,7 +2,7 @@
 for the exact function h; the node evaluates a floating-point approximation of it).
 
 Running error analysis (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 3), layer by
-layer, componentwise, with u the unit roundoff and `gamma_k = k u / (1 - k u)`:
+layer, with u the unit roundoff and `gamma_k = k u / (1 - k u)`. Componentwise:
 - an affine layer `y = W x + b` with n-term dot products: `|fl(W x + b) - (W x + b)| <= gamma_{n+1}
   (|W| |x| + |b|)` (any summation order, FMA or not); an error E already in x reaches y as at most
   `|W| E`; both as one product, `|W| (E + gamma |x|) + gamma |b|`;
@@ -10,6 +10,10 @@ layer, componentwise, with u the unit roundoff and `gamma_k = k u / (1 - k u)`:
   gamma_2 (|s x| + |t|)`, where ds, dt bound the errors of s and t;
 - clamps, max-pools, reshapes: exact, the error passes through; sums, means and average pools add
   `gamma` times their magnitude.
+Componentwise bounds compound over deep networks (|W| E grows by each layer's absolute row sums), so
+each value also carries a per-sample bound d of the error's l2 norm: `d_out = ||layer||_2 d_in +
+||local||_2`, with the layer's operator norm from `layer_bounds` and its own rounding error bounded
+through `||x||_2` (for an affine layer by Schur's bound of |W|). The logits get the smaller of the two.
 `numerics.probabilities_with_error` turns the logit bound into a probability bound, which
 `certify.lipschitz_radius(..., probability_error=...)` subtracts from the margin.
 """
@@ -51,7 +55,8 @@ def _check_plain(module: nn.Module, name: str) -> None:
 
 
 class ErrorBoundedForward:
-    """The logits of `network` in `dtype`, with a componentwise bound of their rounding error.
+    """The logits of `network` in `dtype`, with a componentwise bound of their rounding error
+    (the smaller of the componentwise and the l2 analysis, see the module docstring).
 
     Args:
         network: the robust model ([0,1] pixels -> logits). A copy is kept in
@@ -81,11 +86,10 @@ class ErrorBoundedForward:
         self._traced: tuple[fx.Graph, dict[str, Any], dict[str, nn.Module]] | None = None
         try:
             self._check(self.network, "model")
-        except UnboundedForwardError as tree_error:
+        except UnboundedForwardError:
             if input_shape is None:
                 raise
             self._trace(input_shape)
-            del tree_error
         self._constants = self._layer_constants()
         self._l2_constants = {id(module): (module.weight[0].numel(), _schur(module.weight.abs()),
                                            0.0 if module.bias is None else float(module.bias.norm()))
@@ -288,17 +292,22 @@ class ErrorBoundedForward:
         """Per sample, an l2 bound of the rounding error the layer itself adds (the l2 norm of its
         componentwise rule's local term, bounded through ||x||_2)."""
         kind, u = type(module), self.unit_roundoff
-        positions = math.sqrt(out[0, 0].numel()) if out.dim() > 2 else 1.0  # a per-channel vector repeats
+
+        def repeats(vector: torch.Tensor) -> float:
+            """sqrt of how often a per-channel (per-feature) vector is repeated in one sample's output:
+            its broadcast has that times its own l2 norm."""
+            return math.sqrt(out[0].numel() / vector.numel())
+
         if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
             taps, schur, bias_norm = self._l2_constants[id(module)]
-            return gamma(taps + 1, u) * (schur * l2(x) + bias_norm * positions)
+            return gamma(taps + 1, u) * (schur * l2(x) + bias_norm * repeats(module.weight[:, 0]))
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
             scale, shift, scale_error, shift_error = self._constants[id(module)]
-            return (float(scale_error.max()) * l2(x) + float(shift_error.norm()) * positions
-                    + gamma(2, u) * (float(scale.abs().max()) * l2(x) + float(shift.norm()) * positions))
+            return (float(scale_error.max()) * l2(x) + float(shift_error.norm()) * repeats(shift)
+                    + gamma(2, u) * (float(scale.abs().max()) * l2(x) + float(shift.norm()) * repeats(shift)))
         if kind is Normalize:
             mean, std = module.mean.to(x.dtype), module.std.to(x.dtype)
-            return gamma(2, u) * (l2(x) + float(mean.norm()) * positions) / float(std.abs().min())
+            return gamma(2, u) * (l2(x) + float(mean.norm()) * repeats(mean)) / float(std.abs().min())
         if kind is nn.LeakyReLU:
             return u * l2(out)
         if kind in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
