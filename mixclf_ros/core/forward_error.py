@@ -91,10 +91,9 @@ class ErrorBoundedForward:
                 raise
             self._trace(input_shape)
         self._constants = self._layer_constants()
-        self._l2_constants = {id(module): (module.weight[0].numel(), _schur(module.weight.abs()),
-                                           0.0 if module.bias is None else float(module.bias.norm()))
-                              for module in self.network.modules() if type(module) in (nn.Linear, nn.Conv1d, nn.Conv2d)}
+        self._l2_constants = self._layer_l2_constants()
         self._operator_norms: dict[tuple, float] = {}
+        self._own_modules = {id(module) for module in self.network.modules()}
         if self._traced is not None:
             self._check_traced(input_shape)
 
@@ -124,6 +123,26 @@ class ErrorBoundedForward:
                 shift_error = shift_error * BOUND_SLACK
                 constants[id(module)] = (scale, shift, scale_error, shift_error)
         return constants
+
+    def _layer_l2_constants(self) -> dict[int, tuple[float, ...]]:
+        """By module id, the numbers `_local_l2` needs: for an affine layer (dot-product length,
+        Schur's bound of |W|, ||b||, bias length); for a batch norm (max ds, ||dt||, max |s|, ||t||,
+        channels); for Normalize (||mean||, min |std|, channels)."""
+        numbers: dict[int, tuple[float, ...]] = {}
+        for module in self.network.modules():
+            kind = type(module)
+            if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
+                bias_norm = 0.0 if module.bias is None else float(module.bias.norm())
+                numbers[id(module)] = (module.weight[0].numel(), _schur(module.weight.abs()), bias_norm,
+                                       module.weight.shape[0])
+            elif kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+                scale, shift, scale_error, shift_error = self._constants[id(module)]
+                numbers[id(module)] = (float(scale_error.max()), float(shift_error.norm()), float(scale.abs().max()),
+                                       float(shift.norm()), shift.numel())
+            elif kind is Normalize:
+                numbers[id(module)] = (float(module.mean.double().norm()), float(module.std.double().abs().min()),
+                                       module.mean.numel())
+        return numbers
 
     def _check(self, module: nn.Module, name: str) -> None:
         _check_plain(module, name)
@@ -276,9 +295,10 @@ class ErrorBoundedForward:
         """The layer's l2 operator norm (`layer_bounds.leaf_bound`: the FFT bound for Conv2d, tight;
         about 30 s for resnet18 at 224x224, once at construction), cached:
         by module for layers with weights, by configuration for stateless ones (functional pools)."""
-        stateless = type(module) in (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-        configuration = tuple(sorted((k, repr(v)) for k, v in vars(module).items() if not k.startswith("_")))
-        key = (type(module), configuration if stateless else id(module), tuple(x.shape[1:]))
+        if id(module) in self._own_modules:
+            key = (id(module), tuple(x.shape[1:]))
+        else:  # a functional pool's layer, made for one call: its whole configuration
+            key = (type(module), tuple(sorted((k, repr(v)) for k, v in vars(module).items())), tuple(x.shape[1:]))
         if key not in self._operator_norms:
             try:  # average pools are measured with autograd, which the classifier's inference mode disables
                 with torch.inference_mode(False):
@@ -293,21 +313,21 @@ class ErrorBoundedForward:
         componentwise rule's local term, bounded through ||x||_2)."""
         kind, u = type(module), self.unit_roundoff
 
-        def repeats(vector: torch.Tensor) -> float:
-            """sqrt of how often a per-channel (per-feature) vector is repeated in one sample's output:
-            its broadcast has that times its own l2 norm."""
-            return math.sqrt(out[0].numel() / vector.numel())
+        def repeats(length: int) -> float:
+            """sqrt of how often a per-channel (per-feature) vector of this length repeats in one
+            sample's output: its broadcast has that times its own l2 norm."""
+            return math.sqrt(out[0].numel() / length)
 
         if kind in (nn.Linear, nn.Conv1d, nn.Conv2d):
-            taps, schur, bias_norm = self._l2_constants[id(module)]
-            return gamma(taps + 1, u) * (schur * l2(x) + bias_norm * repeats(module.weight[:, 0]))
+            taps, schur, bias_norm, length = self._l2_constants[id(module)]
+            return gamma(taps + 1, u) * (schur * l2(x) + bias_norm * repeats(length))
         if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
-            scale, shift, scale_error, shift_error = self._constants[id(module)]
-            return (float(scale_error.max()) * l2(x) + float(shift_error.norm()) * repeats(shift)
-                    + gamma(2, u) * (float(scale.abs().max()) * l2(x) + float(shift.norm()) * repeats(shift)))
+            scale_error, shift_error, scale, shift, length = self._l2_constants[id(module)]
+            size, spread = l2(x), repeats(length)
+            return scale_error * size + shift_error * spread + gamma(2, u) * (scale * size + shift * spread)
         if kind is Normalize:
-            mean, std = module.mean.to(x.dtype), module.std.to(x.dtype)
-            return gamma(2, u) * (l2(x) + float(mean.norm()) * repeats(mean)) / float(std.abs().min())
+            mean, std, length = self._l2_constants[id(module)]
+            return gamma(2, u) * (l2(x) + mean * repeats(length)) / std
         if kind is nn.LeakyReLU:
             return u * l2(out)
         if kind in (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
