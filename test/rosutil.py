@@ -147,7 +147,7 @@ class RosClient:
 
         assert self.parameters.wait_for_services(timeout_sec=20.0), "parameter services not available"
         future = self.parameters.set_parameters([Parameter(name, value=value) for name, value in values.items()])
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60  # not re-sent: a set is not read-only
         while not future.done() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert future.done(), "SetParameters did not answer"
@@ -190,21 +190,27 @@ class RosClient:
         request = ChangeState.Request(transition=Transition(id=transition_id))
         return self._call(ChangeState, "change_state", request).success
 
+    def _query(self, send, what: str, timeout: float = 60.0, resend_after: float = 5.0):
+        """The answer to a read-only service request, re-sent every `resend_after` seconds: a reply
+        can be lost when the server has not yet matched this client's reply reader (the service is
+        "available" once the request topic matches), which waiting longer never mends."""
+        assert self.parameters.wait_for_services(timeout_sec=20.0), "parameter services not available"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            future = send()
+            resend = min(deadline, time.monotonic() + resend_after)
+            while not future.done() and time.monotonic() < resend:
+                time.sleep(0.01)
+            if future.done():
+                return future.result()
+            future.cancel()
+        raise AssertionError(f"{what} did not answer in {timeout:.0f} s")
+
     def get_parameters(self, *names: str) -> list:
-        assert self.parameters.wait_for_services(timeout_sec=20.0)
-        future = self.parameters.get_parameters(list(names))
-        deadline = time.monotonic() + 20
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return future.result().values
+        return self._query(lambda: self.parameters.get_parameters(list(names)), "GetParameters").values
 
     def list_parameters(self) -> list[str]:
-        assert self.parameters.wait_for_services(timeout_sec=20.0)
-        future = self.parameters.list_parameters()
-        deadline = time.monotonic() + 20
-        while not future.done() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return list(future.result().result.names)
+        return list(self._query(self.parameters.list_parameters, "ListParameters").result.names)
 
 
 def camera_counters(client: RosClient, topic: str = "image") -> dict[str, int]:
