@@ -92,7 +92,7 @@ class Session:
         rclpy.try_shutdown(context=self.context)
 
 
-def wait_for_first_result(client: RosClient, frame: np.ndarray, timeout: float = 120.0) -> None:
+def wait_for_first_result(client: RosClient, frame: np.ndarray, timeout: float = 300.0) -> None:
     """Sends frames until one comes back classified (node active and warm, discovery done); a
     relay's answers (status 0 too) count as well."""
     client.clear()
