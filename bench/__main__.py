@@ -83,7 +83,7 @@ class Session:
 
         self.context = rclpy.context.Context()
         rclpy.init(context=self.context)
-        self.client = RosClient(self.context, name=name, reliable=True)
+        self.client = RosClient(self.context, name=name, reliable=True, single_threaded=True)
 
     def close(self) -> None:
         import rclpy

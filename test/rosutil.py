@@ -71,9 +71,12 @@ class RosClient:
     """A test-side rclpy node spun in a background thread: publishes frames, collects results,
     sets parameters through the SetParameters service (what `ros2 param set` does)."""
 
-    def __init__(self, context, name: str = "test_client", node_name: str = "mixclf", reliable: bool = False):
+    def __init__(self, context, name: str = "test_client", node_name: str = "mixclf", reliable: bool = False,
+                 single_threaded: bool = False):
+        """`single_threaded`: spin a SingleThreadedExecutor (what `make bench` measures with: rclpy's
+        MultiThreadedExecutor at times delivered results 100 to 1,000 ms late, to any node)."""
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
         from rclpy.parameter_client import AsyncParameterClient
         from rclpy.qos import QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage, Image
@@ -91,7 +94,8 @@ class RosClient:
         self.target_node = node_name
         # deep response queue: a storm of concurrent requests must not overflow the client side
         self.parameters = AsyncParameterClient(self.node, node_name, qos_profile=QoSProfile(depth=1000))
-        self.executor = MultiThreadedExecutor(num_threads=2, context=context)
+        self.executor = (SingleThreadedExecutor(context=context) if single_threaded
+                         else MultiThreadedExecutor(num_threads=2, context=context))
         self.executor.add_node(self.node)
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
         self.thread.start()
