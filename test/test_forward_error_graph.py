@@ -234,3 +234,21 @@ def test_a_dense_layer_on_every_row_of_an_image_gets_a_bound_that_holds():
     logits32, bound32 = ErrorBoundedForward(chain, torch.float32)(x)
     logits64, bound64 = ErrorBoundedForward(chain)(x)
     assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()
+
+
+def test_a_python_number_first_in_a_sum_or_difference():
+    class Affine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return 1.0 - self.fc(x.flatten(1)) * 2.0 + 0.5
+
+    torch.manual_seed(7)
+    model = Affine().eval()
+    x = torch.rand(8, 1, 4, 4)
+    logits, bound = ErrorBoundedForward(model, input_shape=(1, 4, 4))(x)
+    torch.testing.assert_close(logits, model.double()(x.double()), rtol=1e-12, atol=1e-12)
+    logits32, bound32 = ErrorBoundedForward(model, torch.float32, input_shape=(1, 4, 4))(x)
+    assert ((logits32.double() - logits).abs() <= bound32.double() + bound).all()

@@ -36,9 +36,8 @@ def l2(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.flatten(1), dim=1)
 
 
-# Each rule maps (unit roundoff, node, operand values, keyword values, operand bounds; None for an
-# operand that does not depend on the input) to (value, bound; None if input-independent).
 def attribute(module: nn.Module, target: str) -> Any:
+    """The parameter, buffer or submodule a get_attr node names ("layer.0.weight")."""
     value: Any = module
     for part in target.split("."):
         value = getattr(value, part)
@@ -46,15 +45,20 @@ def attribute(module: nn.Module, target: str) -> Any:
 
 
 def op_name(node: fx.Node) -> str:
+    """How an error message names the node's operation: `.view()` for a method, the function's name."""
     target = node.target
     return f".{target}()" if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+# Each rule maps (unit roundoff, node, operand values, keyword values, operand bounds; None for an
+# operand that does not depend on the input) to (value, bound; None if input-independent).
 
 
 def _sum_or_difference(u: float, node: fx.Node, args: tuple, kwargs: dict, errors: tuple) -> tuple:
     if kwargs or len(args) != 2:
         raise UnboundedForwardError(f"model: {node.name}: {op_name(node)} with extra arguments")
     subtract = node.target in (operator.sub, operator.isub, torch.sub)
-    out = torch.sub(*args) if subtract else torch.add(*args)
+    out = args[0] - args[1] if subtract else args[0] + args[1]  # a Python number may come first
     # exact operands within their bounds; the operation rounds once
     bounds = [b for b in errors if b is not None]
     return out, ((sum(b[0] for b in bounds) + u * out.abs()) * BOUND_SLACK,
