@@ -97,8 +97,24 @@ class RosClient:
         self.executor = (SingleThreadedExecutor(context=context) if single_threaded
                          else MultiThreadedExecutor(num_threads=2, context=context))
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self._stopping = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
         self.thread.start()
+
+    def _spin(self) -> None:
+        """The executor's spin, surviving entities the test thread destroys meanwhile: a subscription
+        made for one wait (e.g. on /diagnostics) and destroyed while the executor builds its wait
+        set raised InvalidHandle in the spin thread, which died, and the client heard nothing more."""
+        from rclpy.executors import ExternalShutdownException, ShutdownException
+        from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+
+        while not self._stopping.is_set():
+            try:
+                self.executor.spin_once(timeout_sec=0.1)
+            except _rclpy.InvalidHandle:
+                continue  # the next wait set is built without it
+            except (ShutdownException, ExternalShutdownException):
+                return
 
     def _on_result(self, message) -> None:
         with self.lock:
@@ -106,6 +122,8 @@ class RosClient:
             self.lock.notify_all()
 
     def close(self) -> None:
+        self._stopping.set()
+        self.thread.join(timeout=5.0)
         self.executor.shutdown()
         self.node.destroy_node()
 
