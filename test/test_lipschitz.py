@@ -57,6 +57,10 @@ CONV_CASES = [
     (3, 2, (2, 3), 1, "same", 1, 1, 5, 4),
     (2, 2, 4, 1, "same", 1, 1, 6, 6),
     (2, 3, 3, 1, "valid", 1, 1, 6, 6),
+    (2, 4, 3, 2, 1, 1, 2, 6, 6),
+    (3, 2, 4, 2, 1, 1, 1, 7, 5),
+    (2, 3, 2, 2, 0, 1, 1, 6, 6),
+    (1, 4, 3, 3, 1, 1, 1, 6, 7),
 ]
 
 
@@ -84,7 +88,14 @@ def test_conv_l2_bound_is_the_circular_norm_and_bounds_the_padded_conv(case):
         return F.conv2d(wrapped, weight, None, 1, 0, dilation, groups)
 
     circular_norm = spectral_norm(dense_matrix(circular, (1, c_in, *canvas)))
-    assert bound == pytest.approx(circular_norm, rel=1e-8)
+    if stride == 1:
+        assert bound == pytest.approx(circular_norm, rel=1e-8)
+        return
+    # strided: also the circular convolution on the canvas enlarged to a multiple of the stride,
+    # sampled every `stride` outputs (polyphase); the smaller of the two
+    enlarged = tuple(-(-side // stride) * stride for side in canvas)
+    strided_norm = spectral_norm(dense_matrix(lambda x: circular(x)[..., ::stride, ::stride], (1, c_in, *enlarged)))
+    assert bound == pytest.approx(min(circular_norm, strided_norm), rel=1e-8)
     # Sanity of the construction: restricted to valid outputs, the circular conv is the padded one.
     x = torch.randn(1, c_in, height, width, dtype=torch.float64)
     x_canvas = F.pad(x, (left, right, top, bottom))
@@ -302,8 +313,9 @@ def test_gelu_and_silu_constants_are_their_largest_slopes():
 
 @pytest.mark.parametrize("model, shape, name", [
     (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1)), (4,), "Softmax"),
-    (nn.Sequential(nn.Conv1d(1, 2, 3)), (1, 8), "Conv1d"),
-    (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")), (1, 5, 5), "circular"),
+    (nn.Sequential(nn.Conv3d(1, 2, 3)), (1, 4, 4, 4), "Conv3d"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3, padding=2, padding_mode="circular")), (1, 5, 5), "circular"),
+    (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")), (1, 5, 5), "reflect"),
     (nn.Sequential(nn.BatchNorm1d(4, track_running_stats=False)), (4,), "running statistics"),
     (nn.Sequential(nn.MaxPool2d(2, return_indices=True)), (1, 4, 4), "return_indices"),
     (nn.Sequential(nn.Linear(4, 4), nn.Hardshrink()), (4,), "Hardshrink"),

@@ -281,8 +281,8 @@ def test_float32_error_bound_covers_the_float32_error(network):
     are exact to about 1e-13 here, far below the float32 errors)."""
     model = load_model(zoo_config("robust_lipschitz")).network if network == "zoo" else _network_with_every_layer()
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    logits32, bound32 = ErrorBoundedForward(model, torch.float32)(x)
-    logits64, bound64 = ErrorBoundedForward(model)(x)
+    logits32, bound32 = ErrorBoundedForward(model, torch.float32, input_shape=(1, 28, 28))(x)
+    logits64, bound64 = ErrorBoundedForward(model, input_shape=(1, 28, 28))(x)
     error = (logits32.double() - logits64).abs()
     assert (error > 0).any()
     assert (error <= bound32.double() + bound64).all()
@@ -305,18 +305,21 @@ def test_probability_error_bound():
         assert ((torch.softmax(moved, 1) - probs).abs().amax(1) <= bound).all()
 
 
-@pytest.mark.parametrize("layer", [nn.ELU(), nn.BatchNorm2d(1, track_running_stats=False).eval(),
-                                   nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular")])
-def test_unbounded_layers_are_refused(layer):
-    with pytest.raises(UnboundedForwardError):
-        ErrorBoundedForward(nn.Sequential(layer, nn.Flatten(), nn.Linear(784, 2)))
+@pytest.mark.parametrize("layers, match", [
+    ((nn.ELU(),), "ELU"),
+    ((nn.BatchNorm2d(1, track_running_stats=False).eval(),), "batch statistics"),
+    ((nn.Conv2d(1, 1, 3, padding=2, padding_mode="circular"), nn.Conv2d(1, 1, 3)), "circular padding"),
+    ((nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"),), "reflect")])
+def test_unbounded_layers_are_refused(layers, match):
+    with pytest.raises(UnboundedForwardError, match=match):
+        ErrorBoundedForward(nn.Sequential(*layers, nn.Flatten(), nn.Linear(784, 2)), input_shape=(1, 28, 28))
 
 
 def test_instance_forward_override_is_refused():
     network = nn.Sequential(nn.Flatten(), nn.Linear(784, 2))
     network[1].forward = lambda x: 2 * x
     with pytest.raises(UnboundedForwardError):
-        ErrorBoundedForward(network)
+        ErrorBoundedForward(network, input_shape=(1, 28, 28))
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -1,27 +1,29 @@
 """Joint l2 bounds of traced patterns whose parts are more Lipschitz together than apart.
 
-The generic cat rule (`graph_ops`) bounds `cat(t_1, ..., t_n)` by `sqrt(sum L_i^2)`, as if the
-operands moved independently. MaxMin activations, as Lipschitz-network libraries write them,
-concatenate `max(a, b)` and `min(a, b)`; each is sqrt(2)-Lipschitz alone, so the generic rule
-gives 2 where the activation is 1-Lipschitz. Two patterns are recognised from the graph (never
-from a layer's name or claimed constant):
+The generic rules bound `maximum(a, b)` by `sqrt(L_a^2 + L_b^2)` and `cat(t_1, ..., t_n)` by
+`sqrt(sum L_i^2)`, as if the operands moved independently. MaxMin and GroupSort activations, as
+Lipschitz-network libraries and users write them, take `max` and `min` of two parts of one tensor
+and concatenate them; each is sqrt(2)-Lipschitz alone by the generic rules, so their cat gets 2
+where the activation is 1-Lipschitz. The patterns are recognised from the graph (never from a
+layer's name or claimed constant), with `parts`: for each value that is a restriction of another
+(slicing, strided views, chunk/split/unbind, reshapes), its base value and the coordinates of the
+base it holds, found by replaying the restriction on coordinate numbers (`engine`).
 
 - elementwise pair `max(a, b)`, `min(a, b)` (same two operands, no broadcasting): per coordinate
-  the pair is the sorted pair (a_j, b_j), and sorting is 1-Lipschitz in l2, so
-  `||d max||^2 + ||d min||^2 <= ||d a||^2 + ||d b||^2`. When a and b are two different parts of
-  one chunk/split/unbind of s, they are disjoint restrictions of s: `||d a||^2 + ||d b||^2 <=
-  ||d s||^2`.
+  the pair is the sorted pair (a_j, b_j), and sorting is 1-Lipschitz in l2, so `||d max||^2 +
+  ||d min||^2 <= ||d a||^2 + ||d b||^2`; when a and b are disjoint restrictions of one tensor s,
+  `||d a||^2 + ||d b||^2 <= ||d s||^2`. The same holds for `max(a, b)` alone.
 - reduction pair `max(y, dim)`, `min(y, dim)` (values; amax/amin) over groups of at least two
   elements: per group, max and min are two different entries of the sorted group, so the pair's
   squared change is at most the group's; groups are disjoint, so the total is `<= ||d y||^2`.
 
-Unmatched operands keep their own `L_i^2`. The result is used only when it is smaller than the
-generic bound (both are sound).
+The same inequalities hold for rounding errors (the operations are exact), so the rounding
+domain's per-sample l2 bounds use them too. Unmatched operands keep their own `L_i^2`. A result
+is used only when it is smaller than the generic bound (both are sound).
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
@@ -31,7 +33,9 @@ from torch import fx
 CATS = {torch.cat, torch.concat, torch.concatenate}
 _MAXIMA = {torch.maximum, torch.max, torch.amax, "maximum", "max", "amax"}
 _MINIMA = {torch.minimum, torch.min, torch.amin, "minimum", "min", "amin"}
-_PARTS = {torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind"}
+
+Parts = dict[fx.Node, tuple[fx.Node, torch.Tensor]]
+"""value -> (the value it restricts, the coordinates of that value it holds, in its own shape)."""
 
 
 def _target_in(node: Any, targets: set) -> bool:
@@ -41,6 +45,16 @@ def _target_in(node: Any, targets: set) -> bool:
         return node.target in targets
     except TypeError:
         return False
+
+
+def disjoint_base(a: fx.Node, b: fx.Node, parts: Parts) -> fx.Node | None:
+    """The value s of which a and b are disjoint restrictions (no coordinate of s in both, none
+    twice in either), or None."""
+    if a not in parts or b not in parts or parts[a][0] is not parts[b][0]:
+        return None
+    ids_a, ids_b = parts[a][1].flatten(), parts[b][1].flatten()
+    together = torch.cat([ids_a, ids_b])
+    return parts[a][0] if together.unique().numel() == together.numel() else None
 
 
 def _extremum(node: fx.Node, values: dict) -> tuple[str, tuple] | None:
@@ -72,19 +86,28 @@ def _extremum(node: fx.Node, values: dict) -> tuple[str, tuple] | None:
     return kind, ("reduce", first, dim, bool(keepdim))
 
 
-def _pair_square(key: tuple, bounds: dict) -> float:
+def _pair_square(key: tuple, bounds: dict, parts: Parts) -> Any:
     if key[0] == "reduce":
         return bounds[key[1]] ** 2
     a, b = tuple(key[1])
-    if all(n.op == "call_function" and n.target is operator.getitem for n in (a, b)) \
-            and a.args[0] is b.args[0] and a.args[1] != b.args[1] and _target_in(a.args[0], _PARTS) \
-            and isinstance(a.args[0].args[0], fx.Node):
-        return bounds[a.args[0].args[0]] ** 2  # two disjoint parts of one tensor
+    base = disjoint_base(a, b, parts)
+    if base is not None and bounds.get(base) is not None:
+        return bounds[base] ** 2
     return bounds[a] ** 2 + bounds[b] ** 2
 
 
-def joint_cat_l2(node: fx.Node, bounds: dict, values: dict) -> float | None:
-    """l2 bound of a cat node using max/min pairs among its operands; None if none pair up."""
+def _operands_known(key: tuple, bounds: dict) -> bool:
+    return all(bounds.get(n) is not None for n in (key[1:2] if key[0] == "reduce" else key[1]))
+
+
+def joint_l2(node: fx.Node, bounds: dict, values: dict, parts: Parts) -> Any:
+    """The joint l2 bound of a cat of max/min pairs, or of a maximum/minimum of two disjoint parts
+    of one tensor; None where no pattern applies. Bounds may be numbers or per-sample tensors."""
+    tag = _extremum(node, values) if node.op in ("call_function", "call_method") else None
+    if tag is not None and tag[1][0] == "pair" and _operands_known(tag[1], bounds):
+        a, b = tuple(tag[1][1])
+        base = disjoint_base(a, b, parts)
+        return None if base is None or bounds.get(base) is None else bounds[base]
     if not _target_in(node, CATS) or not isinstance(node.args[0], (list, tuple)):
         return None
     operands = [o for o in node.args[0] if isinstance(o, fx.Node) and bounds.get(o) is not None]
@@ -96,14 +119,15 @@ def joint_cat_l2(node: fx.Node, bounds: dict, values: dict) -> float | None:
             continue
         for j, (_, tag_j) in enumerate(tagged):
             if j not in used and j != i and tag_j is not None and tag_j[1] == tag_i[1] and tag_j[0] != tag_i[0]:
-                key = tag_i[1]
-                if any(bounds.get(n) is None for n in (key[1:2] if key[0] == "reduce" else key[1])):
+                if not _operands_known(tag_i[1], bounds):
                     continue
                 used |= {i, j}
-                total += _pair_square(key, bounds)
+                total = total + _pair_square(tag_i[1], bounds, parts)
                 paired = True
                 break
     if not paired:
         return None
-    total += sum(bounds[o] ** 2 for k, (o, _) in enumerate(tagged) if k not in used)
-    return math.sqrt(total)
+    for k, (operand, _) in enumerate(tagged):
+        if k not in used:
+            total = total + bounds[operand] ** 2
+    return total ** 0.5

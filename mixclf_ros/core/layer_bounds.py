@@ -1,6 +1,6 @@
 """Sound per-operation bounds of operator norms (p -> p, p = l2 or linf), from the actual weights.
 
-Used by `mixclf_ros.core.lipschitz`, which composes them over a traced graph. Every bound here is
+Used by the bound engine's rules (`rules_*`), which compose them over a traced graph. Every bound here is
 an upper bound of the exact operator (or Lipschitz) norm, in exact arithmetic; values computed by
 SVD/FFT in float64 are enlarged by `NUMERIC_SLACK`.
 
@@ -23,17 +23,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
+from mixclf_ros.core.bound_rules import UnsupportedLayerError
 from mixclf_ros.core.certify import NORMS
-from mixclf_ros.core.layers import GroupSort, Normalize
+from mixclf_ros.core.layers import GroupSort
 
 NUMERIC_SLACK = 1e-9
 """Relative enlargement of bounds computed by SVD/FFT in float64 (their rounding error is ~1e-15)."""
-
-
-class UnsupportedLayerError(ValueError):
-    """The walker met a layer or operation whose Lipschitz constant it cannot soundly bound."""
 
 
 def check_norm(norm: str) -> None:
@@ -99,16 +95,53 @@ def circular_conv_spectral_norm(weight: torch.Tensor, canvas: tuple[int, int], g
     return best * (1.0 + NUMERIC_SLACK)
 
 
+def strided_circular_conv_spectral_norm(weight: torch.Tensor, canvas: tuple[int, int], stride: tuple[int, int],
+                                        groups: int = 1) -> float | None:
+    """Exact l2 operator norm of the circular convolution with `weight` (dilation 1) on the
+    `canvas` torus, sampled every `stride` outputs; None where a canvas side is not a multiple of
+    the stride.
+
+    Polyphase decomposition: output i reads `x[s i + a]`; with `a = s a' + r` that is
+    `X_r[i + a']`, where `X_r[m] = x[s m + r]` is the r-th phase of x on the `canvas / s` torus.
+    Rearranging x into its s1 s2 phases (as extra channels) permutes coordinates, an isometry, so
+    the strided convolution has the norm of the stride-1 circular convolution with the rearranged
+    kernel `W'[o, (c, r1, r2), a1', a2'] = W[o, c, s1 a1' + r1, s2 a2' + r2]` on the smaller torus
+    (`circular_conv_spectral_norm`, exact)."""
+    (s1, s2), (n1, n2) = stride, canvas
+    if n1 % s1 or n2 % s2:
+        return None
+    out_channels, in_per_group, kh, kw = weight.shape
+    kh2, kw2 = -(-kh // s1), -(-kw // s2)
+    padded = weight.new_zeros(out_channels, in_per_group, kh2 * s1, kw2 * s2)
+    padded[:, :, :kh, :kw] = weight
+    phases = padded.reshape(out_channels, in_per_group, kh2, s1, kw2, s2).permute(0, 1, 3, 5, 2, 4)
+    rearranged = phases.reshape(out_channels, in_per_group * s1 * s2, kh2, kw2)
+    if n1 // s1 < kh2 or n2 // s2 < kw2:
+        return None
+    return circular_conv_spectral_norm(rearranged, (n1 // s1, n2 // s2), groups)
+
+
 def conv2d_weight_l2_bound(weight: torch.Tensor, input_hw: tuple[int, int], padding: str | int | Sequence[int],
-                           dilation: int | Sequence[int] = 1, groups: int = 1) -> float:
+                           dilation: int | Sequence[int] = 1, groups: int = 1,
+                           stride: int | Sequence[int] = 1) -> float:
     """Sound l2 bound of a zero-padded (possibly strided/dilated/grouped) 2-D convolution with
-    `weight` on H x W inputs (the stride does not enter: see `conv2d_l2_bound`)."""
+    `weight` on H x W inputs: the norm of the circular convolution on the padded canvas (see
+    `conv2d_l2_bound`); with a stride and no dilation, the smaller of that and the strided
+    circular norm on the canvas enlarged to a multiple of the stride (more zeros: still no
+    wrap-around; `strided_circular_conv_spectral_norm`), which is tight for strided orthogonal
+    convolutions."""
     kh, kw = weight.shape[-2:]
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     extent = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     top, bottom, left, right = conv_padding(padding, extent)
     canvas = (input_hw[0] + top + bottom, input_hw[1] + left + right)
-    return circular_conv_spectral_norm(weight, canvas, groups, (dh, dw))
+    bound = circular_conv_spectral_norm(weight, canvas, groups, (dh, dw))
+    s1, s2 = as_tuple(stride, 2)
+    if (s1, s2) != (1, 1) and (dh, dw) == (1, 1):
+        enlarged = (-(-canvas[0] // s1) * s1, -(-canvas[1] // s2) * s2)
+        strided = strided_circular_conv_spectral_norm(weight, enlarged, (s1, s2), groups)
+        bound = bound if strided is None else min(bound, strided)
+    return bound
 
 
 def conv2d_l2_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
@@ -126,7 +159,7 @@ def conv2d_l2_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
     """
     if conv.padding_mode != "zeros":
         raise UnsupportedLayerError(f"Conv2d with padding_mode={conv.padding_mode!r} is not supported")
-    return conv2d_weight_l2_bound(conv.weight, input_hw, conv.padding, conv.dilation, conv.groups)
+    return conv2d_weight_l2_bound(conv.weight, input_hw, conv.padding, conv.dilation, conv.groups, conv.stride)
 
 
 def conv_linf_bound(weight: torch.Tensor) -> float:
@@ -236,7 +269,7 @@ def _window_counts_1d(length: int, out_length: int, window_of: Callable[[int], S
     return max(counts) if counts else 0
 
 
-def _as_tuple(value: int | Sequence[int] | None, dims: int) -> tuple[int, ...]:
+def as_tuple(value: int | Sequence[int] | None, dims: int) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * dims
     return tuple(int(v) for v in value)  # type: ignore[union-attr]
@@ -252,10 +285,10 @@ def max_pool_overlap(module: nn.Module, x: torch.Tensor, out: torch.Tensor, dims
                 return range((i * length) // out_length, -((-(i + 1) * length) // out_length))
             total *= _window_counts_1d(length, out_length, window)
         return total
-    kernel = _as_tuple(module.kernel_size, dims)
-    stride = _as_tuple(module.stride if module.stride else module.kernel_size, dims)
-    padding = _as_tuple(module.padding, dims)
-    dilation = _as_tuple(module.dilation, dims)
+    kernel = as_tuple(module.kernel_size, dims)
+    stride = as_tuple(module.stride if module.stride else module.kernel_size, dims)
+    padding = as_tuple(module.padding, dims)
+    dilation = as_tuple(module.dilation, dims)
     for d, (length, out_length) in enumerate(zip(in_sizes, out_sizes)):
         def window(i: int, d: int = d) -> list[int]:
             return [i * stride[d] - padding[d] + j * dilation[d] for j in range(kernel[d])]
@@ -286,59 +319,3 @@ def pool_bound(module: nn.Module, x: torch.Tensor, out: torch.Tensor, norm: str)
     column_max, row_max = nonnegative_linear_norms(module, x)
     bound = math.sqrt(column_max * row_max) if norm == "l2" else row_max
     return bound * (1.0 + NUMERIC_SLACK)
-
-
-# ----------------------------------------------------------------------------- leaf modules
-
-SHAPE_OR_IDENTITY = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                     nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-"""Norm-preserving in eval mode (dropout is the identity there; flatten/unflatten keep the batch dim)."""
-
-LEAF_TYPES = (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, Normalize, *ACTIVATION_CONSTANTS,
-              *SHAPE_OR_IDENTITY, *MAX_POOLS, *AVG_POOLS)
-
-
-def layer_type(module: nn.Module) -> type:
-    """The layer's class; for a layer with `torch.nn.utils.parametrize` parametrizations (e.g. the
-    new-style spectral_norm or weight_norm), the original class: parametrize only swaps the class
-    for a generated subclass whose weight is computed on access, the forward is the original one."""
-    kind = type(module)
-    if parametrize.is_parametrized(module) and len(kind.__bases__) == 1:
-        base = kind.__bases__[0]
-        if kind.__name__ == f"Parametrized{base.__name__}" and kind.forward is base.forward:
-            return base
-    return kind
-
-
-def leaf_bound(module: nn.Module, x: torch.Tensor, out: torch.Tensor, norm: str, name: str) -> float:
-    """Operator norm bound of a supported leaf module at input shape `x.shape` (batch dim first),
-    from its actual (parametrized: as computed) weights. Raises for configurations it cannot bound."""
-    kind = layer_type(module)
-    if kind not in LEAF_TYPES:
-        raise UnsupportedLayerError(f"{name}: unsupported layer {kind.__module__}.{kind.__qualname__}")
-    if kind is nn.Linear:
-        if x.dim() < 2:
-            raise UnsupportedLayerError(f"{name}: Linear on a tensor without a feature dimension")
-        return linear_bound(module.weight, norm)
-    if kind is nn.Conv2d:
-        if x.dim() != 4:
-            raise UnsupportedLayerError(f"{name}: Conv2d on a {x.dim()}-d tensor (batched 4-d expected)")
-        if module.padding_mode != "zeros":
-            raise UnsupportedLayerError(f"{name}: Conv2d padding_mode={module.padding_mode!r} is not supported")
-        return conv_linf_bound(module.weight) if norm == "linf" else conv2d_l2_bound(module, (x.shape[-2], x.shape[-1]))
-    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
-        if module.training or not module.track_running_stats or module.running_var is None:
-            raise UnsupportedLayerError(f"{name}: BatchNorm without running statistics uses batch statistics")
-        return batch_norm_bound(module.running_var, module.weight, module.eps)
-    if kind in ACTIVATION_CONSTANTS:
-        return ACTIVATION_CONSTANTS[kind](module)
-    if kind in SHAPE_OR_IDENTITY:
-        if module.training and kind is not nn.Identity and kind not in (nn.Flatten, nn.Unflatten):
-            raise UnsupportedLayerError(f"{name}: dropout in training mode")
-        return 1.0
-    if kind is Normalize:
-        return module.lipschitz_constant() * (1.0 + NUMERIC_SLACK)
-    try:
-        return pool_bound(module, x, out, norm)
-    except UnsupportedLayerError as error:
-        raise UnsupportedLayerError(f"{name}: {error}") from error

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from mixclf_ros.core import lipschitz
 from mixclf_ros.core.layers import Normalize
+from mixclf_ros.core.tracing import freeze_parametrizations
 from mixclf_ros.data import FASHION_MNIST_CLASSES
 from mixclf_ros.models.architectures import ARCHITECTURES
 from mixclf_ros.models.schema import DEFAULTS, DOUBLE, INTEGER, KINDS, SCHEMA, STRING, STRING_ARRAY, defaults
@@ -206,6 +208,9 @@ class LoadedModel(nn.Module):
         self.lipschitz_constant = 0.0
         self.lipschitz_source = ""
         self.lipschitz_lower_bound = 0.0
+        self.bound_plan = None
+        """The network's compiled `core.engine.BoundPlan` (float64) when its constant is computed:
+        the runtime's rounding-error bound reuses it (traced and compiled once)."""
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,6 +338,8 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
     if output.shape != (1, config["num_classes"]):
         raise ModelConfigError(f"model config key 'num_classes' = {config['num_classes']}: the model in {path} "
                                f"returns shape {tuple(output.shape)}")
+    if config["kind"] == "lipschitz" and any(parametrize.is_parametrized(m) for m in network.modules()):
+        network = freeze_parametrizations(network)  # the certified function is the one that runs
     model = LoadedModel(network, config, path, digest)
     if model.kind == "lipschitz":
         if config["lipschitz_constant"] > 0:
@@ -340,7 +347,9 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
             model.lipschitz_constant, model.lipschitz_source = float(config["lipschitz_constant"]), "declared"
         else:
             try:
-                model.lipschitz_constant = lipschitz.probability_lipschitz_bound(network, model.norm, model.input_shape)
+                model.bound_plan = lipschitz.BoundPlan(network, model.input_shape, "robust_model")
+                model.lipschitz_constant = lipschitz.probability_lipschitz_bound(network, model.norm, model.input_shape,
+                                                                                 model.bound_plan)
             except lipschitz.UnsupportedLayerError as error:
                 raise ModelConfigError(f"model config key 'lipschitz_constant' = 0 (compute): cannot bound the model "
                                        f"in {path}: {error}; or declare a constant (lipschitz_constant > 0; checked "

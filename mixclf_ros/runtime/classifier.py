@@ -254,7 +254,8 @@ class CertifiedClassifier:
         if self.kind == "lipschitz":
             try:
                 self.robust_bounded = ErrorBoundedForward(getattr(robust, "network", robust),
-                                                          input_shape=robust.input_shape).to(device)
+                                                          input_shape=robust.input_shape,
+                                                          plan=getattr(robust, "bound_plan", None)).to(device)
                 self.forward_error = "bounded"
                 self.forward_error_bound = self._probe_forward_error(device)
             except UnboundedForwardError:
