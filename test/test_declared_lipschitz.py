@@ -180,3 +180,23 @@ def test_the_refusal_advises_the_sound_bound_where_the_engine_can_bound_the_mode
     sound = load_model(steep_config(steep_weights, norm=norm)).lipschitz_constant
     assert "set lipschitz_constant: 0" in str(caught.value) and f"({sound:.6g})" in str(caught.value)
     assert "softmax_lipschitz_factor" in str(caught.value)  # how to convert a quoted logit constant
+
+
+def test_the_guide_converts_a_quoted_logit_constant_with_the_factors_the_code_uses():
+    """docs/BRING_YOUR_OWN.md's worked example: a 1-Lipschitz logit network on inputs normalised
+    with std 0.3530 (Fashion-MNIST) and ImageNet's std, certified in l2."""
+    from mixclf_ros.core.certify import softmax_lipschitz_factor
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "BRING_YOUR_OWN.md").read_text()
+    section = guide.split("## Declaring a Lipschitz constant: the units", 1)[1].split("\n## ", 1)[0]
+    factor = softmax_lipschitz_factor("l2")
+    assert f"`sqrt(2)/4 = {factor:.6f}` in l2, `1/2` in linf" in section and softmax_lipschitz_factor("linf") == 0.5
+    assert f"{factor:.6f} × 1 / 0.3530 = {factor / 0.3530:.5f}" in section
+    assert f"`{factor:.6f} / 0.224 =\n{factor / 0.224:.4f}`" in section
+    # the conversion is what the engine computes for a network whose logits are exactly 1-Lipschitz
+    body = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10, bias=False))
+    with torch.no_grad():
+        body[1].weight.copy_(torch.linalg.qr(torch.randn(28 * 28, 10, generator=torch.Generator().manual_seed(0)))[0].T)
+    in_pixels = lipschitz.probability_lipschitz_bound(nn.Sequential(Normalize([0.2860], [0.3530]), body), "l2",
+                                                      (1, 28, 28))
+    assert in_pixels == pytest.approx(factor / 0.3530, rel=1e-6)
