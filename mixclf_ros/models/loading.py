@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from mixclf_ros.core import lipschitz
 from mixclf_ros.core.layers import Normalize
+from mixclf_ros.core.lipschitz_search import probability_gradient_norm_search
 from mixclf_ros.core.tracing import freeze_parametrizations
 from mixclf_ros.data import FASHION_MNIST_CLASSES
 from mixclf_ros.models.architectures import ARCHITECTURES
@@ -220,6 +221,27 @@ class LoadedModel(nn.Module):
         return super().train(False)  # loaded models stay in eval mode (certificates assume it)
 
 
+def _sound_bound_advice(network: nn.Module, config: dict[str, Any], found: float) -> str:
+    """What a user whose declared constant was refused can do: set 0 where the bound engine can
+    bound this network (with the bound it computes), otherwise declare a proven constant, in the
+    certificate's units, no lower than the slope found."""
+    input_shape = (config["input_channels"], config["input_height"], config["input_width"])
+    units = (f"the per-class constant of the softmax probability outputs, {config['norm']}, per [0,1] pixel at "
+             "the model input (a logit constant quoted for normalised inputs: multiply it by "
+             f"certify.softmax_lipschitz_factor('{config['norm']}') and by 1/min(std); see docs/BRING_YOUR_OWN.md)")
+    try:
+        sound = lipschitz.probability_lipschitz_bound(network, config["norm"], input_shape)
+    except lipschitz.UnsupportedLayerError as error:
+        return (f"the bound engine cannot bound this model ({error}), so lipschitz_constant: 0 is no way out: "
+                f"declare a constant proven for this architecture and these weights, at least {found:.6g}, in "
+                f"{units}; a slope found is only a lower bound of it")
+    except Exception as error:  # a model the engine fails on is no model to advise 0 for
+        return (f"the bound engine fails on this model ({type(error).__name__}: {error}): declare a proven "
+                f"constant, at least {found:.6g}, in {units}")
+    return (f"declare a constant no lower than that, in {units}, or set lipschitz_constant: 0 to use the "
+            f"sound bound the engine computes for this model ({sound:.6g})")
+
+
 def check_declared_lipschitz(network: nn.Module, config: dict[str, Any], path: Path) -> float:
     """Refuses a declared `lipschitz_constant` that gradients of the network contradict; returns
     the largest gradient norm found.
@@ -231,10 +253,13 @@ def check_declared_lipschitz(network: nn.Module, config: dict[str, Any], path: P
     1/std times too small (4.4x for ImageNet statistics) and are refused here when the search
     finds it.
 
-    The search (`lipschitz.probability_gradient_norm_search`: random inputs and a few ascent steps
-    on the gradient norm, fixed seed) runs on a float64 copy of the network; any gradient norm is
-    a lower bound of the true constant, so a declared constant below it is wrong. Passing the check
-    does not prove the constant.
+    The search (`lipschitz_search.probability_gradient_norm_search`: 32 starting points, uniform
+    and image-like around the configured mean/std, then 24 adaptive ascent steps on the gradient
+    norm, fixed seed) runs on a float64 copy of the network, with attention on its math kernel
+    (the only one with a double backward); any gradient norm is a lower bound of the true
+    constant, so a declared constant below it is wrong. Passing the check does not prove the
+    constant. A refusal says what works for this model: 0 (the sound bound) where the engine can
+    bound it, a proven constant of at least the slope found otherwise.
     """
     try:
         probe = copy.deepcopy(network).double().eval()
@@ -242,18 +267,20 @@ def check_declared_lipschitz(network: nn.Module, config: dict[str, Any], path: P
         probe = network
     input_shape = (config["input_channels"], config["input_height"], config["input_width"])
     try:
-        found = lipschitz.probability_gradient_norm_search(probe, config["norm"], input_shape)
+        found = probability_gradient_norm_search(probe, config["norm"], input_shape, mean=config["mean"],
+                                                 std=config["std"])
     except Exception as error:
         raise ModelConfigError(f"model config key 'lipschitz_constant' = {config['lipschitz_constant']}: cannot "
                                f"check it on the model '{config['architecture']}' in {path}: gradients fail "
-                               f"({type(error).__name__}: {error})") from error
+                               f"({type(error).__name__}: {error}); the check needs first and second derivatives "
+                               "of the softmax outputs with respect to the input (torch.autograd.grad with "
+                               "create_graph=True) in float64") from error
     if not config["lipschitz_constant"] >= found:
         raise ModelConfigError(
             f"model config key 'lipschitz_constant' = {config['lipschitz_constant']}: the model "
             f"'{config['architecture']}' in {path} has probability outputs with local slopes ({config['norm']}) up "
             f"to {found:.6g} per [0,1] pixel at the model input (before mean/std), above the declared "
-            f"constant {config['lipschitz_constant']}; declare the probability outputs' constant in those units, "
-            "or set 0 to compute a sound bound")
+            f"constant {config['lipschitz_constant']}; {_sound_bound_advice(network, config, found)}")
     return found
 
 
