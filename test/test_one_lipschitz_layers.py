@@ -23,10 +23,10 @@ import torch
 from one_lipschitz_nets import INPUT_SHAPE, NETWORKS, plain_conv_pool, true_layer_norms
 from slope_search import largest_slope
 from torch import nn
-from torch.nn.utils import parametrize
 
 from mixclf_ros.core.forward_error import ErrorBoundedForward
 from mixclf_ros.core.lipschitz import UnsupportedLayerError, logit_lipschitz_bound
+from mixclf_ros.core.tracing import freeze_parametrizations
 
 TIGHTNESS = 1.05
 """The issue's target: bound <= 1.05 x the product of the layers' true operator norms."""
@@ -37,21 +37,9 @@ CASES = [(name, norm) for name in NETWORKS for norm in ("l2", "linf") if not (na
 
 
 def _frozen(network: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """A copy whose parametrized weights are replaced by the tensors they evaluate to (eval mode,
-    the network's own dtype), cast to `dtype`: the same real-number map with plain parameters (a
-    parametrization re-run in float64 would give slightly different weights, or fail)."""
-    frozen = copy.deepcopy(network).eval()
-    for module in list(frozen.modules()):
-        if parametrize.is_parametrized(module):
-            with torch.no_grad():
-                values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-            # Not parametrize.remove_parametrizations: it deletes the property from the Parametrized
-            # class, which deep copies share, and so breaks the original network (torch 2.14).
-            module.__class__ = type(module).__bases__[0]
-            del module._modules["parametrizations"]
-            for name, value in values.items():
-                module.register_parameter(name, nn.Parameter(value, requires_grad=False))
-    return frozen.to(dtype)
+    """The network as the node runs it (`models.loading` freezes a Lipschitz robust model): its
+    computed weights evaluated once in its own dtype, then cast to `dtype`."""
+    return freeze_parametrizations(network).to(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +67,9 @@ def test_the_bound_is_within_5_percent_of_the_product_of_the_true_layer_norms(ne
 
 @pytest.mark.parametrize("name, norm", CASES)
 def test_the_bound_is_never_below_a_slope_found_by_search(networks, name, norm):
-    slope = largest_slope(_frozen(networks[name]), norm, INPUT_SHAPE, samples=16)
-    bound = logit_lipschitz_bound(networks[name], norm, INPUT_SHAPE)
+    network = _frozen(networks[name], torch.float32)  # one function for both (see the rounding test)
+    slope = largest_slope(_frozen(network), norm, INPUT_SHAPE, samples=16)
+    bound = logit_lipschitz_bound(network, norm, INPUT_SHAPE)
     assert 0 < slope <= bound, f"{name} ({norm}): slope {slope:.6g} found above the bound {bound:.6g}"
 
 
@@ -90,7 +79,9 @@ def test_the_rounding_error_bound_is_a_proof_that_covers_the_error(networks, nam
     bound). Its float64 logits are those of the network with its weights as evaluated (see the
     module docstring); the float32 error is covered (the pattern of test_forward_error_graph)."""
     x = torch.rand(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
-    network = networks[name]
+    # orthogonium's power iterations update their vectors at each access, even in eval mode: the
+    # weights are read once, as the node does, and every evaluation below uses that function
+    network = _frozen(networks[name], torch.float32)
     logits, bound = ErrorBoundedForward(network, torch.float64, INPUT_SHAPE)(x)
     assert torch.isfinite(bound).all() and float(bound.max()) < 1e-8
     with torch.no_grad():

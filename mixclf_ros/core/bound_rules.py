@@ -149,7 +149,7 @@ SUBCLASSED_LAYERS: tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 rule checks at every plan that the output is the base's map with the layer's `weight`."""
 
 
-def _inherits_forward(kind: type, base: type) -> bool:
+def inherits_forward(kind: type, base: type) -> bool:
     return all(getattr(kind, name, None) is getattr(base, name, None) for name in ("forward", "_conv_forward"))
 
 
@@ -160,7 +160,7 @@ def layer_rule(module: nn.Module) -> Rule | None:
     rule = RULES.get(kind) or RULES.get(qualified_name(kind))
     if rule is None:
         base = next((base for base in SUBCLASSED_LAYERS if isinstance(module, base)), None)
-        if base is not None and _inherits_forward(kind, base):
+        if base is not None and inherits_forward(kind, base):
             rule = RULES.get(base)
     return rule
 

@@ -82,12 +82,11 @@ class Affine(Rule):
         options = {name: getattr(module, name) for name in _CONV_OPTIONS}
         circular: tuple = ()
         if module.padding_mode == "circular":
-            dims = 2 if op is F.conv2d else 1
-            padding = lb.as_tuple(module.padding, dims) if not isinstance(module.padding, str) else None
-            kernel, dilation = lb.as_tuple(module.kernel_size, dims), lb.as_tuple(module.dilation, dims)
-            if padding is None or any(2 * p > d * (k - 1) for p, k, d in zip(padding, kernel, dilation)):
+            # what Conv2d._conv_forward pads with: (left, right) per dim, last dim first
+            circular = tuple(module._reversed_padding_repeated_twice)
+            reach = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+            if any(circular[2 * i] + circular[2 * i + 1] > r for i, r in enumerate(reversed(reach))):
                 raise call.fail(f"circular padding {module.padding} wider than the kernel's reach (outputs repeat)")
-            circular = tuple(p for p in reversed(padding) for _ in range(2))
             x, options["padding"] = F.pad(x, circular, mode="circular"), 0
         elif module.padding_mode != "zeros":
             raise call.fail(f"{type(module).__name__} padding_mode={module.padding_mode!r} is not supported")

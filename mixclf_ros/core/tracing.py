@@ -22,7 +22,13 @@ from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
-from mixclf_ros.core.bound_rules import UnsupportedLayerError, has_layer_rule, is_shape_or_identity
+from mixclf_ros.core.bound_rules import (
+    SUBCLASSED_LAYERS,
+    UnsupportedLayerError,
+    has_layer_rule,
+    inherits_forward,
+    is_shape_or_identity,
+)
 
 _GLOBAL_FORWARD_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")
 _CALL_OVERRIDES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl", "_slow_forward")
@@ -246,27 +252,49 @@ def resolve_inplace(graph: fx.Graph, modules: dict[str, nn.Module], name: str) -
 
 
 
+def _computed_weight_base(module: nn.Module) -> type | None:
+    """The torch layer whose forward `module` keeps while computing its `weight` itself (a
+    property of a library's subclass), or None."""
+    base = next((base for base in SUBCLASSED_LAYERS if isinstance(module, base)), None)
+    if base is None or type(module) is base or "weight" in module._parameters or "weight" in module._buffers:
+        return None
+    return base if inherits_forward(type(module), base) else None
+
+
+def needs_freezing(model: nn.Module) -> bool:
+    """Whether some layer of `model` computes its weight at each call (see `freeze_parametrizations`)."""
+    return any(parametrize.is_parametrized(m) or _computed_weight_base(m) is not None for m in model.modules())
+
+
 def freeze_parametrizations(model: nn.Module) -> nn.Module:
-    """A copy of `model` (eval mode) whose parametrized tensors (`torch.nn.utils.parametrize`:
-    orthogonal, spectral or Bjorck-normalised weights, users' own) are plain parameters holding the
-    values the parametrizations compute at inference, read once. The copy is what every bound is
-    computed for. A parametrization that changes its tensor at each access (a power iteration that
-    updates its vectors in eval mode, as orthogonium's do) makes the model a slightly different
-    function at each call: `models.loading` runs the frozen copy for a Lipschitz robust model, so
-    that the function certified is the one that runs."""
+    """A copy of `model` (eval mode) whose computed weights are plain parameters holding the
+    values they take at inference, computed once in the model's own dtype: tensors of
+    `torch.nn.utils.parametrize` (orthogonal, spectral or Bjorck-normalised weights, users' own),
+    and the `weight` property of a Linear/Conv subclass that keeps its base's forward (such a layer
+    becomes its base class). The copy is what every bound is computed for. A weight that changes
+    at each access (a power iteration that updates its vectors in eval mode, as orthogonium's do)
+    makes the model a slightly different function at each call: `models.loading` runs the frozen
+    copy for a Lipschitz robust model, so that the function certified is the one that runs."""
     frozen = copy.deepcopy(model).eval()
     for module in frozen.modules():
-        if not parametrize.is_parametrized(module):
-            continue
         values = {}
-        for tensor_name in module.parametrizations:
+        if parametrize.is_parametrized(module):
+            for tensor_name in module.parametrizations:
+                with torch.no_grad():
+                    values[tensor_name] = getattr(module, tensor_name).detach().clone()
+            # parametrize swapped the instance's class for a generated subclass holding the tensors
+            # as properties; the copy gets its original class back (the generated class, shared
+            # with the model, is left alone)
+            del module._modules["parametrizations"]
+            module.__class__ = type(module).__bases__[0]
+            for tensor_name, value in values.items():
+                module.register_parameter(tensor_name, nn.Parameter(value, requires_grad=False))
+            values = {}
+        base = _computed_weight_base(module)
+        if base is not None:
             with torch.no_grad():
-                values[tensor_name] = getattr(module, tensor_name).detach().clone()
-        # parametrize swapped the instance's class for a generated subclass holding the tensors as
-        # properties; the copy gets its original class back (the generated class, shared with the
-        # model, is left alone) and plain parameters
-        del module._modules["parametrizations"]
-        module.__class__ = type(module).__bases__[0]
+                values["weight"] = module.weight.detach().clone()
+            module.__class__ = base
         for tensor_name, value in values.items():
             module.register_parameter(tensor_name, nn.Parameter(value, requires_grad=False))
     return frozen

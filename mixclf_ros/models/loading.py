@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from mixclf_ros.core import lipschitz
 from mixclf_ros.core.layers import Normalize
 from mixclf_ros.core.lipschitz_search import probability_gradient_norm_search
-from mixclf_ros.core.tracing import freeze_parametrizations
+from mixclf_ros.core.tracing import freeze_parametrizations, needs_freezing
 from mixclf_ros.data import FASHION_MNIST_CLASSES
 from mixclf_ros.models.architectures import ARCHITECTURES
 from mixclf_ros.models.schema import DEFAULTS, DOUBLE, INTEGER, KINDS, SCHEMA, STRING, STRING_ARRAY, defaults
@@ -365,7 +364,7 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
     if output.shape != (1, config["num_classes"]):
         raise ModelConfigError(f"model config key 'num_classes' = {config['num_classes']}: the model in {path} "
                                f"returns shape {tuple(output.shape)}")
-    if config["kind"] == "lipschitz" and any(parametrize.is_parametrized(m) for m in network.modules()):
+    if config["kind"] == "lipschitz" and needs_freezing(network):
         network = freeze_parametrizations(network)  # the certified function is the one that runs
     model = LoadedModel(network, config, path, digest)
     if model.kind == "lipschitz":
