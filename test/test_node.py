@@ -15,6 +15,8 @@ from rosutil import RosClient, camera_counters, image_message, node_with_client,
 
 from mixclf_ros.demo.render import ARTICLE_SCALE
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 
 

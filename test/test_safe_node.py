@@ -11,6 +11,8 @@ import yaml
 from conftest import REPO_ROOT
 from rosutil import RosClient, image_message, node_with_client
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # every frame gets a result, in order, whatever the load
 EVERY_FRAME = ["-p", "frame_policy:=every", "-p", "max_image_age:=30.0",

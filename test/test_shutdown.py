@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO_ROOT
 from rosutil import node_with_client
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 
 def interrupt_group_twice(process: subprocess.Popen, gap_s: float = 0.2, timeout: float = 60.0) -> int:
     os.killpg(process.pid, signal.SIGINT)

@@ -84,6 +84,7 @@ def test_each_model_gets_its_own_input_and_the_certificate_only_the_robust_ones(
             assert result.class_id == result.robust_class_id
 
 
+@pytest.mark.ros
 def test_node_results_equal_the_offline_classifier(tmp_path, resnet_weights, frames):
     """Over real DDS: the node with resnet18 (224 RGB) as g and the zoo's Lipschitz model (28 grey) as h
     publishes, frame by frame, what `CertifiedClassifier` computes offline on the same messages."""
@@ -186,6 +187,7 @@ def assert_unconfigured_with(tmp_path: Path, ros_args: list[str], reasons: list[
     assert process.returncode == 0
 
 
+@pytest.mark.ros
 @pytest.mark.parametrize("override, reason", [
     ("crop_height:=476", "robust_model.crop_height"),  # a parameters file from before the per-model preprocessing
     ("robust_model.weights:=/nonexistent/robust.pt", "robust_model: model config key 'weights'"),
@@ -196,6 +198,7 @@ def test_a_node_that_cannot_configure_says_why_on_every_frame(tmp_path, override
     assert_unconfigured_with(tmp_path, ["--params-file", str(CONFIG), "-p", override], [reason], 103)
 
 
+@pytest.mark.ros
 def test_a_misspelled_key_or_section_in_a_parameters_file_leaves_the_node_unconfigured(tmp_path):
     """A typo never runs another model: a misspelled section (the zoo model would have run instead of
     the user's), misspelled keys and a misspelled top-level parameter each make configure fail, named
