@@ -136,7 +136,8 @@ def test_pip_builds_a_wheel_with_the_library(tmp_path: Path):
     wheel = next((tmp_path / "dist").glob("mixclf_ros-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in LIBRARY_MODULES[1:]:
-        assert module.replace(".", "/") + ".py" in names, module
+        path = module.replace(".", "/")
+        assert f"{path}.py" in names or f"{path}/__init__.py" in names, module
     assert any(name.startswith("mixclf_ros/models/zoo/") and name.endswith(".pt") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mixclf-eval = mixclf_ros.evaluation.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import REPO_ROOT
-from rosutil import RosClient, camera_counters, image_message, node_with_client, rss_mb
+from rosutil import TEST_TORCH_THREADS, RosClient, camera_counters, image_message, node_with_client, rss_mb
 
 from mixclf_ros.demo.render import ARTICLE_SCALE
 
@@ -324,6 +324,7 @@ def test_no_parameters_file_runs_the_shipped_config_and_a_reconfigure_changes_th
 
     images, _ = fashion_test
     shipped = dict(flatten(yaml.safe_load(CONFIG.read_text())["/**"]["ros__parameters"]))
+    shipped["torch_threads"] = TEST_TORCH_THREADS  # node_process pins it
     # no parameters file; reliable frames only, so that no frame is lost in transport
     with node_with_client("-p", "qos_overrides./image.subscription.reliability:=reliable",
                           log_path=tmp_path / "mixclf_node.log", reliable=True,
