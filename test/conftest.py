@@ -14,6 +14,14 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """A test that needs the built package (`installed_prefix`) or an rclpy context is a `ros` test,
+    marked or not, so that `-m "not ros"` never starts DDS."""
+    for item in items:
+        if {"installed_prefix", "rclpy_context"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ros)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Small models, small batches: one torch thread is as fast here, and leaves the second core to

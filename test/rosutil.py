@@ -13,12 +13,19 @@ from pathlib import Path
 import numpy as np
 from conftest import REPO_ROOT
 
+TEST_TORCH_THREADS = 1
+"""torch threads of every node a test starts (unless the test sets them): one, leaving the second
+core of a small test machine to the test and DDS."""
+
 
 @contextmanager
 def node_process(executable: str, *ros_args: str, log_path: Path, env: dict | None = None):
     """Runs `install/mixclf_ros/lib/mixclf_ros/<executable> --ros-args <ros_args>`; on exit sends
     SIGINT and checks that the process ends by itself."""
     path = REPO_ROOT / "install" / "mixclf_ros" / "lib" / "mixclf_ros" / executable
+    if executable == "mixclf_node" and not any("torch_threads" in argument for argument in ros_args):
+        # a fixed thread plan: a measured one (torch_threads 0) depends on the machine's load
+        ros_args = (*ros_args, "-p", f"torch_threads:={TEST_TORCH_THREADS}")
     log = open(log_path, "w")
     process = subprocess.Popen([str(path), "--ros-args", *ros_args], stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, **(env or {})}, start_new_session=True)

@@ -18,6 +18,8 @@ import yaml
 from conftest import REPO_ROOT
 from rosutil import RosClient, image_message, node_process
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 GUIDE = REPO_ROOT / "docs" / "BRING_YOUR_OWN.md"
 EXAMPLES = {"a": "torchvision_lipschitz", "b": "smoothing", "c": "empirical"}
 STANDIN_CLASS = 3  # examples/standin_weights.py: the robust stand-ins favour this class

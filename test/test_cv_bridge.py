@@ -11,6 +11,8 @@ cv_bridge = pytest.importorskip("cv_bridge")
 from mixclf_ros.vision.annotate import to_rgb8  # noqa: E402
 from mixclf_ros.vision.decode import decode_image  # noqa: E402
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 # encoding -> bytes per pixel; those cv_bridge converts to "rgb8" without a change of bit depth (it
 # refuses 8UC3/8UC4 -> rgb8: not a colour format)
 SHARED_ENCODINGS = {

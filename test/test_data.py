@@ -68,7 +68,7 @@ def split(request: pytest.FixtureRequest) -> tuple[str, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def test_split_labels() -> np.ndarray:
+def split_labels() -> np.ndarray:
     return load_fashion_mnist("test")[1]
 
 
@@ -243,8 +243,8 @@ def test_evaluation_subset_is_the_same_in_a_fresh_interpreter():
     assert json.loads(result.stdout) == evaluation_subset().tolist()
 
 
-def test_evaluation_subset_is_class_balanced_enough(test_split_labels: np.ndarray):
-    counts = np.bincount(test_split_labels[evaluation_subset()], minlength=10)
+def test_evaluation_subset_is_class_balanced_enough(split_labels: np.ndarray):
+    counts = np.bincount(split_labels[evaluation_subset()], minlength=10)
     assert counts.sum() == 1000 and counts.min() >= 70  # a random 10 % sample of a balanced set
 
 

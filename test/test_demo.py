@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 FRAMES = 12
 ATTACK_EPS = 30.0  # l2 in frame pixels in [0, 1]
 

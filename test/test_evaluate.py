@@ -21,7 +21,14 @@ from mixclf_ros.evaluation.attack_runs import final_iterate_pgd
 from mixclf_ros.evaluation.certification import CertifyResult, certified_accuracy_curve, certify_mixture
 from mixclf_ros.evaluation.margins import MARGIN_COLUMNS
 from mixclf_ros.evaluation.params_file import model_configs_from_parameters
-from mixclf_ros.evaluation.settings import AutoAttackSettings, CertifySettings, PGDSettings, Runtime, SweepSettings
+from mixclf_ros.evaluation.settings import (
+    AutoAttackSettings,
+    CertifySettings,
+    EvaluationError,
+    PGDSettings,
+    Runtime,
+    SweepSettings,
+)
 from mixclf_ros.evaluation.sweep import run_sweep
 
 CLASSES = 10
@@ -324,25 +331,40 @@ def test_read_ros_parameters_nested_dotted_and_node_overrides(workspace):
 
 
 def test_parameters_file_is_read_with_the_model_schema(workspace, tmp_path, capsys):
-    """Keys another kind uses are ignored (the node does not declare them); beta comes from the
-    node's confidence; an unknown key is refused by name (exit 2)."""
+    """beta comes from the node's confidence; what the node refuses is refused here, by name, with the
+    same reasons (one check): keys the model's kind does not use, beta itself, unknown keys and
+    misspelled sections (named, not reported as a missing section)."""
     import yaml
+
+    from mixclf_ros.evaluation.params_file import read_ros_parameters
+    from mixclf_ros.runtime.node_parameters import refused_parameters
 
     params = yaml.safe_load(workspace["params"].read_text())
     section = params["/**"]["ros__parameters"]
-    section.update({"robust_model.sigma": 0.5, "robust_model.n": 7, "confidence": 0.9})
-    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(params))
-    robust = model_configs_from_parameters(tmp_path / "extra.yaml")["robust_model"]
-    assert "sigma" not in robust and "n" not in robust and "beta" not in robust
+    section.update({"confidence": 0.9, "use_sim_time": False, "qos_overrides./image.subscription.depth": 5})
+    (tmp_path / "allowed.yaml").write_text(yaml.safe_dump(params))
+    assert model_configs_from_parameters(tmp_path / "allowed.yaml")["robust_model"]["kind"] == "lipschitz"
+    for name, value, reason in [
+            ("robust_model.sigma", 0.5, "robust_model.sigma: not used by a model of kind 'lipschitz'"),
+            ("robust_model.beta", 0.2, "robust_model.beta: the node takes it from its parameter confidence"),
+            ("robust_model.input_heigth", 9, "(nearest known: robust_model.input_height)"),
+            ("alhpa", 0.9, "alhpa: not a parameter of the node (nearest known: alpha)")]:
+        wrong = yaml.safe_load(workspace["params"].read_text())
+        wrong["/**"]["ros__parameters"][name] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(wrong))
+        with pytest.raises(EvaluationError) as refused:
+            model_configs_from_parameters(path)
+        assert reason in str(refused.value)
+        assert str(refused.value).endswith("\n  ".join(refused_parameters(read_ros_parameters(path))))
     smoothing = yaml.safe_load(workspace["smoothing"].read_text())
-    smoothing["/**"]["ros__parameters"]["robust_model"]["beta"] = 0.2  # the node takes 1 - confidence
-    (tmp_path / "beta.yaml").write_text(yaml.safe_dump(smoothing))
-    assert model_configs_from_parameters(tmp_path / "beta.yaml")["robust_model"]["beta"] == pytest.approx(0.01)
-    section["standard_model"]["colour"] = "rgb"
-    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(params))
-    assert cli.main(["margins", "--params", str(tmp_path / "unknown.yaml"), "--out", str(tmp_path),
+    smoothing["/**"]["ros__parameters"]["standard_modle"] = smoothing["/**"]["ros__parameters"].pop("standard_model")
+    (tmp_path / "section.yaml").write_text(yaml.safe_dump(smoothing))
+    assert cli.main(["margins", "--params", str(tmp_path / "section.yaml"), "--out", str(tmp_path),
                      "--image-folder", str(workspace["images"]), "--no-progress"]) == 2
-    assert "colour" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "standard_modle.* (" in err and "(nearest known: standard_model.*)" in err, err
+    assert "no 'standard_model.*' parameters" not in err
 
 
 def test_cli_sweep(workspace, tmp_path, capsys):

@@ -159,6 +159,7 @@ def test_the_l2_part_keeps_the_bound_of_a_deep_network_small():
     assert ((logits32.double() - logits64).abs() <= bound32.double() + bound64).all()
 
 
+@pytest.mark.ros
 @pytest.mark.parametrize("depth, weight_scale, warns", [(1, 1.0, False), (20, 8.0, True)])
 def test_a_bound_that_eats_the_margins_is_a_warning_on_diagnostics(depth, weight_scale, warns):
     from diagnostic_msgs.msg import DiagnosticStatus

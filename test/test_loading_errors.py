@@ -51,3 +51,39 @@ def test_training_checkpoints_get_a_hint(tmp_path, standard_state, wrapper):
 def test_errors_name_the_model(tmp_path):
     with pytest.raises(ModelConfigError, match=r"^robust_model: model config key 'sha256'"):
         load_model({**zoo_config("robust_lipschitz"), "sha256": "0" * 64}, name="robust_model")
+
+
+def test_a_zoo_hash_follows_the_zoo_weights_only(tmp_path, standard_state, capsys):
+    """The zoo's card hash checks the zoo's file (also when the config pins none); a user's weights
+    with no sha256 load, and the note gives their hash and how to pin it."""
+    from mixclf_ros.models import unpinned_note
+    from mixclf_ros.models.loading import sha256_of, zoo_sha256
+
+    own = tmp_path / "own.pt"
+    torch.save(standard_state, own)
+    assert zoo_sha256("zoo:standard.pt") == zoo_config("standard")["sha256"] and zoo_sha256(str(own)) == ""
+    model = load_model(_config(weights=str(own)))
+    note = unpinned_note(model, "standard_model")
+    assert f'standard_model.sha256: "{sha256_of(own)}"' in note and str(own) in note
+    assert unpinned_note(load_model(_config()), "standard_model") == ""  # the zoo's file: its card pins it
+    pinned = load_model(_config(weights=str(own), sha256=sha256_of(own)))
+    assert unpinned_note(pinned, "standard_model") == ""
+
+
+def test_a_changed_zoo_file_is_refused_even_unpinned(tmp_path, monkeypatch, standard_state):
+    from mixclf_ros.models import loading
+
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    (zoo / "standard.json").write_text((loading.ZOO_DIR / "standard.json").read_text())
+    torch.save(standard_state, zoo / "standard.pt")  # untrained: not the shipped file
+    monkeypatch.setattr(loading, "ZOO_DIR", zoo)
+    with pytest.raises(ModelConfigError, match="its card says"):
+        load_model(_config(weights="zoo:standard.pt", sha256=""))
+
+
+def test_a_missing_weights_file_is_named_by_its_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelConfigError) as error:
+        load_model(_config(weights="models/mine.pt"))
+    assert str(tmp_path / "models" / "mine.pt") in str(error.value)

@@ -16,6 +16,8 @@ import pytest
 from conftest import REPO_ROOT
 from rosutil import image_message, node_process
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 NAMESPACE = "/front"
 
 

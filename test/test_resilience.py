@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rosutil import RosClient, camera_counters, image_message, node_with_client, rss_mb
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "32FC1", "8UC1", "8UC3", "16UC1",
              "yuv422", "bayer_rggb8", "64FC1", "", "RGB8", "rgb16"]
 

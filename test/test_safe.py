@@ -87,14 +87,14 @@ def standard_model():
 
 
 @pytest.fixture(scope="module")
-def test_frames():
+def fashion_frames():
     from mixclf_ros.data import load_fashion_mnist
 
     images, _ = load_fashion_mnist("test")
     return [DecodedImage(np.ascontiguousarray(images[i])[:, :, None], "mono", 1 / 255) for i in range(24)]
 
 
-def test_meaningless_lipschitz_certificates_are_not_safe_by_default(tmp_path, standard_model, test_frames):
+def test_meaningless_lipschitz_certificates_are_not_safe_by_default(tmp_path, standard_model, fashion_frames):
     """A linear robust model with large weights has a sound bound and positive radii far below one
     grey level: with the shipped defaults no frame may be marked safe."""
     from faulty_models import flat_linear
@@ -109,7 +109,7 @@ def test_meaningless_lipschitz_certificates_are_not_safe_by_default(tmp_path, st
                          "weights": str(weights), "sha256": "", "mean": [0.0], "std": [1.0]})
     classifier = CertifiedClassifier(standard_model, robust, PreprocessConfig(1, 28, 28), torch.device("cpu"))
     settings_default = LiveSettings(alpha=1.0, safe_radius=0.0)
-    results = classifier.classify(test_frames, settings_default)
+    results = classifier.classify(fashion_frames, settings_default)
     radii = [r.certified_radius for r in results]
     assert max(radii) > 0.0, "the test needs positive (if tiny) certificates"
     assert max(r.image_radius for r in results) < ONE_GREY_LEVEL
@@ -117,14 +117,14 @@ def test_meaningless_lipschitz_certificates_are_not_safe_by_default(tmp_path, st
     assert max(radii) <= classifier.max_certified_radius(settings_default)
     assert classifier.max_image_radius(settings_default, 28, 28, "mono") < ONE_GREY_LEVEL
     # The same frames with the image threshold switched off are marked safe: the default decides.
-    assert any(r.safe for r in classifier.classify(test_frames, LiveSettings(1.0, 0.0, safe_image_radius=0.0)))
+    assert any(r.safe for r in classifier.classify(fashion_frames, LiveSettings(1.0, 0.0, safe_image_radius=0.0)))
 
 
-def test_smoothing_noise_is_unpredictable_unless_seeded(standard_model, test_frames):
+def test_smoothing_noise_is_unpredictable_unless_seeded(standard_model, fashion_frames):
     robust = load_model({**zoo_config("robust_smoothing"), "n0": 16, "n": 64})
     config = PreprocessConfig(1, 28, 28)
     settings_default = LiveSettings(alpha=0.6, safe_radius=0.0)
-    frame = test_frames[:1]
+    frame = fashion_frames[:1]
 
     def lower_bound(seed):
         classifier = CertifiedClassifier(standard_model, robust, config, torch.device("cpu"), seed=seed)
@@ -136,3 +136,18 @@ def test_smoothing_noise_is_unpredictable_unless_seeded(standard_model, test_fra
     fresh = [lower_bound(None) for _ in range(3)]
     assert all(not is_fixed for is_fixed, _ in fresh)
     assert len({outcome for _, outcome in fresh}) == 3, "fresh OS entropy must give different noise per process"
+
+
+def test_a_result_without_a_certificate_has_certificate_method_none(standard_model, fashion_frames):
+    """The message defines "a certificate exists" as certificate_method != NONE: below alpha 0.5 (no
+    certificate) every result says NONE; above, exactly the frames with a positive radius say LIPSCHITZ."""
+    robust = load_model(zoo_config("robust_lipschitz"))
+    classifier = CertifiedClassifier(standard_model, robust, PreprocessConfig(1, 28, 28), torch.device("cpu"))
+    low = classifier.classify(fashion_frames, LiveSettings(alpha=0.3, safe_radius=0.0))
+    assert all(r.status == Status.OK and r.certificate_method == CertificateMethod.NONE for r in low)
+    assert all((r.certified_radius, r.confidence, r.safe) == (0.0, 0.0, False) for r in low)
+    high = classifier.classify(fashion_frames, LiveSettings(alpha=1.0, safe_radius=0.0))
+    assert any(r.certified_radius > 0 for r in high)
+    for result in high:
+        expected = CertificateMethod.LIPSCHITZ if result.certified_radius > 0 else CertificateMethod.NONE
+        assert result.certificate_method == expected

@@ -11,6 +11,8 @@ import yaml
 from conftest import REPO_ROOT
 from rosutil import RosClient, image_message, node_with_client
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 CONFIG = REPO_ROOT / "config" / "mixclf.yaml"
 # every frame gets a result, in order, whatever the load
 EVERY_FRAME = ["-p", "frame_policy:=every", "-p", "max_image_age:=30.0",
@@ -164,14 +166,23 @@ def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, 
 def smoothing_run(tmp_path, name: str, seed: int | None, frames: dict[str, np.ndarray]):
     """A fresh node process with the zoo's smoothing robust model (n = 200); after a reconfigure (so
     that no probe frame has drawn noise), `frames` one at a time. Returns (results, diagnostics)."""
+    import yaml
+
     from mixclf_ros.models import zoo_config
 
     smoothing = zoo_config("robust_smoothing")
-    model = [f"robust_model.{key}:={smoothing[key]}" for key in ("kind", "architecture", "weights", "sha256")]
-    model += ["robust_model.mean:=[0.286]", "robust_model.std:=[0.353]", "robust_model.n:=200"]
-    model += [] if seed is None else [f"seed:={seed}"]
-    arguments = [argument for parameter in model for argument in ("-p", parameter)]
-    with node_with_client("--params-file", str(CONFIG), *EVERY_FRAME, *arguments, log_path=tmp_path / f"{name}.log",
+    # the shipped file with its robust model switched to smoothing (the lipschitz-only keys removed:
+    # the node refuses keys its kind does not use)
+    shipped = yaml.safe_load(CONFIG.read_text())
+    robust = shipped["/**"]["ros__parameters"]["robust_model"]
+    for key in ("norm", "lipschitz_constant"):
+        robust.pop(key)
+    robust.update({key: smoothing[key] for key in ("kind", "architecture", "weights", "sha256")},
+                  mean=[0.286], std=[0.353], n=200)
+    params = tmp_path / f"{name}.yaml"
+    params.write_text(yaml.safe_dump(shipped))
+    arguments = [] if seed is None else ["-p", f"seed:={seed}"]
+    with node_with_client("--params-file", str(params), *EVERY_FRAME, *arguments, log_path=tmp_path / f"{name}.log",
                           reliable=True) as (client, _):
         for transition in ("deactivate", "cleanup", "configure", "activate"):
             assert client.change_state(transition), transition

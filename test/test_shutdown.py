@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO_ROOT
 from rosutil import node_with_client
 
+pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
+
 
 def interrupt_group_twice(process: subprocess.Popen, gap_s: float = 0.2, timeout: float = 60.0) -> int:
     os.killpg(process.pid, signal.SIGINT)
@@ -117,3 +119,33 @@ def test_an_error_without_an_interrupt_still_fails_the_program(tmp_path):
     """)
     assert result.returncode == 1
     assert "RuntimeError: a real failure" in result.stderr
+
+
+def test_frames_in_flight_when_ctrl_c_shuts_the_context_down_end_quietly(installed_prefix):
+    """Ctrl-C shuts rclpy's context down under the inference thread: the batch it is classifying can
+    publish nothing (`publisher's context is invalid`, `Failed to publish`, also from the debug
+    image's subscriber count). That must end the batch quietly, not raise out of the thread."""
+    import numpy as np
+    import rclpy
+    from rclpy.parameter import Parameter
+    from rosutil import image_message
+
+    from mixclf_ros.ros.frame_queue import PendingFrame
+    from mixclf_ros.ros.node import MixclfNode
+
+    context = rclpy.context.Context()
+    rclpy.init(context=context)
+    overrides = [Parameter("autostart", value=False), Parameter("debug_image", value=True),
+                 Parameter("device", value="cpu"), Parameter("torch_threads", value=1)]
+    node = MixclfNode(context=context, parameter_overrides=overrides)
+    try:
+        node.trigger_configure()
+        node.trigger_activate()
+        assert node._outputs is not None and node._publisher is not None, node._configure_error
+        frame = PendingFrame("image", image_message(np.zeros((480, 640, 3), np.uint8), "late", node), 0.0)
+        rclpy.try_shutdown(context=context)
+        node._classify_safely([frame])  # raised RCLError from the error handler before
+        assert node._last_error == ""
+    finally:
+        node.stop_worker()
+        node.destroy_node()

@@ -84,21 +84,30 @@ def test_each_model_gets_its_own_input_and_the_certificate_only_the_robust_ones(
             assert result.class_id == result.robust_class_id
 
 
+@pytest.mark.ros
 def test_node_results_equal_the_offline_classifier(tmp_path, resnet_weights, frames):
     """Over real DDS: the node with resnet18 (224 RGB) as g and the zoo's Lipschitz model (28 grey) as h
     publishes, frame by frame, what `CertifiedClassifier` computes offline on the same messages."""
+    import yaml
+
+    from mixclf_ros.models import sha256_of
     from mixclf_ros.msg import CertifiedClassification as Msg
     from mixclf_ros.ros.messages import decode_message
     from mixclf_ros.runtime.classifier import LiveSettings
 
-    overrides = []
-    for key, value in resnet_config(resnet_weights).items():
-        overrides += ["-p", f"standard_model.{key}:={value if not isinstance(value, str) else repr(value)}"]
-    overrides += ["-p", "standard_model.sha256:=''", "-p", "seed:=0", "-p", "max_image_age:=0.0",
-                  "-p", "qos_overrides./image.subscription.reliability:=reliable"]
+    # the user's own weights with no sha256 (the shipped file's standard_model section replaced):
+    # the zoo model's hash must not follow them
+    shipped = yaml.safe_load(CONFIG.read_text())
+    shipped["/**"]["ros__parameters"]["standard_model"] = {**resnet_config(resnet_weights),
+                                                           "weights": str(resnet_weights)}
+    params = tmp_path / "resnet.yaml"
+    params.write_text(yaml.safe_dump(shipped))
+    overrides = ["-p", "seed:=0", "-p", "max_image_age:=0.0", "-p", "torch_threads:=1",
+                 "-p", "qos_overrides./image.subscription.reliability:=reliable"]
     offline = offline_classifier(resnet_config(resnet_weights))
     settings = LiveSettings(alpha=0.6, safe_radius=0.0)
-    with node_with_client("--params-file", str(CONFIG), *overrides, log_path=tmp_path / "mixclf_node.log",
+    log = tmp_path / "mixclf_node.log"
+    with node_with_client("--params-file", str(params), *overrides, log_path=log,
                           reliable=True, domain_id=int(os.environ["ROS_DOMAIN_ID"]) + 102) as (client, _):
         compared = 0
         for index, frame in enumerate(frames):
@@ -114,6 +123,7 @@ def test_node_results_equal_the_offline_classifier(tmp_path, resnet_weights, fra
             assert published.standard_class_id == expected.standard_class_id
             compared += expected.certified_radius > 0
         assert compared >= 1  # some frames are certified, so the radii compared are not all zero
+    assert f'pin it: standard_model.sha256: "{sha256_of(resnet_weights)}"' in log.read_text()
 
 
 def diagnostics_status(client: RosClient, suffix: str, timeout: float = 30.0):
@@ -133,24 +143,19 @@ def diagnostics_status(client: RosClient, suffix: str, timeout: float = 30.0):
     return status
 
 
-@pytest.mark.parametrize("override, reason", [
-    ("crop_height:=476", "robust_model.crop_height"),  # a parameters file from before the per-model preprocessing
-    ("robust_model.weights:=/nonexistent/robust.pt", "robust_model: model config key 'weights'"),
-], ids=["former-node-parameter", "missing-weights"])
-def test_a_node_that_cannot_configure_says_why_on_every_frame(tmp_path, override, reason):
-    """Configure fails: every frame gets NOT_READY with the reason, /diagnostics an ERROR with it; the
-    node stays up, unconfigured."""
+def assert_unconfigured_with(tmp_path: Path, ros_args: list[str], reasons: list[str], domain_offset: int) -> None:
+    """Starts the node with `ros_args`: every frame gets NOT_READY with each of `reasons` in its
+    status message, /diagnostics an ERROR with them; the node stays up, unconfigured, and exits 0."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
 
     from mixclf_ros.msg import CertifiedClassification as Msg
 
-    domain = int(os.environ["ROS_DOMAIN_ID"]) + 103
+    domain = int(os.environ["ROS_DOMAIN_ID"]) + domain_offset
     context = rclpy.context.Context()
     rclpy.init(context=context, domain_id=domain)
     try:
-        with node_process("mixclf_node", "--params-file", str(CONFIG), "-p", override,
-                          "-p", "qos_overrides./image.subscription.reliability:=reliable",
+        with node_process("mixclf_node", *ros_args, "-p", "qos_overrides./image.subscription.reliability:=reliable",
                           log_path=tmp_path / "mixclf_node.log", env={"ROS_DOMAIN_ID": str(domain)}) as process:
             client = RosClient(context, reliable=True)
             try:
@@ -167,10 +172,12 @@ def test_a_node_that_cannot_configure_says_why_on_every_frame(tmp_path, override
                 for result in results.values():
                     assert result.status == Msg.STATUS_NOT_READY and not result.safe
                     assert "configure failed" in result.status_message
-                    assert reason in result.status_message, result.status_message
+                    for reason in reasons:
+                        assert reason in result.status_message, (reason, result.status_message)
                 status = diagnostics_status(client, ": classifier")
                 assert status.level == DiagnosticStatus.ERROR
-                assert reason in status.message, status.message
+                for reason in reasons:
+                    assert reason in status.message, (reason, status.message)
                 assert client.lifecycle_state() == "unconfigured"
                 assert process.poll() is None
             finally:
@@ -178,6 +185,47 @@ def test_a_node_that_cannot_configure_says_why_on_every_frame(tmp_path, override
     finally:
         rclpy.try_shutdown(context=context)
     assert process.returncode == 0
+
+
+@pytest.mark.ros
+@pytest.mark.parametrize("override, reason", [
+    ("crop_height:=476", "robust_model.crop_height"),  # a parameters file from before the per-model preprocessing
+    ("robust_model.weights:=/nonexistent/robust.pt", "robust_model: model config key 'weights'"),
+], ids=["former-node-parameter", "missing-weights"])
+def test_a_node_that_cannot_configure_says_why_on_every_frame(tmp_path, override, reason):
+    """Configure fails: every frame gets NOT_READY with the reason, /diagnostics an ERROR with it; the
+    node stays up, unconfigured."""
+    assert_unconfigured_with(tmp_path, ["--params-file", str(CONFIG), "-p", override], [reason], 103)
+
+
+@pytest.mark.ros
+def test_a_misspelled_key_or_section_in_a_parameters_file_leaves_the_node_unconfigured(tmp_path):
+    """A typo never runs another model: a misspelled section (the zoo model would have run instead of
+    the user's), misspelled keys and a misspelled top-level parameter each make configure fail, named
+    with the nearest known name, for the same reasons `mixclf-eval --params` gives (one check).
+    rclpy's own parameters (use_sim_time, qos_overrides.*) stay allowed."""
+    import yaml
+
+    from mixclf_ros.evaluation.params_file import read_ros_parameters
+    from mixclf_ros.runtime.node_parameters import refused_parameters
+
+    shipped = yaml.safe_load(CONFIG.read_text())
+    section = shipped["/**"]["ros__parameters"]
+    section["standard_modle"] = section.pop("standard_model")
+    section["robust_model"]["input_heigth"] = 64
+    section["robust_model"]["lipschitz_constnat"] = 0.5
+    section["alhpa"] = 0.9
+    section["use_sim_time"] = False
+    path = tmp_path / "misspelled.yaml"
+    path.write_text(yaml.safe_dump(shipped))
+    eval_reasons = refused_parameters(read_ros_parameters(path))
+    assert len(eval_reasons) == 4, eval_reasons
+    named = ["standard_modle.* (", "(nearest known: standard_model.*)",
+             "robust_model.input_heigth: not a model config key (nearest known: robust_model.input_height)",
+             "robust_model.lipschitz_constnat: not a model config key (nearest known: robust_model.lipschitz_constant)",
+             "alhpa: not a parameter of the node (nearest known: alpha)"]
+    assert_unconfigured_with(tmp_path, ["--params-file", str(path), "-p", "torch_threads:=1"],
+                             [*named, *eval_reasons], 103)
 
 
 def test_eval_cli_takes_a_pair_with_different_inputs(tmp_path, resnet_weights):

@@ -3,6 +3,7 @@ file, frozen, in eval mode, and described for the JSON output."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,10 @@ def load_config(config: dict[str, Any], device: torch.device, role: str = "") ->
     """`models.load_model` (validated against `models.schema`; errors prefixed with `role`), prepared."""
     from mixclf_ros import models
 
-    return prepare_model(models.load_model(dict(config), name=role), device)
+    model = models.load_model(dict(config), name=role)
+    if role and (note := models.unpinned_note(model, role)):
+        print(note, file=sys.stderr)
+    return prepare_model(model, device)
 
 
 def load_zoo_model(name: str, device: torch.device) -> nn.Module:

@@ -7,8 +7,6 @@ from typing import Any
 
 from mixclf_ros.evaluation.settings import EvaluationError
 
-MODEL_PREFIXES = ("standard_model", "robust_model")
-
 
 def _flatten_parameters(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2} (ROS parameter names, nested or dotted)."""
@@ -57,31 +55,29 @@ def read_ros_parameters(path: str | Path) -> dict[str, Any]:
 
 def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
     """`{"standard_model": config, "robust_model": config}` from a ROS parameters file, read as the
-    node reads it (`models.schema`): the keys of the model's kind only (others are ignored, as the
-    node does not declare them); a key the node takes from another parameter (`beta` from
-    `confidence`: beta = 1 - confidence) comes from that one when the file sets it. Unknown keys are
-    kept, so that `models.loading` refuses them by name."""
+    node reads it: a file the node refuses (`runtime.node_parameters.refused_parameters`: unknown or
+    misspelled names and sections, keys the model's kind does not use, former names) is refused
+    here with the same reasons; `beta` comes from the node's `confidence` (beta = 1 - confidence)
+    when the file sets it; a model without `kind` has its zoo default's kind, as in the node."""
     from mixclf_ros.models import schema
+    from mixclf_ros.runtime.node_parameters import MODELS, default_kind, refused_parameters
 
     parameters = read_ros_parameters(path)
-    moved = [name for name in schema.FORMER_NODE_PARAMETERS if name in parameters]
-    if moved:
-        raise EvaluationError(f"--params {path}: " + ", ".join(moved) + " moved into each model's config (each model "
-                              "preprocesses the frame its own way): set " + ", ".join(
-                                  f"{prefix}.{name}" for name in moved for prefix in MODEL_PREFIXES) + " instead")
+    refused = refused_parameters(parameters)
+    if refused:
+        raise EvaluationError(f"--params {path}: the node would refuse this file:\n  " + "\n  ".join(refused))
     configs: dict[str, dict[str, Any]] = {}
-    for prefix in MODEL_PREFIXES:
+    for prefix in MODELS:
         given = {name[len(prefix) + 1:]: value for name, value in parameters.items()
                  if name.startswith(prefix + ".")}
         if not given:
-            raise EvaluationError(f"--params {path}: no '{prefix}.*' parameters")
-        kind = given.get("kind", schema.DEFAULTS["kind"])
-        used = {key.name for key in schema.keys_for_kind(kind)} if isinstance(kind, str) else set(schema.KEYS)
-        config = {name: value for name, value in given.items() if name in used or name not in schema.KEYS}
+            sections = sorted({name.split(".", 1)[0] for name in parameters if "." in name})
+            raise EvaluationError(f"--params {path}: no '{prefix}.*' parameters (sections in the file: "
+                                  f"{', '.join(sections) or 'none'}); mixclf-eval needs both models' configs")
+        config = dict(given)
+        kind = config.setdefault("kind", default_kind(prefix))
         for key in schema.keys_for_kind(kind) if isinstance(kind, str) else ():
             if key.node_parameter and key.node_parameter in parameters:
                 config[key.name] = 1.0 - float(parameters[key.node_parameter])
         configs[prefix] = config
     return configs
-
-

@@ -9,6 +9,7 @@ from mixclf_ros.models.loading import (
     load_model,
     resolve_weights,
     sha256_of,
+    unpinned_note,
     validate_config,
     zoo_config,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "load_model",
     "resolve_weights",
     "sha256_of",
+    "unpinned_note",
     "validate_config",
     "zoo_config",
 ]

@@ -67,6 +67,24 @@ def resolve_weights(weights: str) -> Path:
     return Path(weights).expanduser()
 
 
+def zoo_sha256(weights: str) -> str:
+    """The sha256 the zoo's card gives for `zoo:<file>` weights; '' for any other weights (a zoo
+    hash applies to the zoo's file only)."""
+    if not weights.startswith("zoo:"):
+        return ""
+    card = ZOO_DIR / f"{Path(weights[len('zoo:'):]).stem}.json"
+    return json.loads(card.read_text())["sha256"] if card.exists() else ""
+
+
+def unpinned_note(model: LoadedModel, name: str) -> str:
+    """A line for the log when `model`'s weights are checked against no hash ('' otherwise): the
+    file's sha256 and how to pin it. `name` is the parameter prefix, e.g. 'robust_model'."""
+    if model.config["sha256"] or zoo_sha256(model.config["weights"]):
+        return ""
+    return (f"{name}: weights {model.weights_path} loaded unpinned, sha256 {model.sha256}; to refuse any other file "
+            f"there, pin it: {name}.sha256: \"{model.sha256}\"")
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -317,10 +335,16 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
         raise ModelConfigError(f"model config key 'weights': {path} is a directory; give the weights file in it "
                                "(a state_dict .pt/.pth, or TorchScript .ts/.jit/.torchscript)")
     if not path.is_file():
-        raise ModelConfigError(f"model config key 'weights': file {path} not found")
+        raise ModelConfigError(f"model config key 'weights' = '{config['weights']}': file {path.resolve()} not "
+                               "found (a relative path is taken from the working directory)")
     digest = sha256_of(path)
     if config["sha256"] and config["sha256"].lower() != digest:
         raise ModelConfigError(f"model config key 'sha256': {path} has sha256 {digest}, expected {config['sha256']}")
+    shipped = zoo_sha256(config["weights"])
+    if shipped and shipped != digest:
+        raise ModelConfigError(f"model config key 'weights' = '{config['weights']}': the zoo file {path} has sha256 "
+                               f"{digest}, its card says {shipped}: the shipped weights were changed; reinstall the "
+                               "package")
     if path.suffix in TORCHSCRIPT_SUFFIXES:
         try:
             network = torch.jit.load(str(path), map_location="cpu")

@@ -118,7 +118,7 @@ class MixclfNode(LifecycleNode):
             self.trigger_activate()
 
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        from mixclf_ros.models.loading import check_compatible, load_model
+        from mixclf_ros.models.loading import check_compatible, load_model, unpinned_note
 
         value = lambda name: self.get_parameter(name).value  # noqa: E731
         started = time.perf_counter()
@@ -136,15 +136,18 @@ class MixclfNode(LifecycleNode):
             self._destroy_publishers()  # the failure publisher of an earlier failed configure
             self._unsubscribe()  # the topics may have changed since a failed configure
             self._subscribe()
-            moved = parameters.moved_parameters(self)
-            if moved:
-                raise ValueError(moved)
+            refused = parameters.refused_start_up_parameters(self)
+            if refused:
+                raise ValueError(refused)
             torch.set_num_threads(max(1, value("torch_threads")))
             device = select_device(value("device"))
             confidence = self._live.classifier.confidence
             standard = load_model(parameters.model_config(self, "standard_model", confidence), name="standard_model")
             robust = load_model(parameters.model_config(self, "robust_model", confidence), name="robust_model")
             check_compatible(standard, robust)
+            for model, prefix in ((standard, "standard_model"), (robust, "robust_model")):
+                if note := unpinned_note(model, prefix):
+                    self.get_logger().info(note)
             seed = parameters.smoothing_seed(self)
             # each model its own preprocessing, from its config (crop, resize, input size and channels)
             classifier = CertifiedClassifier(standard, robust, None, device,
@@ -312,11 +315,17 @@ class MixclfNode(LifecycleNode):
         try:
             self._process(frames)
         except Exception as error:  # keep serving: report, publish unsafe, continue
+            if not self.context.ok():
+                return  # shutting down: the context is gone, so is everyone these results were for
             self._last_error = f"inference loop: {type(error).__name__}: {error}"
             self._log_limited("loop", self._last_error)
-            for frame in frames:
-                self._finish(frame, FrameResult.failure(
-                    Status.MODEL_ERROR, self._last_error, self._live.classifier))
+            try:
+                for frame in frames:
+                    self._finish(frame, FrameResult.failure(
+                        Status.MODEL_ERROR, self._last_error, self._live.classifier))
+            except Exception as publish_error:  # the publisher itself fails: the thread must live on
+                self._log_limited("publish", f"cannot publish the failure: {type(publish_error).__name__}: "
+                                             f"{publish_error}")
 
     def _process(self, frames: list[PendingFrame]) -> None:
         live = self._live  # one consistent snapshot for the whole batch
@@ -356,10 +365,15 @@ class MixclfNode(LifecycleNode):
 
     def _publish(self, header, result: FrameResult, decoded: DecodedImage | None = None) -> None:
         publisher, outputs = self._publisher, self._outputs
-        if publisher is not None:
-            publisher.publish(result_message(header, result, self._class_names))
-        if outputs is not None:
-            outputs.publish(header, result, decoded, self._class_names)
+        try:
+            if publisher is not None:
+                publisher.publish(result_message(header, result, self._class_names))
+            if outputs is not None:
+                outputs.publish(header, result, decoded, self._class_names)
+        except Exception:
+            if self.context.ok():
+                raise
+            # shutting down (Ctrl-C shut the context down under this thread): nowhere to publish to
 
     def _log_limited(self, key: str, text: str, period_s: float = 5.0) -> None:
         now = time.monotonic()

@@ -14,7 +14,6 @@ Defaults are the shipped `config/mixclf.yaml` (the zoo's standard and Lipschitz 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,95 +22,27 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 
 from mixclf_ros.models import schema
-from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL, LiveSettings
-
-MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz"}
-"""The two model parameter prefixes and the shipped zoo model each defaults to."""
-
-MAX_QUEUED_FRAMES = 100
-"""frame_policy every: frames kept per camera before the oldest is dropped."""
-
-LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
-
-OS_ENTROPY_SEED = -1
-"""`seed` value (the default) that draws the smoothing noise seed from the OS's entropy."""
+from mixclf_ros.runtime.classifier import LiveSettings
+from mixclf_ros.runtime.node_parameters import (  # noqa: F401 (re-exported: the node's names)
+    BOOL,
+    BY_NAME,
+    CONFIGURE,
+    LIVE,
+    MAX_QUEUED_FRAMES,
+    MODELS,
+    NODE_PARAMETERS,
+    OS_ENTROPY_SEED,
+    STARTUP,
+    NodeParameter,
+    refused_parameters,
+)
 
 _TYPES = {
     schema.STRING: ParameterType.PARAMETER_STRING, schema.INTEGER: ParameterType.PARAMETER_INTEGER,
     schema.DOUBLE: ParameterType.PARAMETER_DOUBLE, schema.DOUBLE_ARRAY: ParameterType.PARAMETER_DOUBLE_ARRAY,
-    schema.STRING_ARRAY: ParameterType.PARAMETER_STRING_ARRAY,
+    schema.STRING_ARRAY: ParameterType.PARAMETER_STRING_ARRAY, BOOL: ParameterType.PARAMETER_BOOL,
 }
-
-
-@dataclass(frozen=True)
-class NodeParameter:
-    name: str
-    default: Any
-    type: int
-    when: str
-    description: str
-    float_range: tuple[float, float] | None = None
-    integer_range: tuple[int, int] | None = None
-
-
-_D, _I = ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_INTEGER
-_S, _B, _SA = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_BOOL, ParameterType.PARAMETER_STRING_ARRAY
-
-NODE_PARAMETERS: tuple[NodeParameter, ...] = (
-    NodeParameter("alpha", 0.6, _D, LIVE,
-                  "weight of the robust model in the mixture; certificates need alpha >= 0.5", (0.0, 1.0)),
-    # Both thresholds default to one grey level of an 8-bit camera: a certificate smaller than that
-    # protects against nothing a camera can show.
-    NodeParameter("safe_radius", ONE_GREY_LEVEL, _D, LIVE,
-                  "safe = true needs certified_radius >= this; model input: [0,1] pixels at the model's input "
-                  "size, before mean/std, in the certificate norm; 0 = not set; default one grey level, 1/255",
-                  (0.0, 1e6)),
-    NodeParameter("safe_image_radius", ONE_GREY_LEVEL, _D, LIVE,
-                  "safe = true needs image_radius >= this; source image pixels scaled to [0,1], in the "
-                  "certificate norm; 0 = not set; default one grey level, 1/255", (0.0, 1e6)),
-    NodeParameter("max_image_age", 1.0, _D, LIVE,
-                  "frames whose header stamp is older than this many seconds are STALE; 0 disables",
-                  (0.0, 3600.0)),
-    NodeParameter("confidence", 0.999, _D, LIVE,
-                  "randomized smoothing: probability that a certificate holds, 1 - beta", (0.5, 1.0 - 1e-12)),
-    NodeParameter("camera_timeout", 2.0, _D, LIVE,
-                  "seconds without frames after which a camera is reported WARN", (0.1, 3600.0)),
-    NodeParameter("image_topics", ["image"], _SA, CONFIGURE,
-                  "camera topics (sensor_msgs/Image), relative names so remapping and namespaces apply"),
-    NodeParameter("image_transport", "raw", _S, CONFIGURE,
-                  "one transport per camera, image_transport's convention: raw (sensor_msgs/Image on each "
-                  "topic) | compressed (sensor_msgs/CompressedImage on <topic>/compressed)"),
-    NodeParameter("input_kind", "intensity", _S, CONFIGURE,
-                  "what the model takes: intensity (camera images; depth encodings 16UC1/32FC1 are refused) | "
-                  "depth (REP-118 depth images only)"),
-    NodeParameter("debug_image", False, _B, CONFIGURE,
-                  "publish ~/debug_image (the frame with class, probability, radius and a safe badge) while "
-                  "someone subscribes"),
-    NodeParameter("device", "auto", _S, CONFIGURE, "auto (first CUDA device, else CPU), cpu, cuda:N"),
-    NodeParameter("standard_precision", "float32", _S, CONFIGURE,
-                  "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
-    NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "0")), _I, CONFIGURE,
-                  "CPU threads for torch: 0 = chosen at warm-up by timing the real path per batch size "
-                  "(one frame, all cameras); N = always N",
-                  integer_range=(0, 256)),
-    NodeParameter("frame_policy", "newest", _S, CONFIGURE,
-                  "newest: classify only the newest frame of each camera (real time; older frames are "
-                  "dropped and counted) | every: classify every frame in order, up to "
-                  f"{MAX_QUEUED_FRAMES} queued per camera (playback, evaluation)"),
-    NodeParameter("seed", OS_ENTROPY_SEED, _I, CONFIGURE,
-                  f"seed of the randomized-smoothing noise: {OS_ENTROPY_SEED} = fresh operating-system entropy in "
-                  "every process (the 1 - beta guarantee needs noise the attacker cannot predict); >= 0 = fixed, "
-                  "for tests and replay only: it voids the guarantee against anyone who knows it",
-                  integer_range=(OS_ENTROPY_SEED, 2**63 - 1)),
-    NodeParameter("diagnostics_period", 1.0, _D, STARTUP, "seconds between /diagnostics messages", (0.05, 60.0)),
-    NodeParameter("autostart", True, _B, STARTUP, "configure and activate at start-up"),
-    NodeParameter("executor", "events", _S, STARTUP,
-                  "events (rclpy.experimental.EventsExecutor, one thread) | multi_threaded (MultiThreadedExecutor)"),
-    NodeParameter("inline_inference", False, _B, STARTUP,
-                  "classify a frame in its subscription callback when the inference thread is idle (no "
-                  "hand-off); frames arriving meanwhile go to the inference thread"),
-)
-_BY_NAME = {parameter.name: parameter for parameter in NODE_PARAMETERS}
+_BY_NAME = BY_NAME
 
 
 def descriptor(description: str, parameter_type: int, read_only: bool = False,
@@ -143,18 +74,20 @@ def model_defaults(prefix: str) -> dict[str, Any]:
     """The shipped config of the model under `prefix`: a zoo model, cropped as the demo camera needs."""
     from mixclf_ros.models.loading import zoo_config
 
-    return {**zoo_config(MODELS[prefix]), "crop_height": DEMO_CROP, "crop_width": DEMO_CROP}
+    # sha256 "": the zoo's hash follows the zoo's weights (models.loading checks it), so a user's own
+    # `weights` without a `sha256` is not checked against the zoo file's hash
+    return {**zoo_config(MODELS[prefix]), "sha256": "", "crop_height": DEMO_CROP, "crop_width": DEMO_CROP}
 
 
-def moved_parameters(node: Node) -> str:
-    """Why the start-up parameters cannot be used as given ('' if they can): a former node
-    parameter that is now a key of each model's config was set."""
-    given = [name for name in schema.FORMER_NODE_PARAMETERS if name in node._parameter_overrides]
-    if not given:
+def refused_start_up_parameters(node: Node) -> str:
+    """Why the start-up parameters cannot be used as given ('' if they can): the start-up values
+    rclpy holds for this node (its sections and the wildcard ones), judged by
+    `runtime.node_parameters.refused_parameters`, as `mixclf-eval --params` judges a file."""
+    overrides = node._parameter_overrides  # rclpy keeps every start-up value here, declared or not
+    reasons = refused_parameters({name: parameter.value for name, parameter in overrides.items()})
+    if not reasons:
         return ""
-    return ("parameter(s) " + ", ".join(given) + " moved into each model's config, since each model preprocesses "
-            "the frame its own way: set " + ", ".join(f"{prefix}.{name}" for name in given for prefix in MODELS)
-            + " instead")
+    return "start-up parameter(s) refused, nothing was loaded: " + "; ".join(reasons)
 
 
 def _coerce_overrides(node: Node, types: dict[str, int]) -> None:
@@ -168,12 +101,12 @@ def _coerce_overrides(node: Node, types: dict[str, int]) -> None:
 
 def declare(node: Node) -> None:
     """Declares the node parameters and, for each model, the schema keys its kind uses."""
-    types = {parameter.name: parameter.type for parameter in NODE_PARAMETERS}
+    types = {parameter.name: _TYPES[parameter.type] for parameter in NODE_PARAMETERS}
     types.update({f"{prefix}.{key.name}": _TYPES[key.type] for prefix in MODELS for key in schema.SCHEMA})
     _coerce_overrides(node, types)
     for parameter in NODE_PARAMETERS:
         node.declare_parameter(parameter.name, parameter.default, descriptor(
-            f"{parameter.description} ({parameter.when})", parameter.type, read_only=parameter.when == STARTUP,
+            f"{parameter.description} ({parameter.when})", _TYPES[parameter.type], read_only=parameter.when == STARTUP,
             float_range=parameter.float_range, integer_range=parameter.integer_range))
     for prefix in MODELS:
         kind = schema.KEYS["kind"]

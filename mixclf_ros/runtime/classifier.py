@@ -466,7 +466,8 @@ class CertifiedClassifier:
                 class_id=int(class_id),
                 probability=float(probability),
                 alpha=alpha,
-                certificate_method=method,
+                # the message's "a certificate exists" is certificate_method != NONE
+                certificate_method=method if has_certificate else CertificateMethod.NONE,
                 norm=self.norm,
                 certified_radius=certified_radius,
                 image_radius=source_radius,
