@@ -31,7 +31,7 @@ def _types():
 
 def image_message(frame: Frame, sec: int, nanosec: int):
     """A rosbags sensor_msgs/Image or CompressedImage of `frame`, stamped sec.nanosec."""
-    store, types = _types()
+    _, types = _types()
     header = types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](sec=sec, nanosec=nanosec),
                                           frame_id=frame.frame_id)
     if frame.encoding in ("jpeg", "png"):

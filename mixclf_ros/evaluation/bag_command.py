@@ -67,8 +67,8 @@ def frame_rows(result: dict[str, Any], alphas: tuple[float, ...], class_names: l
                   "stamp": _stamp(frames["stamp_sec"][position], frames["stamp_nanosec"][position]),
                   "stamp_ns": frames["stamp_sec"][position] * 10**9 + frames["stamp_nanosec"][position],
                   "frame_id": frames["frame_id"][position], "refused": frames["refused"][position]}
-        rows.append([{"alpha": alpha, **common,
-                      **{name: result["results"][a][name][position] for name in RESULT_FIELDS},
+        rows.append([{**common, **{name: result["results"][a][name][position] for name in RESULT_FIELDS},
+                      "alpha": alpha,  # also for a refused frame, which has no result
                       "class_name": _name(result["results"][a]["class_id"][position], class_names),
                       "inference_ms": result["inference_ms"][a][position]}
                      for a, alpha in enumerate(alphas)])
