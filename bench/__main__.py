@@ -1,6 +1,7 @@
 """`make bench`: speed and memory of the node, measured side by side in one run.
 
-    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport] [--soak-seconds 60]
+    python -m bench [--only latency,naive,cameras,smoothing,certify,attacks,cluster,soak,bag,transport]
+                    [--soak-seconds 60]
 
 Every figure is a ratio against a baseline measured in the same run (this machine is shared and
 noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BENCHMARKS.md.
@@ -17,6 +18,7 @@ noisy). Results: bench/results/latest.json, and a summary regenerated in docs/BE
 - cluster:   a PGD sweep on a local Ray instance with 1 and 2 single-threaded workers, against the same
              work units in process with one thread (bench/bench_cluster.py).
 - soak:      resident memory of the node at 30 Hz over --soak-seconds.
+- bag:       peak memory of `mixclf-eval bag` on a recording and on one 10x longer (bench/bench_bag.py).
 - transport: best-effort 640x480 rgb8 frames lost between two processes at 30 Hz on a loaded
              machine, per Fast DDS configuration (bench/bench_transport.py).
 - levers:    in-process A/B of preprocessing paths and torch thread counts (bench/levers.py).
@@ -50,6 +52,7 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 from rosutil import RosClient, image_message, node_process, rss_mb  # noqa: E402
 
 from bench import targets  # noqa: E402
+from bench.bench_bag import bag_markdown, bench_bag  # noqa: E402
 from bench.bench_certify import median_seconds  # noqa: E402
 from bench.bench_cluster import bench_cluster, cluster_markdown  # noqa: E402
 from bench.bench_transport import bench_transport  # noqa: E402
@@ -602,6 +605,8 @@ def write_markdown(report: dict) -> None:
                   f"RSS first {soak['rss_mb_first']:.0f} MiB, "
                   f"last {soak['rss_mb_last']:.0f} MiB, max {soak['rss_mb_max']:.0f} MiB, slope "
                   f"{soak['rss_slope_mb_per_min']:.2f} MiB/min.", ""]
+    if report.get("bag"):
+        lines += bag_markdown(report["bag"])
     if report.get("transport"):
         lines += transport_markdown(report["transport"])
     notes = REPO_ROOT / "bench" / "NOTES.md"
@@ -613,7 +618,7 @@ def write_markdown(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,transport,"
+    parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,bag,transport,"
                                           "levers,executors")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
@@ -634,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "attacks": bench_attacks,
         "cluster": bench_cluster,
         "soak": lambda: bench_soak(work, args.soak_seconds),
+        "bag": lambda: bench_bag(work),
         "transport": lambda: bench_transport(work, args.transport_frames),
         "levers": bench_levers,
         "executors": lambda: bench_executors(work, args.pings),

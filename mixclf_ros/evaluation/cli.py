@@ -4,6 +4,7 @@
     mixclf-eval margins  mean top-1 minus top-2 probability gap of g and h (paper Table I)
     mixclf-eval certify  certified accuracy vs radius of the mixture (paper Fig. 3, Theorems 1 and 2)
     mixclf-eval design   R_i(x) choices, logits vs probabilities (paper Fig. 1, eq. 3)
+    mixclf-eval bag      a robot's rosbag2 recording through the node's own path, per alpha (`bag_command`)
 
 Also `python -m mixclf_ros.evaluation ...` (or `python -m mixclf_ros.evaluation.cli ...`). Each subcommand
 writes a CSV and a JSON file with every number, and a PNG plot, under `--out` (default `eval_out/`), and
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from mixclf_ros.evaluation.bag_command import add_bag_arguments, check_output_free, default_stem
 from mixclf_ros.evaluation.commands import COMMANDS, run_header
 from mixclf_ros.evaluation.datasets import DataSettings
 from mixclf_ros.evaluation.execution_options import add_execution_arguments, execution_from_arguments
@@ -99,7 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
                               help="zoo name of h (default: robust_at; certify: robust_lipschitz)")
     models_group.add_argument("--params", metavar="YAML",
                               help="ROS parameters file with standard_model.* / robust_model.* keys")
-    data_group = common.add_argument_group("data and run")
+    run_group = common.add_argument_group("run")
+    run_group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    run_group.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    run_group.add_argument("--seed", type=int, default=0, help="seed of subsets, noise and random starts")
+    run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    run_group.add_argument("--out", default="eval_out", metavar="DIR", help="output folder")
+    run_group.add_argument("--name", default=None, help="stem of the output files (default per command)")
+    run_group.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    add_execution_arguments(common)
+
+    data_options = argparse.ArgumentParser(add_help=False)
+    data_group = data_options.add_argument_group("data")
     data_group.add_argument("--image-folder", metavar="DIR",
                             help="one sub-folder per class, named by a class name or index of the model "
                             "(default: Fashion-MNIST test set)")
@@ -115,14 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "else area)")
     data_group.add_argument("--limit", type=int, default=None, metavar="N",
                             help="evaluate a seeded random subset of N images (default: all)")
-    data_group.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    data_group.add_argument("--batch-size", type=int, default=256, help="images per batch")
-    data_group.add_argument("--seed", type=int, default=0, help="seed of subsets, noise and random starts")
-    data_group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    data_group.add_argument("--out", default="eval_out", metavar="DIR", help="output folder")
-    data_group.add_argument("--name", default=None, help="stem of the output files (default per command)")
-    data_group.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    add_execution_arguments(common)
 
     attack_options = argparse.ArgumentParser(add_help=False)
     attack_group = attack_options.add_argument_group("PGD attack")
@@ -138,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(Bai, Anderson, Sojoudi): accuracy under attack, margins, certified accuracy, design space.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    sweep = commands.add_parser("sweep", parents=[common, attack_options],
+    sweep = commands.add_parser("sweep", parents=[common, data_options, attack_options],
                                 help="clean / STD / ROB / MIX-attacked accuracy over alpha (Fig. 2)")
     sweep.add_argument("--alphas", type=parse_alphas, default=list(DEFAULT_SWEEP_ALPHAS),
                        help="comma-separated weights of h in [0, 1]")
@@ -154,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--autoattack-alphas", type=parse_alphas, default=None,
                        help="run AutoAttack only at these alphas (default: all of --alphas)")
 
-    commands.add_parser("margins", parents=[common, attack_options],
+    commands.add_parser("margins", parents=[common, data_options, attack_options],
                         help="mean top-1 minus top-2 probability gap of g and h (Table I)")
 
-    certify_parser = commands.add_parser("certify", parents=[common],
+    certify_parser = commands.add_parser("certify", parents=[common, data_options],
                                          help="certified accuracy vs radius of the mixture (Fig. 3)")
     certify_parser.add_argument("--alphas", type=parse_alphas, default=list(DEFAULT_CERTIFY_ALPHAS),
                                 help="comma-separated weights of h (below 1/2 nothing is certified)")
@@ -174,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     certify_parser.add_argument("--beta", type=float, default=None,
                                 help="smoothing: 1 - joint confidence of the Monte Carlo bounds")
 
-    design_parser = commands.add_parser("design", parents=[common, attack_options],
+    design_parser = commands.add_parser("design", parents=[common, data_options, attack_options],
                                         help="R_i(x) choices and logits vs probabilities (Fig. 1)")
     design_parser.add_argument("--gammas", type=parse_floats, default=list(DEFAULT_GAMMAS),
                                help="comma-separated gamma >= 0 of eq. 3 (R=1 softmax: alpha = gamma/(1+gamma))")
@@ -185,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     design_parser.add_argument("--resume", action="store_true",
                                help="keep the points of an earlier run with the same output name, models, "
                                "data and attack, and compute only the missing ones")
+
+    bag_parser = commands.add_parser("bag", parents=[common],
+                                     help="a rosbag2 recording (sqlite3 / MCAP) through the node's own path, per alpha",
+                                     description="Each frame of TOPIC through the node's decoding, preprocessing and "
+                                     "CertifiedClassifier at the settings of --params (the node's file), per alpha: "
+                                     "safe rate, radii, classes, g/h disagreement, frames per second.")
+    add_bag_arguments(bag_parser, parse_alphas, list(DEFAULT_CERTIFY_ALPHAS))
     return parser
 
 
@@ -210,13 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(max(1, args.threads))
         runtime = Runtime(resolve_device(args.device), args.batch_size, args.seed, not args.no_progress)
         torch.manual_seed(args.seed)
+        if args.command == "bag":
+            check_output_free(args)
         pair = load_model_pair(args.standard, args.robust, args.params, DEFAULT_ROBUST[args.command],
                                runtime.device)
-        if args.command != "certify" and getattr(pair.robust, "kind", None) == "smoothing":
+        if args.command not in ("certify", "bag") and getattr(pair.robust, "kind", None) == "smoothing":
             print("mixclf-eval: note: the robust model is a smoothing model; this command uses its base "
                   "network without noise", file=sys.stderr)
-        data, pair = evaluation_inputs(pair, data_settings(args), runtime.device)
-        if data.skipped:
+        data = None
+        if args.command != "bag":  # the frames are the recording's, each model preprocessing its own way
+            data, pair = evaluation_inputs(pair, data_settings(args), runtime.device)
+        if data is not None and data.skipped:
             print(f"mixclf-eval: warning: {len(data.skipped)} file(s) in --image-folder are not images and were "
                   f"skipped: {', '.join(data.skipped[:5])}{' ...' if len(data.skipped) > 5 else ''}",
                   file=sys.stderr)
@@ -225,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default_stems = {"sweep": f"sweep_{getattr(args, 'norm', '')}",
                          "margins": f"margins_{getattr(args, 'norm', '')}",
                          "design": f"design_{getattr(args, 'norm', '')}",
-                         "certify": f"certify_{pair.robust_label.replace(':', '_').replace('/', '_')}"}
+                         "certify": f"certify_{pair.robust_label.replace(':', '_').replace('/', '_')}",
+                         "bag": default_stem(args) if args.command == "bag" else ""}
         stem = args.name or default_stems[args.command]
         runtime.execution = execution_from_arguments(args, runtime, out, stem)
         header = run_header(args, argv, pair, data, runtime)

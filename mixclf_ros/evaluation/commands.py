@@ -1,4 +1,4 @@
-"""The four subcommands of `mixclf-eval`: each runs its experiment on the loaded models and data,
+"""The five subcommands of `mixclf-eval`: each runs its experiment on the loaded models and data,
 writes `<stem>.csv`, `.json` and `.png` under the output folder, and prints a compact table."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mixclf_ros.evaluation.bag_command import command_bag
 from mixclf_ros.evaluation.certification import certify_mixture
 from mixclf_ros.evaluation.datasets import EvaluationData, subset_indices
 from mixclf_ros.evaluation.design_grid import design_comparison
@@ -39,9 +40,9 @@ def _attack_settings(args: argparse.Namespace, default_steps: int) -> PGDSetting
     return PGDSettings(args.norm, eps, steps, args.step_size, args.restarts)
 
 
-def run_header(args: argparse.Namespace, argv: Sequence[str], pair: ModelPair, data: EvaluationData,
-                runtime: Runtime) -> dict[str, Any]:
-    return {
+def run_header(args: argparse.Namespace, argv: Sequence[str], pair: ModelPair, data: EvaluationData | None,
+               runtime: Runtime) -> dict[str, Any]:
+    header = {
         "command": "mixclf-eval " + " ".join(argv),
         "arguments": {key: value for key, value in vars(args).items()},
         "device": str(runtime.device),
@@ -49,12 +50,15 @@ def run_header(args: argparse.Namespace, argv: Sequence[str], pair: ModelPair, d
         "seed": runtime.seed,
         "models": {"standard": describe_model(pair.standard, pair.standard_label),
                    "robust": describe_model(pair.robust, pair.robust_label)},
-        "preprocessing": data.preprocessing,
-        "data": {"source": data.source, "available": data.total_available, "evaluated": int(data.labels.shape[0]),
-                 "subset": "all" if data.labels.shape[0] == data.total_available
-                 else f"seeded random subset (seed {runtime.seed})"},
         "execution": runtime.execution,  # its report (units, per-worker throughput) is written at the end
     }
+    if data is not None:  # bag: the recording, described by the command
+        header["preprocessing"] = data.preprocessing
+        header["data"] = {"source": data.source, "available": data.total_available,
+                          "evaluated": int(data.labels.shape[0]),
+                          "subset": "all" if data.labels.shape[0] == data.total_available
+                          else f"seeded random subset (seed {runtime.seed})"}
+    return header
 
 
 def _command_sweep(args, header, pair, data, runtime, out: Path, stem: str) -> None:
@@ -172,4 +176,4 @@ def _resumable_rows(path: Path, header: dict[str, Any], attack: PGDSettings) -> 
 
 
 COMMANDS = {"sweep": _command_sweep, "margins": _command_margins, "certify": _command_certify,
-            "design": _command_design}
+            "design": _command_design, "bag": command_bag}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mixclf_ros.evaluation.settings import EvaluationError
+from mixclf_ros.runtime.classifier import LiveSettings
 
 
 def _flatten_parameters(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,3 +84,45 @@ def model_configs_from_parameters(path: str | Path) -> dict[str, dict[str, Any]]
                 config[key.name] = 1.0 - float(parameters[key.node_parameter])
         configs[prefix] = config
     return configs
+
+
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The node's settings that decide its results, as the node reads them from a parameters file
+    (defaults: the node's, `runtime.classifier.LiveSettings`): the live classifier settings
+    (alpha, safe_radius and safe_image_radius in [0,1] pixels, confidence), `input_kind`, the
+    smoothing `seed` (-1: OS entropy) and `standard_precision`."""
+
+    live: LiveSettings = field(default_factory=LiveSettings)
+    input_kind: str = "intensity"
+    seed: int = -1
+    standard_precision: str = "float32"
+
+
+def node_settings_from_parameters(path: str | Path | None) -> NodeSettings:
+    """`NodeSettings` of a ROS parameters file (None: the node's defaults); `EvaluationError` for a
+    value the node would refuse."""
+    from mixclf_ros.vision.decode import INPUT_KINDS
+
+    parameters = read_ros_parameters(path) if path is not None else {}
+    defaults = LiveSettings()
+    live: dict[str, float] = {}
+    for name in ("alpha", "safe_radius", "safe_image_radius", "confidence"):
+        value = parameters.get(name, getattr(defaults, name))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise EvaluationError(f"--params {path}: {name} must be a finite number, got {value!r}")
+        live[name] = float(value)
+    if not 0.0 <= live["alpha"] <= 1.0 or live["safe_radius"] < 0 or live["safe_image_radius"] < 0 \
+            or not 0.5 <= live["confidence"] < 1.0:
+        raise EvaluationError(f"--params {path}: need alpha in [0, 1], safe_radius and safe_image_radius >= 0, "
+                              f"confidence in [0.5, 1); got {live}")
+    input_kind = parameters.get("input_kind", INPUT_KINDS[0])
+    if input_kind not in INPUT_KINDS:
+        raise EvaluationError(f"--params {path}: input_kind must be one of {', '.join(INPUT_KINDS)}, "
+                              f"got {input_kind!r}")
+    seed = parameters.get("seed", -1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise EvaluationError(f"--params {path}: seed must be an integer, got {seed!r}")
+    return NodeSettings(LiveSettings(**live), input_kind, seed, str(parameters.get("standard_precision", "float32")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -127,4 +128,40 @@ def plot_design(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     axes.set_title(title + "\n(each curve: gamma from 0 to large; up and right is better)", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, handlelength=3.5)
+    _save(figure, path)
+
+
+def plot_bag(reports: Sequence[dict[str, Any]], path: Path, title: str, live: Any) -> None:
+    """`mixclf-eval bag`: the safe rate vs alpha (left) and the distribution of the classified frames'
+    radii per alpha (right: quantiles 5-95 % as bars, median as a dot, model input and source image)."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=110)
+    alphas = [report["alpha"] for report in reports]
+    for key, label, style in (("safe_rate", "safe rate (all frames read)", "-"),
+                              ("safe_rate_of_classified", "safe rate (classified frames)", "--")):
+        points = [(a, r[key]) for a, r in zip(alphas, reports) if r[key] is not None]
+        left.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=label)
+    left.axvline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    left.set_xlabel("alpha (weight of the robust model h)")
+    left.set_ylabel("fraction of frames with safe = true")
+    left.set_ylim(0.0, 1.0)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7)
+    left.set_title(f"{title}\nsafe_radius={live.safe_radius:.4g}, safe_image_radius={live.safe_image_radius:.4g}",
+                   fontsize=8)
+    steps = [b - a for a, b in pairwise(sorted(set(alphas)))]
+    width = 0.4 * min(steps) if steps else 0.04
+    for offset, key, color in ((-width / 2, "certified_radius", "tab:blue"), (width / 2, "image_radius", "tab:orange")):
+        rows = [(a, r[key]) for a, r in zip(alphas, reports) if r[key]["q50"] is not None]
+        for number, (alpha, quantiles) in enumerate(rows):
+            right.vlines(alpha + offset, quantiles["q05"], quantiles["q95"], color=color, linewidth=4, alpha=0.5,
+                         label=(key.replace("_", " ") + " (5-95 %, median)") if number == 0 else None)
+            right.plot([alpha + offset], [quantiles["q50"]], "o", color=color, markersize=3)
+    right.axhline(live.safe_radius, color="tab:blue", linewidth=0.8, linestyle=":")
+    right.axhline(live.safe_image_radius, color="tab:orange", linewidth=0.8, linestyle="--")
+    right.set_xlabel("alpha")
+    right.set_ylabel("radius ([0,1] pixels, certificate norm)")
+    right.set_title("radii of the classified frames (dotted/dashed: thresholds)", fontsize=8)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
     _save(figure, path)

@@ -24,7 +24,7 @@ DEFAULT_SWEEP_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8,
 DEFAULT_CERTIFY_ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_GAMMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 DEFAULT_ROBUST = {"sweep": "robust_at", "margins": "robust_at", "design": "robust_at",
-                  "certify": "robust_lipschitz"}
+                  "certify": "robust_lipschitz", "bag": "robust_lipschitz"}
 
 
 class EvaluationError(ValueError):

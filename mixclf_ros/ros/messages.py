@@ -6,8 +6,9 @@ from __future__ import annotations
 from sensor_msgs.msg import CompressedImage, Image
 
 from mixclf_ros.msg import CertifiedClassification
-from mixclf_ros.runtime.classifier import NORM_CODES, FrameResult
-from mixclf_ros.vision.decode import BadImageError, DecodedImage, decode_compressed, decode_image
+from mixclf_ros.runtime.classifier import FrameResult
+from mixclf_ros.runtime.result_fields import result_fields
+from mixclf_ros.vision.decode import DecodedImage, decode_frame
 
 TRANSPORTS = {"raw": ("", Image), "compressed": ("/compressed", CompressedImage)}
 """image_transport name -> (topic suffix, message type), image_transport's topic convention."""
@@ -23,13 +24,7 @@ def camera_topics(topics: list[str], transport: str) -> list[tuple[str, type]]:
 
 def decode_message(message: Image | CompressedImage, input_kind: str = "intensity") -> DecodedImage:
     """Raises `BadImageError` for a message that is not a usable image for a model taking `input_kind`."""
-    if isinstance(message, CompressedImage):
-        if input_kind == "depth":
-            raise BadImageError("compressed images are not supported for a depth model (input_kind 'depth'): "
-                                "use the raw transport")
-        return decode_compressed(message.format, message.data)
-    return decode_image(message.encoding, message.height, message.width, message.step,
-                        message.data, bool(message.is_bigendian), input_kind=input_kind)
+    return decode_frame(message, isinstance(message, CompressedImage), input_kind)
 
 
 def stamp_ns(header) -> int:
@@ -49,25 +44,6 @@ def stale_reason(header, now_ns: int, max_image_age: float) -> str:
 
 
 def result_message(header, result: FrameResult, class_names: list[str]) -> CertifiedClassification:
-    """The published message: the frame's header (never restamped) and every result field."""
-    message = CertifiedClassification()
-    message.header = header
-    message.status = int(result.status)
-    message.status_message = result.status_message
-    message.class_id = result.class_id
-    message.class_name = class_names[result.class_id] if 0 <= result.class_id < len(class_names) else ""
-    message.probability = result.probability
-    message.alpha = result.alpha
-    message.certificate_method = int(result.certificate_method)
-    message.norm = NORM_CODES[result.norm]
-    message.certified_radius = result.certified_radius
-    message.image_radius = result.image_radius
-    message.confidence = result.confidence
-    message.safe_radius = result.safe_radius
-    message.safe_image_radius = result.safe_image_radius
-    message.safe = result.safe
-    message.robust_class_id = result.robust_class_id
-    message.robust_margin = result.robust_margin
-    message.standard_class_id = result.standard_class_id
-    message.inference_ms = result.inference_ms
-    return message
+    """The published message: the frame's header (never restamped) and every result field
+    (`runtime.result_fields`, also what `mixclf-eval bag --write-results` records)."""
+    return CertifiedClassification(header=header, **result_fields(result, class_names))

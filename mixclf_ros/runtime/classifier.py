@@ -111,10 +111,11 @@ def is_safe(
 
 @dataclass(frozen=True)
 class LiveSettings:
-    """Settings that may change between frames (ROS parameters changed live). Swapped atomically."""
+    """Settings that may change between frames (ROS parameters changed live). Swapped atomically.
+    The defaults are the node's parameter defaults (`ros.parameters`, `mixclf-eval bag`)."""
 
-    alpha: float
-    safe_radius: float
+    alpha: float = 0.6
+    safe_radius: float = ONE_GREY_LEVEL
     """`safe` needs certified_radius >= this, at the model input ([0,1] pixels, certificate norm)."""
     confidence: float = 0.999
     """Only for randomized smoothing: the certificate holds with this probability (1 - beta)."""

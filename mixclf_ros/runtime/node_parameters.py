@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixclf_ros.models import schema
-from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL
+from mixclf_ros.runtime.classifier import LiveSettings
+from mixclf_ros.vision.decode import INPUT_KINDS
 
 MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz"}
 """The two model parameter prefixes and the shipped zoo model each defaults to."""
@@ -53,22 +54,23 @@ class NodeParameter:
 
 _D, _I, _S, _B, _SA = schema.DOUBLE, schema.INTEGER, schema.STRING, BOOL, schema.STRING_ARRAY
 
+_LIVE_DEFAULTS = LiveSettings()
 NODE_PARAMETERS: tuple[NodeParameter, ...] = (
-    NodeParameter("alpha", 0.6, _D, LIVE,
+    NodeParameter("alpha", _LIVE_DEFAULTS.alpha, _D, LIVE,
                   "weight of the robust model in the mixture; certificates need alpha >= 0.5", (0.0, 1.0)),
     # Both thresholds default to one grey level of an 8-bit camera: a certificate smaller than that
     # protects against nothing a camera can show.
-    NodeParameter("safe_radius", ONE_GREY_LEVEL, _D, LIVE,
+    NodeParameter("safe_radius", _LIVE_DEFAULTS.safe_radius, _D, LIVE,
                   "safe = true needs certified_radius >= this; model input: [0,1] pixels at the model's input "
                   "size, before mean/std, in the certificate norm; 0 = not set; default one grey level, 1/255",
                   (0.0, 1e6)),
-    NodeParameter("safe_image_radius", ONE_GREY_LEVEL, _D, LIVE,
+    NodeParameter("safe_image_radius", _LIVE_DEFAULTS.safe_image_radius, _D, LIVE,
                   "safe = true needs image_radius >= this; source image pixels scaled to [0,1], in the "
                   "certificate norm; 0 = not set; default one grey level, 1/255", (0.0, 1e6)),
     NodeParameter("max_image_age", 1.0, _D, LIVE,
                   "frames whose header stamp is older than this many seconds are STALE; 0 disables",
                   (0.0, 3600.0)),
-    NodeParameter("confidence", 0.999, _D, LIVE,
+    NodeParameter("confidence", _LIVE_DEFAULTS.confidence, _D, LIVE,
                   "randomized smoothing: probability that a certificate holds, 1 - beta", (0.5, 1.0 - 1e-12)),
     NodeParameter("camera_timeout", 2.0, _D, LIVE,
                   "seconds without frames after which a camera is reported WARN", (0.1, 3600.0)),
@@ -77,7 +79,7 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("image_transport", "raw", _S, CONFIGURE,
                   "one transport per camera, image_transport's convention: raw (sensor_msgs/Image on each "
                   "topic) | compressed (sensor_msgs/CompressedImage on <topic>/compressed)"),
-    NodeParameter("input_kind", "intensity", _S, CONFIGURE,
+    NodeParameter("input_kind", INPUT_KINDS[0], _S, CONFIGURE,
                   "what the model takes: intensity (camera images; depth encodings 16UC1/32FC1 are refused) | "
                   "depth (REP-118 depth images only)"),
     NodeParameter("debug_image", False, _B, CONFIGURE,

@@ -42,6 +42,7 @@ __all__ = [
     "BadImageError",
     "DecodedImage",
     "decode_compressed",
+    "decode_frame",
     "decode_image",
 ]
 
@@ -367,3 +368,20 @@ def decode_compressed(format: str, data: Any) -> DecodedImage:
     return DecodedImage(pixels, order, _SCALES[pixels.dtype.str[1:]])
 
 
+def decode_frame(message: Any, compressed: bool, input_kind: str = "intensity") -> DecodedImage:
+    """Decodes an image message of any binding: rclpy's, or a rosbags dataclass read from a recording.
+
+    `message` has the fields of `sensor_msgs/CompressedImage` (`compressed`: format, data) or of
+    `sensor_msgs/Image` (encoding, height, width, step, is_bigendian, data); the node and
+    `mixclf-eval bag` both decode through here.
+    Raises:
+        BadImageError: the frame is not a usable image for a model taking `input_kind` (compressed
+            frames for a depth model included: use the raw transport).
+    """
+    if compressed:
+        if input_kind == "depth":
+            raise BadImageError("compressed images are not supported for a depth model (input_kind 'depth'): "
+                                "use the raw transport")
+        return decode_compressed(message.format, message.data)
+    return decode_image(message.encoding, message.height, message.width, message.step,
+                        message.data, bool(message.is_bigendian), input_kind=input_kind)
