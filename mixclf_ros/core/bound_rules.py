@@ -13,7 +13,8 @@ evaluates it once per domain, asking each call's rule for:
 
 A rule that lacks a domain refuses it by name. Rules are found by the call's target: a layer class
 (or its qualified name, for layers of optional libraries), a function, or a tensor method's name.
-`RULES` is the one table; `supported_operations_markdown` renders it for the docs.
+`RULES` is the one table (filled by the `rules_*` modules, which `engine` imports);
+`engine.supported_operations_markdown` renders it for docs/SUPPORTED_OPERATIONS.md.
 """
 
 from __future__ import annotations
@@ -196,18 +197,3 @@ def op_name(target: Any) -> str:
     if module.startswith("torch._C") or getattr(target, "__qualname__", "").startswith("_VariableFunctions"):
         module = "torch"
     return f"{module.lstrip('_')}.{name}"
-
-
-def supported_operations_markdown() -> str:
-    """The rule table as markdown, one row per rule: its targets, domains and summary."""
-    by_rule: dict[int, tuple[Rule, list[str]]] = {}
-    for key, rule in RULES.items():
-        by_rule.setdefault(id(rule), (rule, []))[1].append(key if isinstance(key, str) and "." in key
-                                                           else op_name(key))
-    rows = ["| operations | Lipschitz (l2, linf) | rounding error | rule |", "|---|---|---|---|"]
-    for rule, names in sorted(by_rule.values(), key=lambda item: sorted(item[1])[0].lower()):
-        domains = rule.domains()
-        listed = ", ".join(f"`{name}`" for name in sorted(set(names), key=str.lower))
-        rows.append(f"| {listed} | {'yes' if 'lipschitz' in domains else 'no'} | "
-                    f"{'yes' if 'rounding' in domains else 'no'} | {rule.summary.replace('|', '&#124;')} |")
-    return "\n".join(rows) + "\n"

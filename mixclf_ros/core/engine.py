@@ -17,6 +17,7 @@ Per frame, `rounding(x)` walks the compiled steps only: no tracing, no table loo
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from mixclf_ros.core import graph_patterns, rules_layers, rules_ops, rules_pooli
 from mixclf_ros.core.bound_rules import (
     ADVICE,
     NOT_LIPSCHITZ,
+    RULES,
     Bound,
     Call,
     Rule,
@@ -132,15 +134,15 @@ class BoundPlan:
         modes = [(m, m.training) for m in model.modules()]
         try:
             model.eval()
-            network = freeze_parametrizations(model)
-            check_runs_as_traced(network, name)
-            self.network = network.to(dtype).requires_grad_(False)
+            frozen = freeze_parametrizations(model)
+            check_runs_as_traced(frozen, name)
+            self.network = copy.deepcopy(frozen).to(dtype).requires_grad_(False)
             with torch.no_grad():
                 self.graph, self.constants = trace_forward(self.network, name)
                 self._modules = dict(self.network.named_modules())
                 resolve_inplace(self.graph, self._modules, name)
                 self.steps = self._compile()
-                self._check_against(model)
+                self._check_against(model, frozen)
         finally:
             for module, training in modes:
                 module.training = training
@@ -176,8 +178,10 @@ class BoundPlan:
             steps.append(step)
         return steps
 
-    def _check_against(self, model: nn.Module) -> None:
-        """The graph's walks reproduce the model's outputs, sample by sample; records restrictions."""
+    def _check_against(self, model: nn.Module, frozen: nn.Module) -> None:
+        """The graph's walks reproduce the frozen model's outputs, sample by sample, and those are
+        the model's (a weight that drifts at each access, as a power iteration's, within 1e-4);
+        records restrictions."""
         generator = torch.Generator().manual_seed(0)
         dummy = torch.rand((DUMMY_BATCH, *self.input_shape), generator=generator, dtype=torch.float64)
         reference = next(iter(model.parameters()), next(iter(model.buffers()), None))
@@ -194,8 +198,9 @@ class BoundPlan:
         except UnboundedForwardError as error:
             self.rounding_refusal = str(error)
         try:
-            direct = model(dummy.to(device=device, dtype=model_dtype))
-            single = model(dummy[:1].to(device=device, dtype=model_dtype))
+            direct = frozen(dummy.to(device=device, dtype=model_dtype))
+            single = frozen(dummy[:1].to(device=device, dtype=model_dtype))
+            original = model(dummy.to(device=device, dtype=model_dtype))
         except Exception as error:
             raise UnsupportedLayerError(f"{self.name}: the model fails on a dummy batch ({type(error).__name__}: "
                                         f"{error})") from error
@@ -205,6 +210,10 @@ class BoundPlan:
             if not isinstance(direct, torch.Tensor) or direct.shape != result.shape or not torch.allclose(
                     direct.double(), result.double(), rtol=1e-4, atol=1e-5):
                 raise UnsupportedLayerError(f"{self.name}: the model's outputs differ from those of its traced graph")
+        if not isinstance(original, torch.Tensor) or original.shape != direct.shape or not torch.allclose(
+                original, direct, rtol=1e-4, atol=1e-5):
+            raise UnsupportedLayerError(f"{self.name}: the model with its computed weights read once differs from "
+                                        "the model")
         if not torch.allclose(single, direct[:1], rtol=1e-4, atol=1e-5):
             raise UnsupportedLayerError(f"{self.name}: the model's output for one sample depends on the rest of "
                                         "the batch")
@@ -343,9 +352,10 @@ class BoundPlan:
         if lipschitz:
             if not isinstance(bound, float):
                 return
-            joint = graph_patterns.joint_l2(node, bounds, values, self.parts)
-            if joint is not None:
-                bounds[node] = min(bound, joint)
+            for joint in (graph_patterns.joint_l2(node, bounds, values, self.parts),
+                          graph_patterns.gradient_step_l2(node, bounds, values, self._modules)):
+                if joint is not None:
+                    bounds[node] = bound = min(bound, joint)
             return
         if not (isinstance(bound, tuple) and len(bound) == 2 and isinstance(bound[1], torch.Tensor)):
             return
@@ -389,3 +399,19 @@ class BoundPlan:
         for step in self.steps:
             step.cache.clear()
         return self
+
+
+def supported_operations_markdown() -> str:
+    """The rule table (`bound_rules.RULES`) as markdown, one row per rule: its targets, domains and
+    summary. docs/SUPPORTED_OPERATIONS.md carries it (a test keeps them equal)."""
+    by_rule: dict[int, tuple[Rule, list[str]]] = {}
+    for key, rule in RULES.items():
+        by_rule.setdefault(id(rule), (rule, []))[1].append(key if isinstance(key, str) and "." in key
+                                                           else op_name(key))
+    rows = ["| operations | Lipschitz (l2, linf) | rounding error | rule |", "|---|---|---|---|"]
+    for rule, names in sorted(by_rule.values(), key=lambda item: sorted(item[1])[0].lower()):
+        domains = rule.domains()
+        listed = ", ".join(f"`{name}`" for name in sorted(set(names), key=str.lower))
+        rows.append(f"| {listed} | {'yes' if 'lipschitz' in domains else 'no'} | "
+                    f"{'yes' if 'rounding' in domains else 'no'} | {rule.summary.replace('|', '&#124;')} |")
+    return "\n".join(rows) + "\n"

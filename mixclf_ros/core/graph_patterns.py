@@ -131,3 +131,79 @@ def joint_l2(node: fx.Node, bounds: dict, values: dict, parts: Parts) -> Any:
         if k not in used:
             total = total + bounds[operand] ** 2
     return total ** 0.5
+
+
+_SUBS = {operator.sub, torch.sub, "sub"}
+_MULS = {operator.mul, torch.mul, "mul"}
+_RELUS = {torch.relu, torch.nn.functional.relu, "relu"}
+
+
+def _only_call(node: Any, targets: set) -> bool:
+    return _target_in(node, targets) and isinstance(node, fx.Node)
+
+
+def _conv_options(node: fx.Node, names: tuple[str, ...]) -> dict:
+    return {name: node.args[i] if i < len(node.args) else node.kwargs.get(name) for i, name in enumerate(names)}
+
+
+def gradient_step_l2(node: fx.Node, bounds: dict, values: dict, modules: dict) -> float | None:
+    """The l2 bound of `s - c * conv_transpose2d(relu(conv2d(s, K) + b), K)` (an SDP-based
+    Lipschitz layer, SLL, of Araujo et al. 2023, written as orthogonium writes it), or None.
+
+    With D the difference quotients of ReLU (in [0, 1]), the map moves by
+    `(I - c K^T D K)(s - s')`; K^T D K is symmetric positive semi-definite with norm at most
+    `||K||^2`, so the factor's norm is at most `max(1, c ||K||^2 - 1)`: 1 whenever
+    `c ||K||^2 <= 2`. K is the zero-padded convolution on s's size (its norm from
+    `layer_bounds`), and conv_transpose2d with the same kernel, padding, groups and unit stride
+    is its adjoint when the sizes match."""
+    from mixclf_ros.core.layer_bounds import conv2d_weight_l2_bound
+
+    if not _only_call(node, _SUBS) or len(node.args) != 2 or node.kwargs:
+        return None
+    source, step = node.args
+    scale = 1.0
+    if _only_call(step, _MULS) and len(step.args) == 2 and not step.kwargs:
+        numbers = [a for a in step.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+        tensors = [a for a in step.args if isinstance(a, fx.Node)]
+        if len(numbers) != 1 or len(tensors) != 1:
+            return None
+        scale, step = float(numbers[0]), tensors[0]
+    conv_t = step
+    if not (isinstance(conv_t, fx.Node) and conv_t.op == "call_function"
+            and conv_t.target in (torch.nn.functional.conv_transpose2d, torch.conv_transpose2d)):
+        return None
+    transpose = _conv_options(conv_t, ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+                                       "dilation"))
+    activation = transpose["input"]
+    is_relu = isinstance(activation, fx.Node) and (
+        _only_call(activation, _RELUS) or (activation.op == "call_module"
+                                           and type(modules.get(activation.target)) is torch.nn.ReLU))
+    if not is_relu or transpose["bias"] is not None:
+        return None
+    affine = activation.args[0]
+    if _only_call(affine, {operator.add, torch.add, "add"}) and len(affine.args) == 2 and not affine.kwargs:
+        constant = [a for a in affine.args if not (isinstance(a, fx.Node) and bounds.get(a) is not None)]
+        dependent = [a for a in affine.args if isinstance(a, fx.Node) and bounds.get(a) is not None]
+        if len(constant) != 1 or len(dependent) != 1:
+            return None
+        affine = dependent[0]
+    if not (isinstance(affine, fx.Node) and affine.op == "call_function"
+            and affine.target in (torch.nn.functional.conv2d, torch.conv2d)):
+        return None
+    forward = _conv_options(affine, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+    if forward["input"] is not source or bounds.get(source) is None or not isinstance(forward["weight"], fx.Node):
+        return None
+    kernel, kernel_t = values[forward["weight"]], values.get(transpose["weight"])
+    unit = (None, 1, (1, 1), [1, 1])
+    same = (forward["padding"] or 0) == (transpose["padding"] or 0) and (forward["groups"] or 1) == (
+        transpose["groups"] or 1)
+    if not (isinstance(kernel_t, torch.Tensor) and (kernel_t is kernel or torch.equal(kernel_t, kernel)) and same
+            and all(option in unit for option in (forward["stride"], forward["dilation"], transpose["stride"],
+                                                  transpose["dilation"]))
+            and transpose["output_padding"] in (None, 0, (0, 0), [0, 0])
+            and values[node].shape == values[source].shape and scale > 0):
+        return None
+    x = values[source]
+    norm = conv2d_weight_l2_bound(kernel, (x.shape[-2], x.shape[-1]), forward["padding"] or 0, 1,
+                                  forward["groups"] or 1)
+    return bounds[source] * max(1.0, scale * norm * norm - 1.0)

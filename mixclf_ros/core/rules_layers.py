@@ -153,6 +153,69 @@ class Affine(Rule):
 register(Affine(), nn.Linear, nn.Conv1d, nn.Conv2d, F.linear, F.conv1d, F.conv2d, torch.conv1d, torch.conv2d)
 
 
+class ConvTranspose(Rule):
+    """F.conv_transpose2d with an input-independent weight (no output padding): the adjoint of the
+    convolution with the same weight, stride, padding, dilation and groups, on the output's size."""
+
+    summary = ("l2: the norm of that convolution (an operator and its adjoint have one norm); linf: its largest "
+               "absolute column sum. Rounding: as a convolution, with |W|")
+
+    @staticmethod
+    def parts(call: Call) -> tuple[torch.Tensor, Any, dict]:
+        call.require_constant(0)
+        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+        values = {name: call.arg(i, name) for i, name in enumerate(names)}
+        if any(lb.as_tuple(values["output_padding"] or 0, 2)) or isinstance(values["padding"], str):
+            raise call.fail("conv_transpose2d with output_padding or string padding is not bounded")
+        options = {name: values[name] for name in ("stride", "padding", "groups", "dilation")
+                   if values[name] is not None}
+        if call.args[0].dim() != 4:
+            raise call.fail("conv_transpose2d on a tensor that is not batched 4-d")
+        return values["weight"], values["bias"], options
+
+    def operator_norm(self, call: Call, norm: str, out_hw: tuple[int, int]) -> float:
+        weight, _, options = self.parts(call)
+        groups = options.get("groups", 1)
+
+        def compute() -> float:
+            if norm == "linf":
+                # an output pixel meets only the taps of one phase of the stride (at most once each)
+                per_group = weight.detach().double().abs().reshape(groups, weight.shape[0] // groups, -1,
+                                                                   *weight.shape[2:]).sum(dim=1)
+                stride = lb.as_tuple(options.get("stride", 1), 2)
+                dilation = lb.as_tuple(options.get("dilation", 1), 2)
+                phases = [(torch.arange(size) * d) % s for size, d, s in zip(weight.shape[2:], dilation, stride)]
+                best = max(float(per_group[:, :, phases[0] == r1][:, :, :, phases[1] == r2].sum(dim=(2, 3)).max())
+                           for r1 in range(stride[0]) for r2 in range(stride[1]))
+                return best * (1.0 + lb.NUMERIC_SLACK)
+            return lb.conv2d_weight_l2_bound(weight, out_hw, options.get("padding", 0), options.get("dilation", 1),
+                                             groups, options.get("stride", 1))
+
+        return call.cached_for(weight, f"norm-{norm}", compute)
+
+    def lipschitz(self, call: Call) -> float:
+        return self.operator_norm(call, call.norm, tuple(call.out.shape[-2:])) * call.bound(0)
+
+    def rounding(self, call: Call) -> tuple[torch.Tensor, tuple]:
+        weight, bias, options = self.parts(call)
+        x, u = call.args[0], call.unit_roundoff
+        error, size = call.bounds[0]
+        abs_weight, abs_bias, schur, bias_norm = call.cached_for(weight, f"abs-{x.device}", lambda: (
+            weight.abs(), None if bias is None else bias.abs(), schur_bound(weight.abs()),
+            0.0 if bias is None else float(bias.norm())))
+        groups = options.get("groups", 1)
+        relative = gamma(weight.shape[0] // groups * weight[0, 0].numel() + 1, u)
+        out = F.conv_transpose2d(x, weight, bias, **options)
+        componentwise = F.conv_transpose2d(error + relative * x.abs(), abs_weight,
+                                           None if abs_bias is None else relative * abs_bias, **options)
+        local = relative * (schur * l2(x) + bias_norm * repeats(out, weight.shape[1] * groups))
+        norm = self.operator_norm(call, "l2", tuple(out.shape[-2:]))
+        return out, (componentwise * BOUND_SLACK, (norm * size + local) * BOUND_SLACK)
+
+
+register(ConvTranspose(), F.conv_transpose2d, torch.conv_transpose2d)
+
+
 # ----------------------------------------------------------------------------- scalings per channel
 
 

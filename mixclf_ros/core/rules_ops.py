@@ -51,9 +51,8 @@ class Reshape(Rule):
 
     summary = "1 in every lp norm (coordinates moved, none lost or copied). Rounding: exact, the same map of E"
 
-    def __init__(self, check: Callable[[Call], None] | None = None, shape_args_may_depend: bool = False,
-                 exact: bool = True) -> None:
-        self.check, self.shape_args_may_depend, self.exact = check, shape_args_may_depend, exact
+    def __init__(self, check: Callable[[Call], None] | None = None, shape_args_may_depend: bool = False) -> None:
+        self.check, self.shape_args_may_depend = check, shape_args_may_depend
 
     def lipschitz(self, call: Call) -> float:
         if not self.shape_args_may_depend:
@@ -65,8 +64,6 @@ class Reshape(Rule):
         return call.bound(0)
 
     def rounding(self, call: Call) -> tuple[Any, tuple]:
-        if not self.exact:
-            raise call.fail(f"no rounding-error rule for {call.target}: it may change the precision")
         self.lipschitz(call)
         out = call.run()
         error = call.bounds[0][0]
@@ -97,7 +94,15 @@ def _flatten_check(call: Call) -> None:
         raise call.fail("flattens the batch dimension")
 
 
-register(Reshape(shape_args_may_depend=True, exact=False), "float", "double", "to", "type_as", "cpu", "cuda")
+class Cast(Reshape):
+    """Casts and device moves: the same values, so 1; in the rounding domain a cast may round
+    (to float32, say), which no rule bounds."""
+
+    summary = "1 in every lp norm (the same values). Rounding: refused (a cast may round)"
+    rounding = Rule.rounding
+
+
+register(Cast(shape_args_may_depend=True), "float", "double", "to", "type_as", "cpu", "cuda")
 register(Reshape(shape_args_may_depend=True), "detach", "contiguous", "clone", torch.clone, torch.detach)
 register(Reshape(), "view", "reshape", torch.reshape, "squeeze", torch.squeeze, "unsqueeze", torch.unsqueeze,
          "unflatten", torch.unflatten)
