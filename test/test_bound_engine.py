@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT
+from linear_maps import Lambda, dense_matrix
 from slope_search import largest_slope
 from torch import nn
 
@@ -20,19 +21,8 @@ from mixclf_ros.core.lipschitz import UnsupportedLayerError, logit_lipschitz_bou
 DOC = REPO_ROOT / "docs" / "SUPPORTED_OPERATIONS.md"
 
 
-def dense_matrix(function, input_shape) -> torch.Tensor:
-    x = torch.zeros(input_shape, dtype=torch.float64)
-    jacobian = torch.autograd.functional.jacobian(function, x)
-    return jacobian.reshape(jacobian.numel() // x.numel(), x.numel())
 
 
-class Lambda(nn.Module):
-    def __init__(self, function):
-        super().__init__()
-        self.function = function
-
-    def forward(self, x):
-        return self.function(x)
 
 
 def test_the_supported_operations_doc_is_the_rule_table():

@@ -7,19 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from linear_maps import dense_matrix
 from torch import nn
 
 from mixclf_ros.core import certify, layer_bounds, lipschitz
 from mixclf_ros.core.layers import GroupSort, Normalize, Residual
 from mixclf_ros.core.lipschitz import UnsupportedLayerError, logit_lipschitz_bound
-
-
-def dense_matrix(function, input_shape) -> torch.Tensor:
-    """The matrix of a linear map of float64 tensors of shape input_shape (batch dim included)."""
-    x = torch.zeros(input_shape, dtype=torch.float64)
-    jacobian = torch.autograd.functional.jacobian(function, x)
-    out_numel = jacobian.numel() // x.numel()
-    return jacobian.reshape(out_numel, x.numel())
 
 
 def spectral_norm(matrix: torch.Tensor) -> float:

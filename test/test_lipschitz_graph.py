@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from linear_maps import Lambda, dense_matrix
 from slope_search import largest_slope
 from torch import nn
 
@@ -186,19 +187,8 @@ def test_random_linear_dags_are_bounded_above_their_exact_norm(program, seed):
 # ----------------------------------------------------------------------------- exact values
 
 
-def dense_matrix(function, input_shape) -> torch.Tensor:
-    x = torch.zeros(input_shape, dtype=torch.float64)
-    jacobian = torch.autograd.functional.jacobian(function, x)
-    return jacobian.reshape(jacobian.numel() // x.numel(), x.numel())
 
 
-class Lambda(nn.Module):
-    def __init__(self, function):
-        super().__init__()
-        self.function = function
-
-    def forward(self, x):
-        return self.function(x)
 
 
 LINEAR_GRAPHS = [

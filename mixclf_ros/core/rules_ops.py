@@ -333,18 +333,20 @@ class Sort(Rule):
     summary = ("sorting along a non-batch dim: 1 in every lp norm (values; indices are not Lipschitz). "
                "Rounding: exact; each output moves by at most the largest error along that dim")
 
-    def lipschitz(self, call: Call) -> tuple:
+    @staticmethod
+    def dim(call: Call) -> int:
         call.require_constant(0)
         dim = call.arg(1, "dim", -1)
         if isinstance(dim, bool) or _dim(int(dim), call.args[0].dim()) == 0:
             raise call.fail("sorts along the batch dimension")
+        return dim
+
+    def lipschitz(self, call: Call) -> tuple:
+        self.dim(call)
         return (call.bound(0), NOT_LIPSCHITZ)
 
     def rounding(self, call: Call) -> tuple[Any, Any]:
-        call.require_constant(0)
-        dim = call.arg(1, "dim", -1)
-        if isinstance(dim, bool) or _dim(int(dim), call.args[0].dim()) == 0:
-            raise call.fail("sorts along the batch dimension")
+        dim = self.dim(call)
         out = call.run()
         error, size = call.bounds[0]
         return out, ((error.amax(dim=dim, keepdim=True).expand_as(error), size), NOT_LIPSCHITZ)

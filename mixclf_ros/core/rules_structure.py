@@ -55,16 +55,17 @@ class Split(Rule):
     def __init__(self, dim_index: int) -> None:
         self.dim_index = dim_index
 
-    def lipschitz(self, call: Call) -> tuple:
+    def check(self, call: Call) -> None:
         call.require_constant(0)
         if _dim(int(call.arg(self.dim_index, "dim", 0)), call.args[0].dim()) == 0:
             raise call.fail("splits along the batch dimension")
+
+    def lipschitz(self, call: Call) -> tuple:
+        self.check(call)
         return tuple(call.bound(0) for _ in call.out)
 
     def rounding(self, call: Call) -> tuple[Any, tuple]:
-        call.require_constant(0)
-        if _dim(int(call.arg(self.dim_index, "dim", 0)), call.args[0].dim()) == 0:
-            raise call.fail("splits along the batch dimension")
+        self.check(call)
         out = call.run()
         error, size = call.bounds[0]
         split = getattr(error, call.target)(*call.args[1:], **call.kwargs) if isinstance(call.target, str) \
