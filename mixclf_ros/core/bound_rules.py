@@ -32,6 +32,37 @@ from mixclf_ros.core.numerics import UnboundedForwardError
 Bound = tuple[torch.Tensor, torch.Tensor]
 """(componentwise error bound, shaped like the value; per-sample l2 bound, shape (N,))."""
 
+class _NotComputed:
+    """The componentwise error bound of the cheap rounding domain, which is not computed: every
+    operation on it (a torch function, an operator, a method, an index) gives it back at once, so
+    the rules run unchanged and only the per-sample l2 bounds are computed."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        return NOT_COMPUTED
+
+    def __getattr__(self, name: str) -> Any:
+        return NOT_COMPUTED
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return NOT_COMPUTED
+
+    def __getitem__(self, index: Any) -> Any:
+        return NOT_COMPUTED
+
+    def _absorb(self, *args: Any) -> Any:
+        return NOT_COMPUTED
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _absorb
+    __neg__ = __abs__ = __pow__ = _absorb
+
+    def __repr__(self) -> str:
+        return "NOT_COMPUTED"
+
+
+NOT_COMPUTED = _NotComputed()
+"""Stands for a componentwise bound that the cheap rounding domain does not compute."""
+
 NOT_LIPSCHITZ = math.inf
 """Bound of an input-dependent value that is not a Lipschitz function of the input (sort indices)."""
 

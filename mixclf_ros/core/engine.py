@@ -30,6 +30,7 @@ from torch import fx, nn
 from mixclf_ros.core import graph_patterns, rules_layers, rules_ops, rules_pooling, rules_structure  # noqa: F401  (fill RULES)
 from mixclf_ros.core.bound_rules import (
     ADVICE,
+    NOT_COMPUTED,
     NOT_LIPSCHITZ,
     RULES,
     Bound,
@@ -383,12 +384,15 @@ class BoundPlan:
         if self.rounding_refusal:
             raise UnsupportedLayerError(self.rounding_refusal)
 
-    def rounding(self, x: torch.Tensor, compiling: bool = False) -> tuple[torch.Tensor, Bound]:
-        """(logits in the plan's dtype, their Bound) for inputs x in that dtype. Raises
-        `UnsupportedLayerError` when a layer has no rounding-error rule."""
+    def rounding(self, x: torch.Tensor, componentwise: bool = True,
+                 compiling: bool = False) -> tuple[torch.Tensor, Bound]:
+        """(logits in the plan's dtype, their Bound) for inputs x in that dtype. With
+        `componentwise=False` only the per-sample l2 bounds are computed (the componentwise part is
+        `bound_rules.NOT_COMPUTED`): no |W| |x| products, about the price of the forward alone.
+        Raises `UnsupportedLayerError` when a layer has no rounding-error rule."""
         if not compiling:
             self.require_rounding()
-        start = (torch.zeros_like(x), x.new_zeros(x.shape[0]))
+        start = (torch.zeros_like(x) if componentwise else NOT_COMPUTED, x.new_zeros(x.shape[0]))
         return self._walk(x, start, compiling=compiling)
 
     def to(self, device: torch.device | str) -> BoundPlan:

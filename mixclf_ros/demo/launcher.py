@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     python = [sys.executable, "-m"]
     summary_file = args.summary_file or os.path.join(tempfile.mkdtemp(prefix="mixclf_demo_"), "summary.json")
-    from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL  # (torch: not needed for --help)
+    from mixclf_ros.runtime.frame_result import ONE_GREY_LEVEL  # (torch: not needed for --help)
 
     # with no attack, the shipped threshold (one grey level) stays in force rather than none
     safe_radius = (article_budget(args.attack_eps, "l2", scale=ARTICLE_SCALE) if args.attack_eps > 0

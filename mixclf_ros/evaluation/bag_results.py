@@ -17,7 +17,7 @@ from typing import Any
 from mixclf_ros.evaluation.bag_reader import RESULT_TYPE, TopicInfo, read_frames, typestore
 from mixclf_ros.evaluation.bag_units import RESULT_FIELDS
 from mixclf_ros.evaluation.settings import EvaluationError
-from mixclf_ros.runtime.classifier import CertificateMethod, FrameResult, Status
+from mixclf_ros.runtime.frame_result import CertificateMethod, FrameResult, Status
 from mixclf_ros.runtime.result_fields import result_fields
 
 RESULTS_TOPIC = "/certified_classification"

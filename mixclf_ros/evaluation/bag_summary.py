@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mixclf_ros.evaluation.settings import EvaluationError
-from mixclf_ros.runtime.classifier import Status
+from mixclf_ros.runtime.frame_result import Status
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 MAX_REASONS = 20

@@ -20,7 +20,7 @@ from mixclf_ros.evaluation.certificates import (
 )
 from mixclf_ros.evaluation.settings import CertifySettings, EvaluationError, Runtime, SmoothingOverrides
 from mixclf_ros.evaluation.units import ModelSet, Unit, UnitContext, execute, shards
-from mixclf_ros.runtime.classifier import ONE_GREY_LEVEL
+from mixclf_ros.runtime.frame_result import ONE_GREY_LEVEL
 from mixclf_ros.runtime.reachability import unreachable_warning
 
 

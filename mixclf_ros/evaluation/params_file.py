@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mixclf_ros.evaluation.settings import EvaluationError
-from mixclf_ros.runtime.classifier import LiveSettings
+from mixclf_ros.runtime.frame_result import LiveSettings
 
 
 def _flatten_parameters(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from mixclf_ros.runtime.classifier import FrameResult, Status
+from mixclf_ros.runtime.frame_result import FrameResult, Status
 
 POLICIES = ("newest", "every")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from sensor_msgs.msg import CompressedImage, Image
 
 from mixclf_ros.msg import CertifiedClassification
-from mixclf_ros.runtime.classifier import FrameResult
+from mixclf_ros.runtime.frame_result import FrameResult
 from mixclf_ros.runtime.result_fields import result_fields
 from mixclf_ros.vision.decode import DecodedImage, decode_frame
 

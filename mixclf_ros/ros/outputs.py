@@ -17,7 +17,7 @@ from typing import Any
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image
 
-from mixclf_ros.runtime.classifier import FrameResult, Status
+from mixclf_ros.runtime.frame_result import FrameResult, Status
 from mixclf_ros.vision.annotate import annotate, to_rgb8
 from mixclf_ros.vision.decode import DecodedImage
 

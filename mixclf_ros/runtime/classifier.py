@@ -21,8 +21,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass, replace
-from enum import IntEnum
+from dataclasses import replace
 
 import torch
 
@@ -31,6 +30,17 @@ from mixclf_ros.core.forward_error import ErrorBoundedForward, UnboundedForwardE
 from mixclf_ros.core.mixing import mix_log_probs
 from mixclf_ros.core.numerics import full_precision, probabilities_with_error
 from mixclf_ros.core.smoothing import Smooth, max_smoothing_radius
+from mixclf_ros.runtime.frame_result import (  # noqa: F401 (re-exported: the results' names)
+    NORM_CODES,
+    ONE_GREY_LEVEL,
+    CertificateMethod,
+    FrameResult,
+    LiveSettings,
+    Status,
+    _meets,
+    is_safe,
+)
+from mixclf_ros.runtime.lipschitz_pass import LipschitzPass
 from mixclf_ros.vision.decode import BadImageError, DecodedImage
 from mixclf_ros.vision.preprocess import (
     PreprocessConfig,
@@ -43,114 +53,6 @@ from mixclf_ros.vision.preprocess import (
 FLOAT32_PROBABILITY_ERROR = 1e-4
 """Probability error assumed for a Lipschitz robust model that runs only in float32 (an estimate:
 about 1 000 times the float32 unit roundoff)."""
-
-
-class Status(IntEnum):
-    """Mirrors the STATUS_* constants of `CertifiedClassification.msg` (checked by a test)."""
-
-    OK = 0
-    NOT_READY = 1
-    BAD_INPUT = 2
-    STALE = 3
-    MODEL_ERROR = 4
-
-
-class CertificateMethod(IntEnum):
-    """Mirrors the CERTIFICATE_* constants of `CertifiedClassification.msg`."""
-
-    NONE = 0
-    LIPSCHITZ = 1
-    RANDOMIZED_SMOOTHING = 2
-
-
-NORM_CODES = {"l2": 2, "linf": 255}
-"""Values of the message's NORM_* constants."""
-
-
-ONE_GREY_LEVEL = 1.0 / 255.0
-"""One step of an 8-bit camera, in [0, 1] pixel units: the smallest perturbation a camera can show."""
-
-
-def _meets(radius: float, threshold: float) -> bool:
-    """`radius >= threshold` for a threshold in force (> 0); a threshold of 0 is not set."""
-    return threshold <= 0.0 or (math.isfinite(radius) and radius >= threshold)
-
-
-def is_safe(
-    status: Status,
-    certificate_method: CertificateMethod,
-    certified_radius: float,
-    safe_radius: float,
-    class_id: int,
-    certified_class_id: int,
-    image_radius: float = 0.0,
-    safe_image_radius: float = 0.0,
-) -> bool:
-    """The message contract's `safe` rule, in one place.
-
-    True only if the frame was classified (OK), a certificate exists, its radius is positive, every
-    threshold that is set (> 0) is met: `certified_radius >= safe_radius` (model input) and
-    `image_radius >= safe_image_radius` (source image; an image radius of 0, i.e. no image-space
-    guarantee, never meets a set threshold), and the published class is the certified one (Lemma 1:
-    a positive radius implies the mixture predicts the robust model's class; any numerical
-    disagreement is doubt). A NaN threshold is never met.
-    """
-    if math.isnan(safe_radius) or math.isnan(safe_image_radius):
-        return False
-    return bool(
-        status == Status.OK
-        and certificate_method != CertificateMethod.NONE
-        and math.isfinite(certified_radius)
-        and certified_radius > 0.0
-        and _meets(certified_radius, safe_radius)
-        and _meets(image_radius, safe_image_radius)
-        and class_id >= 0
-        and class_id == certified_class_id
-    )
-
-
-@dataclass(frozen=True)
-class LiveSettings:
-    """Settings that may change between frames (ROS parameters changed live). Swapped atomically.
-    The defaults are the node's parameter defaults (`ros.parameters`, `mixclf-eval bag`)."""
-
-    alpha: float = 0.6
-    safe_radius: float = ONE_GREY_LEVEL
-    """`safe` needs certified_radius >= this, at the model input ([0,1] pixels, certificate norm)."""
-    confidence: float = 0.999
-    """Only for randomized smoothing: the certificate holds with this probability (1 - beta)."""
-    safe_image_radius: float = ONE_GREY_LEVEL
-    """`safe` needs image_radius >= this, in the source image ([0,1] pixels, certificate norm);
-    0 = no image-space threshold."""
-
-
-@dataclass
-class FrameResult:
-    """Everything the node publishes for one frame, except the header and class name."""
-
-    status: Status
-    status_message: str = ""
-    class_id: int = -1
-    probability: float = 0.0
-    alpha: float = 0.0
-    certificate_method: CertificateMethod = CertificateMethod.NONE
-    norm: str = "l2"
-    certified_radius: float = 0.0
-    image_radius: float = 0.0
-    confidence: float = 0.0
-    safe_radius: float = 0.0
-    safe_image_radius: float = 0.0
-    safe: bool = False
-    robust_class_id: int = -1
-    robust_margin: float = 0.0
-    standard_class_id: int = -1
-    inference_ms: float = 0.0
-
-    @classmethod
-    def failure(cls, status: Status, message: str, settings: LiveSettings, norm: str = "l2") -> FrameResult:
-        """A result for a frame that could not be certified: `safe` is false by construction."""
-        return cls(status=status, status_message=message, alpha=settings.alpha,
-                   safe_radius=settings.safe_radius, safe_image_radius=settings.safe_image_radius, norm=norm)
 
 
 def select_device(requested: str) -> torch.device:
@@ -251,6 +153,7 @@ class CertifiedClassifier:
         self.forward_error_bound = math.nan
         """The bounded forward's probability error bound at a grey frame (NaN when not bounded)."""
         self.robust_bounded: ErrorBoundedForward | None = None
+        self.lipschitz_pass: LipschitzPass | None = None
         self.robust_float64: torch.nn.Module | None = None
         if self.kind == "lipschitz":
             try:
@@ -259,6 +162,7 @@ class CertifiedClassifier:
                                                           plan=getattr(robust, "bound_plan", None)).to(device)
                 self.forward_error = "bounded"
                 self.forward_error_bound = self._probe_forward_error(device)
+                self.lipschitz_pass = LipschitzPass(self.robust_bounded, robust.lipschitz_constant)
             except UnboundedForwardError:
                 self.forward_error = "estimated"
                 try:
@@ -378,6 +282,28 @@ class CertifiedClassifier:
                 results[index] = result
         return results  # type: ignore[return-value]
 
+    def _source_radius(self, decoded: DecodedImage, certified_radius: float) -> float:
+        """`image_radius` of a frame: the certificate carried into its source pixels; 0 for frames
+        converted from YUV/Bayer, which are no linear map of the message (no image-space claim)."""
+        if not decoded.linear_in_message:
+            return 0.0
+        height, width = decoded.pixels.shape[0], decoded.pixels.shape[1]
+        operator_norm = preprocessing_operator_norm(height, width, decoded.channel_order, self.preprocess_config,
+                                                    self.norm)
+        float_error = preprocessing_float_error(height, width, decoded.channel_order, self.preprocess_config,
+                                                self.norm)
+        return certify.float32_toward_zero(image_radius(certified_radius, operator_norm, float_error))
+
+    def _meets_thresholds(self, radii: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
+                          ) -> torch.Tensor:
+        """Per frame, whether these certified radii would meet the `safe` thresholds in force."""
+        met = []
+        for radius, decoded in zip(radii.tolist(), images):
+            radius = certify.float32_toward_zero(max(radius, 0.0)) if math.isfinite(radius) else 0.0
+            met.append(radius > 0.0 and _meets(radius, settings.safe_radius) and _meets(
+                self._source_radius(decoded, radius), settings.safe_image_radius))
+        return torch.tensor(met, dtype=torch.bool, device=radii.device)
+
     def _classify_batch(
         self, x: torch.Tensor, x_standard: torch.Tensor, images: list[DecodedImage], settings: LiveSettings
     ) -> list[FrameResult]:
@@ -396,9 +322,9 @@ class CertifiedClassifier:
                     )
                     probs_h = certificate.probs
                     log_probs_h = probs_h.clamp_min(torch.finfo(torch.float64).tiny).log()
-                elif self.robust_bounded is not None:
-                    logits_h, logit_error = self.robust_bounded(x)
-                    probs_h, probability_error = probabilities_with_error(logits_h, logit_error)
+                elif self.lipschitz_pass is not None:
+                    logits_h, probs_h, probability_error, radius = self.lipschitz_pass(
+                        x, alpha, lambda radii: self._meets_thresholds(radii, images, settings))
                     log_probs_h = torch.log_softmax(logits_h, dim=1)
                 else:
                     logits_h = (self.robust_float64(x.to(torch.float64)) if self.robust_float64 is not None
@@ -422,9 +348,10 @@ class CertifiedClassifier:
                 standard_class = logits_g.argmax(dim=1)
 
                 if method == CertificateMethod.LIPSCHITZ:
-                    error = probability_error.nan_to_num(math.inf) if probability_error is not None else 0.0
-                    radius = certify.lipschitz_radius(probs_h, self.robust.lipschitz_constant, alpha,
-                                                      probability_error=error)
+                    if self.lipschitz_pass is None:
+                        error = probability_error.nan_to_num(math.inf) if probability_error is not None else 0.0
+                        radius = certify.lipschitz_radius(probs_h, self.robust.lipschitz_constant, alpha,
+                                                          probability_error=error)
                     certified_class = robust_class
                     confidence = 1.0
                 elif method == CertificateMethod.RANDOMIZED_SMOOTHING:
@@ -452,16 +379,7 @@ class CertifiedClassifier:
             # Published as float32: rounded towards zero here, so the message carries exactly this.
             certified_radius = certify.float32_toward_zero(certified_radius)
             has_certificate = method != CertificateMethod.NONE and certified_radius > 0.0
-            source_radius = 0.0
-            # Frames converted from YUV/Bayer are no linear map of the message: no image-space claim.
-            if has_certificate and decoded.linear_in_message:
-                height, width = decoded.pixels.shape[0], decoded.pixels.shape[1]
-                operator_norm = preprocessing_operator_norm(
-                    height, width, decoded.channel_order, self.preprocess_config, self.norm)
-                float_error = preprocessing_float_error(height, width, decoded.channel_order,
-                                                        self.preprocess_config, self.norm)
-                source_radius = certify.float32_toward_zero(
-                    image_radius(certified_radius, operator_norm, float_error))
+            source_radius = self._source_radius(decoded, certified_radius) if has_certificate else 0.0
             results.append(FrameResult(
                 status=Status.OK,
                 class_id=int(class_id),

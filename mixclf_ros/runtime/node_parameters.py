@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mixclf_ros.models import schema
-from mixclf_ros.runtime.classifier import LiveSettings
+from mixclf_ros.runtime.frame_result import LiveSettings
 from mixclf_ros.vision.decode import INPUT_KINDS
 
 MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz"}

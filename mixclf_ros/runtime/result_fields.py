@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mixclf_ros.runtime.classifier import NORM_CODES, FrameResult
+from mixclf_ros.runtime.frame_result import NORM_CODES, FrameResult
 
 
 def class_name(class_id: int, class_names: list[str]) -> str:
