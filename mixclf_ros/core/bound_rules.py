@@ -96,6 +96,8 @@ class Call:
     norm: str = ""
     unit_roundoff: float = 0.0
     cache: dict = field(default_factory=dict)
+    componentwise: bool = True
+    """The rounding domain computes componentwise bounds (else only the per-sample l2 ones)."""
 
     def arg(self, index: int, key: str, default: Any = None) -> Any:
         if index < len(self.args):
@@ -116,6 +118,11 @@ class Call:
         dependent += [k for k, b in self.kwarg_bounds.items() if is_dependent(b)]
         if dependent:
             raise self.fail(f"operand(s) {dependent} depend on the input; only constants are supported there")
+
+    def componentwise_bound(self, compute: Callable[[], Any]) -> Any:
+        """`compute()`, the componentwise error bound, where the domain computes it; else
+        `NOT_COMPUTED`, at no cost."""
+        return compute() if self.componentwise else NOT_COMPUTED
 
     def cached_for(self, tensor: Any, key: str, compute: Callable[[], Any]) -> Any:
         """`compute()` for this call's constant operand `tensor`, computed once while the call

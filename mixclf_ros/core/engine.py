@@ -247,6 +247,7 @@ class BoundPlan:
         """(output, its bound) in the Lipschitz domain (`norm` set; `start` = 1) or the rounding
         domain (`start` = the input's Bound)."""
         lipschitz = bool(norm)
+        componentwise = lipschitz or start[0] is not NOT_COMPUTED
         values: dict[fx.Node, Any] = {}
         bounds: dict[fx.Node, Any] = {}
         batch = x.shape[0]
@@ -289,7 +290,7 @@ class BoundPlan:
                 continue
             try:
                 values[node], bounds[node] = self._bound(step, args, kwargs, arg_bounds, kwarg_bounds, run, batch,
-                                                         norm, compiling)
+                                                         norm, compiling, componentwise)
             except UnboundedForwardError:
                 raise
             except Exception as error:  # a rule or the op itself fails on what it was given: refuse, naming it
@@ -322,7 +323,7 @@ class BoundPlan:
         return lambda first: getattr(first, node.target)(*args[1:], **kwargs)
 
     def _bound(self, step: Step, args: tuple, kwargs: dict, arg_bounds: Any, kwarg_bounds: Any,
-               run: Callable[[], Any], batch: int, norm: str, compiling: bool) -> tuple[Any, Any]:
+               run: Callable[[], Any], batch: int, norm: str, compiling: bool, componentwise: bool) -> tuple[Any, Any]:
         node, where = step.node, step.where
         if step.rule is None:
             if node.op == "call_module":
@@ -335,7 +336,7 @@ class BoundPlan:
             raise UnsupportedLayerError(f"{where}: uses a value that is not a Lipschitz function of the input "
                                         f"(indices of a sort/max)")
         call = Call(where, tuple(args), dict(kwargs), tuple(arg_bounds), dict(kwarg_bounds), None, batch, run,
-                    node.target, step.module, norm, self.unit_roundoff, step.cache)
+                    node.target, step.module, norm, self.unit_roundoff, step.cache, componentwise)
         if norm:
             call.out = run()
             bound = step.rule.lipschitz(call)

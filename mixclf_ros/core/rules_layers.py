@@ -144,8 +144,8 @@ class Affine(Rule):
         relative = gamma(weight[0].numel() + 1, u)
         out = op(x, weight, bias, **options)
         # |W| E + gamma (|W| |x| + |b|), as one product: |W| (E + gamma |x|) + gamma |b|
-        componentwise = op(error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias,
-                           **options)
+        componentwise = call.componentwise_bound(lambda: op(
+            error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias, **options))
         local = relative * (schur * l2(x) + bias_norm * repeats(out, weight.shape[0]))
         return out, (componentwise * BOUND_SLACK, (self.operator_norm(call, "l2") * size + local) * BOUND_SLACK)
 
@@ -206,8 +206,8 @@ class ConvTranspose(Rule):
         groups = options.get("groups", 1)
         relative = gamma(weight.shape[0] // groups * weight[0, 0].numel() + 1, u)
         out = F.conv_transpose2d(x, weight, bias, **options)
-        componentwise = F.conv_transpose2d(error + relative * x.abs(), abs_weight,
-                                           None if abs_bias is None else relative * abs_bias, **options)
+        componentwise = call.componentwise_bound(lambda: F.conv_transpose2d(
+            error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias, **options))
         local = relative * (schur * l2(x) + bias_norm * repeats(out, weight.shape[1] * groups))
         norm = self.operator_norm(call, "l2", tuple(out.shape[-2:]))
         return out, (componentwise * BOUND_SLACK, (norm * size + local) * BOUND_SLACK)
@@ -267,8 +267,9 @@ class BatchNorm(Rule):
         scaled = x * scale
         out = scaled + shift
         # exact: (x - E) s_exact + t_exact, with |s - s_exact| <= scale_error, |t - t_exact| <= shift_error
-        componentwise = ((scale.abs() + scale_error) * error + scale_error * x.abs() + shift_error
-                         + gamma(2, u) * (scaled.abs() + shift.abs()))
+        componentwise = call.componentwise_bound(lambda: (
+            (scale.abs() + scale_error) * error + scale_error * x.abs() + shift_error
+            + gamma(2, u) * (scaled.abs() + shift.abs())))
         max_scale_error, shift_error_norm, max_scale, shift_norm, length = numbers
         norm, spread = l2(x), repeats(out, length)
         local = (max_scale_error * norm + shift_error_norm * spread
@@ -293,7 +294,8 @@ class NormalizeRule(Rule):
         std = module.std.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
         out = (x - mean) / std
         error, size = call.bounds[0]
-        componentwise = error / std.abs() + gamma(2, u) * (x.abs() + mean.abs()) / std.abs()
+        componentwise = call.componentwise_bound(
+            lambda: error / std.abs() + gamma(2, u) * (x.abs() + mean.abs()) / std.abs())
         mean_norm, min_std = float(module.mean.double().norm()), float(module.std.double().abs().min())
         local = gamma(2, u) * (l2(x) + mean_norm * repeats(out, module.mean.numel())) / min_std
         return out, (componentwise * BOUND_SLACK, (size / min_std + local) * BOUND_SLACK)
@@ -343,7 +345,8 @@ class LeakyReLU(Rule):
         out = F.leaky_relu(call.args[0], slope)
         factor = max(1.0, abs(slope))
         error, size = call.bounds[0]
-        return out, ((factor * error + u * out.abs()) * BOUND_SLACK, (factor * size + u * l2(out)) * BOUND_SLACK)
+        componentwise = call.componentwise_bound(lambda: (factor * error + u * out.abs()) * BOUND_SLACK)
+        return out, (componentwise, (factor * size + u * l2(out)) * BOUND_SLACK)
 
 
 register(LeakyReLU(), nn.LeakyReLU, F.leaky_relu, F.leaky_relu_)

@@ -40,7 +40,8 @@ def _max_abs(value: Any) -> float:
 def _rounded(call: Call, out: torch.Tensor, error: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """An operation that rounds each entry once: u |out| added to the propagated bounds."""
     u = call.unit_roundoff
-    return out, ((error + u * out.abs()) * BOUND_SLACK, (size + u * l2(out)) * BOUND_SLACK)
+    componentwise = call.componentwise_bound(lambda: (error + u * out.abs()) * BOUND_SLACK)
+    return out, (componentwise, (size + u * l2(out)) * BOUND_SLACK)
 
 
 # ----------------------------------------------------------------------------- reshapes and casts
@@ -280,7 +281,8 @@ class Sum(Rule):
         reduce = torch.mean if self.mean else torch.sum
         out = reduce(x, dim=dim, keepdim=keepdim)
         relative = gamma(count + 1, call.unit_roundoff)
-        componentwise = reduce(error, dim=dim, keepdim=keepdim) + relative * reduce(x.abs(), dim=dim, keepdim=keepdim)
+        componentwise = call.componentwise_bound(lambda: reduce(error, dim=dim, keepdim=keepdim)
+                                                 + relative * reduce(x.abs(), dim=dim, keepdim=keepdim))
         # Cauchy-Schwarz: a sum of n entries has at most sqrt(n) times their l2 norm (a mean 1/sqrt(n))
         factor = 1.0 / math.sqrt(count) if self.mean else math.sqrt(count)
         return out, (componentwise * BOUND_SLACK, factor * (size + relative * l2(x)) * BOUND_SLACK)

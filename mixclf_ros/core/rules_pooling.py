@@ -106,7 +106,7 @@ class AvgPool(Rule):
         relative = gamma(_pool_taps(layer, x) + 2, u)
         norm = self.norm(call, layer, "l2")
         out = layer(x)
-        return out, ((layer(error) + relative * layer(x.abs())) * BOUND_SLACK,
+        return out, (call.componentwise_bound(lambda: (layer(error) + relative * layer(x.abs())) * BOUND_SLACK),
                      (norm * size + relative * norm * l2(x)) * BOUND_SLACK)
 
 
@@ -158,7 +158,8 @@ class L2NormPool(Rule):
         # exact inputs within E: the window norm moves by at most ||E_W||_2; the squares, the
         # window sum (non-negative terms), the square root and the scaling round at most k + 3 times
         relative = gamma(taps + 3, u)
-        componentwise = abs(scale) * self.window_sum(layer, error * error).sqrt() + relative * out.abs()
+        componentwise = call.componentwise_bound(
+            lambda: abs(scale) * self.window_sum(layer, error * error).sqrt() + relative * out.abs())
         overlap = lb.max_pool_overlap(nn.MaxPool2d(layer.kernel_size, layer.stride), x, out, 2)
         return out, (componentwise * BOUND_SLACK,
                      (abs(scale) * math.sqrt(overlap) * size + relative * l2(out)) * BOUND_SLACK)
@@ -210,7 +211,7 @@ class Sorting(Rule):
         if scale == 1.0:
             return out, (spread, norm)
         u = call.unit_roundoff
-        return out, ((abs(scale) * spread + u * out.abs()) * BOUND_SLACK,
+        return out, (call.componentwise_bound(lambda: (abs(scale) * spread + u * out.abs()) * BOUND_SLACK),
                      (abs(scale) * norm + u * l2(out)) * BOUND_SLACK)
 
 
