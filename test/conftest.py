@@ -3,6 +3,7 @@ is imported), with discovery kept on this host."""
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ROS_DOMAIN_ID", str(random.Random(os.getpid()).randint(60, 100)))
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+# Operator norms cached by the tests (and the nodes they start) stay out of the user's cache.
+os.environ.setdefault("MIXCLF_CACHE_DIR", tempfile.mkdtemp(prefix="mixclf-test-cache-"))
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -176,3 +176,37 @@ def test_loading_runs_the_frozen_network_of_a_lipschitz_model(tmp_path: Path):
     assert torch.equal(first, second)  # the frozen weights: one function, the certified one
     assert model.bound_plan is not None
     torch.testing.assert_close(model.bound_plan.rounding(x.double())[0], first.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_operator_norms_are_reused_across_plans_and_never_for_changed_weights(monkeypatch):
+    from mixclf_ros.core import layer_bounds
+
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    store: dict[str, float] = {}
+    first = BoundPlan(model, (1, 6, 6), norm_store=store).lipschitz("l2")
+    assert len(store) == 2  # the convolution's and the dense layer's l2 norms
+
+    def no_computing(*args, **kwargs):
+        raise AssertionError("a stored norm was computed again")
+
+    monkeypatch.setattr(layer_bounds, "circular_conv_spectral_norm", no_computing)
+    monkeypatch.setattr(layer_bounds, "linear_bound", no_computing)
+    assert BoundPlan(model, (1, 6, 6), norm_store=store).lipschitz("l2") == first
+    with torch.no_grad():
+        model[0].weight[0, 0, 1, 1] += 1.0
+    with pytest.raises(UnsupportedLayerError, match="computed again"):
+        BoundPlan(model, (1, 6, 6), norm_store=store)
+
+
+def test_the_norm_store_survives_a_restart_and_an_unreadable_file(tmp_path: Path, monkeypatch):
+    from mixclf_ros.models.norm_cache import CACHE_DIR_VARIABLE, NormStore
+
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path))
+    store = NormStore.open()
+    store["key"] = 1.25
+    store.save()
+    assert NormStore.open() == {"key": 1.25}
+    (tmp_path / "operator_norms.json").write_text("{not json", encoding="utf-8")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert NormStore.open() == {}

@@ -19,8 +19,9 @@ A rule that lacks a domain refuses it by name. Rules are found by the call's tar
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +99,9 @@ class Call:
     cache: dict = field(default_factory=dict)
     componentwise: bool = True
     """The rounding domain computes componentwise bounds (else only the per-sample l2 ones)."""
+    norm_store: MutableMapping[str, float] | None = None
+    """Operator norms kept across plans and processes (by the caller, e.g. on disk), keyed by the
+    weights' contents, so a changed weight is never served a stale norm."""
 
     def arg(self, index: int, key: str, default: Any = None) -> Any:
         if index < len(self.args):
@@ -123,6 +127,23 @@ class Call:
         """`compute()`, the componentwise error bound, where the domain computes it; else
         `NOT_COMPUTED`, at no cost."""
         return compute() if self.componentwise else NOT_COMPUTED
+
+    def stored_norm(self, weight: torch.Tensor, setting: str, compute: Callable[[], float]) -> float:
+        """An operator norm of the map with `weight` under `setting` (norm, input size, options),
+        from this call's cache, else `norm_store` (keyed by a sha256 of the weight's contents,
+        dtype and shape), else computed and stored in both."""
+
+        def lookup() -> float:
+            if self.norm_store is None:
+                return compute()
+            contents = weight.detach().to("cpu").contiguous()
+            digest = hashlib.sha256(contents.numpy().tobytes()).hexdigest()
+            key = f"{digest}:{contents.dtype}:{tuple(contents.shape)}:{setting}"
+            if key not in self.norm_store:
+                self.norm_store[key] = compute()
+            return float(self.norm_store[key])
+
+        return self.cached_for(weight, setting, lookup)
 
     def cached_for(self, tensor: Any, key: str, compute: Callable[[], Any]) -> Any:
         """`compute()` for this call's constant operand `tensor`, computed once while the call

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,11 +121,13 @@ class BoundPlan:
     docstring. `lipschitz(norm)` bounds the logits' Lipschitz constant (operator norm p -> p, exact
     arithmetic); `rounding(x)` evaluates the logits in `dtype` with a bound of their rounding error.
     Raises `UnsupportedLayerError` (naming the operation, its place and what to do) for a model
-    the engine cannot trace or whose outputs its graph does not reproduce."""
+    the engine cannot trace or whose outputs its graph does not reproduce. `norm_store` keeps the
+    affine layers' operator norms across plans (see `bound_rules.Call.stored_norm`)."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], name: str = "model",
-                 dtype: torch.dtype = torch.float64) -> None:
+                 dtype: torch.dtype = torch.float64, norm_store: MutableMapping[str, float] | None = None) -> None:
         self.name, self.dtype, self.input_shape = name, dtype, tuple(input_shape)
+        self.norm_store = norm_store
         self.unit_roundoff = torch.finfo(dtype).eps / 2.0
         scripted = next((path for path, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
         if scripted is not None:
@@ -336,7 +338,7 @@ class BoundPlan:
             raise UnsupportedLayerError(f"{where}: uses a value that is not a Lipschitz function of the input "
                                         f"(indices of a sort/max)")
         call = Call(where, tuple(args), dict(kwargs), tuple(arg_bounds), dict(kwarg_bounds), None, batch, run,
-                    node.target, step.module, norm, self.unit_roundoff, step.cache, componentwise)
+                    node.target, step.module, norm, self.unit_roundoff, step.cache, componentwise, self.norm_store)
         if norm:
             call.out = run()
             bound = step.rule.lipschitz(call)

@@ -123,7 +123,8 @@ class Affine(Rule):
                 return bound
             return lb.conv2d_weight_l2_bound(weight_2d, size, padding, dilation, groups, stride)
 
-        return call.cached_for(weight, f"norm-{norm}", compute)
+        setting = f"{op.__name__}:{norm}:{tuple(x.shape[1:])}:{sorted(options.items())}:{circular}"
+        return call.stored_norm(weight, setting, compute)
 
     def lipschitz(self, call: Call) -> float:
         if call.module is not None and type(call.module) not in (nn.Linear, nn.Conv1d, nn.Conv2d):
@@ -191,7 +192,7 @@ class ConvTranspose(Rule):
             return lb.conv2d_weight_l2_bound(weight, out_hw, options.get("padding", 0), options.get("dilation", 1),
                                              groups, options.get("stride", 1))
 
-        return call.cached_for(weight, f"norm-{norm}", compute)
+        return call.stored_norm(weight, f"conv_transpose2d:{norm}:{out_hw}:{sorted(options.items())}", compute)
 
     def lipschitz(self, call: Call) -> float:
         return self.operator_norm(call, call.norm, tuple(call.out.shape[-2:])) * call.bound(0)

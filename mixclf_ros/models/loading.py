@@ -29,6 +29,7 @@ from mixclf_ros.core.lipschitz_search import probability_gradient_norm_search
 from mixclf_ros.core.tracing import freeze_parametrizations, needs_freezing
 from mixclf_ros.data import FASHION_MNIST_CLASSES
 from mixclf_ros.models.architectures import ARCHITECTURES
+from mixclf_ros.models.norm_cache import NormStore
 from mixclf_ros.models.schema import DEFAULTS, DOUBLE, INTEGER, KINDS, SCHEMA, STRING, STRING_ARRAY, defaults
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
@@ -397,7 +398,9 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
             model.lipschitz_constant, model.lipschitz_source = float(config["lipschitz_constant"]), "declared"
         else:
             try:
-                model.bound_plan = lipschitz.BoundPlan(network, model.input_shape, "robust_model")
+                norms = NormStore.open()
+                model.bound_plan = lipschitz.BoundPlan(network, model.input_shape, "robust_model", norm_store=norms)
+                norms.save()
                 model.lipschitz_constant = lipschitz.probability_lipschitz_bound(network, model.norm, model.input_shape,
                                                                                  model.bound_plan)
             except lipschitz.UnsupportedLayerError as error:
