@@ -55,6 +55,7 @@ from bench import targets  # noqa: E402
 from bench.bench_bag import bag_markdown, bench_bag  # noqa: E402
 from bench.bench_certify import median_seconds  # noqa: E402
 from bench.bench_cluster import bench_cluster, cluster_markdown  # noqa: E402
+from bench.bench_onepass import bench_onepass  # noqa: E402
 from bench.bench_transport import bench_transport  # noqa: E402
 from bench.bench_transport import markdown as transport_markdown  # noqa: E402
 from bench.levers import bench_levers  # noqa: E402
@@ -619,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="latency,naive,cameras,smoothing,certify,attacks,cluster,soak,bag,transport,"
-                                          "levers,executors")
+                                          "levers,executors,onepass")
     parser.add_argument("--pings", type=int, default=100)
     parser.add_argument("--stream-seconds", type=float, default=8.0)
     parser.add_argument("--soak-seconds", type=float, default=60.0)
@@ -643,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         "transport": lambda: bench_transport(work, args.transport_frames),
         "levers": bench_levers,
         "executors": lambda: bench_executors(work, args.pings),
+        "onepass": bench_onepass,
     }
     for name in selected:
         start = time.monotonic()

@@ -5,7 +5,7 @@ The node's path: `vision.decode.decode_frame` (what the node's `ros.messages.dec
 `runtime.classifier.CertifiedClassifier.classify` on that one frame (the node classifies the oldest frame
 of each camera per batch: one frame for one camera), with the node's preprocessing of each model from its
 config and the `LiveSettings` of the parameters file at each alpha. `safe` is the classifier's
-(`runtime.classifier.is_safe`), copied. Frames the node would never see (a message that does not
+(`runtime.frame_result.is_safe`), copied. Frames the node would never see (a message that does not
 deserialize) are refused with the reason; frames it would answer with BAD_INPUT get that result.
 Offline there is no `max_image_age` check: recorded frames are old by nature.
 """

@@ -11,7 +11,8 @@ the model input, `image_radius` in the source image (through the preprocessing's
 Numerics: the robust model and the certificate run inside `numerics.full_precision()` (no TF32 or
 other reduced-precision paths), the standard model outside it (its fast paths and optional fp16
 stay). A Lipschitz robust model's certificate forward runs in float64 with a rigorous bound of its
-rounding error (`numerics.ErrorBoundedForward`), subtracted from the margin. Radii in `FrameResult`
+rounding error (`runtime.lipschitz_pass`: the bound engine's plan, one pass), subtracted from the
+margin. Radii in `FrameResult`
 are float32 values rounded towards zero, so the message's float32 fields carry them exactly.
 """
 

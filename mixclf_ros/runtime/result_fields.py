@@ -18,7 +18,7 @@ def result_fields(result: FrameResult, class_names: list[str]) -> dict[str, Any]
     """Every field of `CertifiedClassification` but `header`, by name: ints for the uint8 / int32 fields
     (status, certificate_method and norm as the message's constants), Python floats for the float32
     ones (radii already float32 values rounded toward zero, [0,1] pixels), a bool for `safe` (decided
-    by `runtime.classifier.is_safe`, copied, never recomputed)."""
+    by `runtime.frame_result.is_safe`, copied, never recomputed)."""
     return {
         "status": int(result.status),
         "status_message": result.status_message,
