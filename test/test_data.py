@@ -381,3 +381,28 @@ def test_class_map_file(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ImageFolderError, match="expected a mapping"):
         read_class_map(tmp_path / "bad.yaml")
+
+
+def test_a_class_map_adds_to_the_folder_names():
+    """Folders the map does not list keep their match by name (the map used to replace it, refusing them)."""
+    assert folder_labels(["Trouser", "zero", "t-shirt_top"], FASHION_MNIST_CLASSES, 10, {"zero": "Bag"}) == {
+        "Trouser": 1, "zero": 8, "t-shirt_top": 0}
+    with pytest.raises(ImageFolderError, match="name the same class"):  # by name, two folders for one class
+        folder_labels(["Bag", "bag", "zero"], FASHION_MNIST_CLASSES, 10, {"zero": "Dress"})
+
+
+def test_a_folder_naming_no_class_is_told_how_slashes_are_written():
+    """'T-shirt/top' cannot be a folder name: the error says a '/' is written '_' (or left out)."""
+    with pytest.raises(ImageFolderError, match=r"'/' in a class name is written '_'.*'T-shirt_top'"):
+        folder_labels(["T-shirt top!", "Tshirt"], ["T-shirt/top", "Other"], 2)
+    assert folder_labels(["T-shirt_top", "Other"], ["T-shirt/top", "Other"], 2) == {"T-shirt_top": 0, "Other": 1}
+
+
+def test_an_empty_class_folder_is_reported(tmp_path: Path):
+    write_png(tmp_path / "Bag" / "a.png", np.full((4, 4), 7, np.uint8))
+    (tmp_path / "Shirt").mkdir()
+    (tmp_path / "Coat").mkdir()
+    (tmp_path / "Coat" / "notes.txt").write_text("no image here")
+    loaded = load_image_folder(tmp_path, preprocess(4, 4, 1), FASHION_MNIST_CLASSES, 10)
+    assert loaded.empty == ["Coat", "Shirt"]
+    assert loaded.labels.tolist() == [8]
