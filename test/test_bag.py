@@ -63,6 +63,7 @@ def run(arguments: list[str], out: Path) -> tuple[dict, list[dict], bytes]:
             (out / f"{report.stem}.csv").read_bytes())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
 def test_a_recording_of_every_encoding_gives_the_report(articles, tmp_path, storage, capsys):
     path = write_recording(tmp_path / f"rec_{storage}", TOPIC, raw_frames(articles), storage=storage,
@@ -190,6 +191,7 @@ def test_write_results_records_the_nodes_messages_beside_the_frames(articles, tm
                      "--out", str(tmp_path / "again")]) == 2  # never overwritten
 
 
+@pytest.mark.slow
 def test_ray_units_give_the_in_process_rows(articles, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-cluster.txt)")
     path = write_recording(tmp_path / "rec", TOPIC, raw_frames(articles))

@@ -14,6 +14,8 @@ import pytest
 
 from mixclf_ros.evaluation import cli, sweep
 
+pytestmark = pytest.mark.slow  # Ray instances and full evaluation runs
+
 SWEEP = ["sweep", "--limit", "24", "--alphas", "0,0.5,1", "--steps", "3", "--shard-size", "8", "--threads", "1",
          "--device", "cpu", "--no-progress"]
 CERTIFY = ["certify", "--robust", "robust_smoothing", "--limit", "12", "--n0", "8", "--n", "64",

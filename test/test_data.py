@@ -158,6 +158,7 @@ BROKEN_LABEL_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(BROKEN_LABEL_FILES))
 def test_broken_idx_file_raises_a_clear_value_error(damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Every broken file raises ValueError naming the file, never EOFError/OSError/zlib.error."""
@@ -209,6 +210,7 @@ def test_to_tensor_does_not_touch_its_input_and_takes_views():
     assert (images == 200).all()
 
 
+@pytest.mark.slow
 def test_to_tensor_accepts_the_loader_output_without_warnings():
     """load_fashion_mnist returns read-only arrays (views of the decompressed bytes); converting
     them must not trigger torch's 'non-writable array' UserWarning. torch emits that warning once
@@ -236,6 +238,7 @@ def test_evaluation_subset_is_a_fixed_sorted_sample():
     assert subset.max() > 9_000 and subset.min() < 1_000
 
 
+@pytest.mark.slow
 def test_evaluation_subset_is_the_same_in_a_fresh_interpreter():
     code = "import json; from mixclf_ros.data import evaluation_subset; print(json.dumps(evaluation_subset().tolist()))"
     result = run_python(code)

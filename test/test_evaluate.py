@@ -495,6 +495,7 @@ def test_cli_reports_configuration_errors(tmp_path, capsys):
     assert "no_such_model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_does_not_import_ros():
     import subprocess
 
@@ -503,6 +504,7 @@ def test_evaluation_does_not_import_ros():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+@pytest.mark.slow
 def test_mixclf_eval_is_on_path_after_sourcing_env_sh(tmp_path):
     """The documented commands start with `source env.sh; mixclf-eval ...`, from any directory."""
     import subprocess
