@@ -127,12 +127,14 @@ def folder_labels(folders: Sequence[str], class_names: Sequence[str], num_classe
                   class_map: dict[str, str] | None = None) -> dict[str, int]:
     """`{folder: label}` for the class sub-folders of an image folder.
 
-    A folder names its class by a class name of the model (exact, or case and punctuation folded)
-    or by a class index 0..num_classes-1; with `class_map` ({folder: class name or index}) every
-    folder must be listed there. Never by alphabetical order.
+    A folder names its class by a class name of the model (exact, or case and punctuation folded:
+    a '/' in a class name, which a folder name cannot hold, is written '_' or left out, so
+    'T-shirt_top' and 'tshirttop' name 'T-shirt/top') or by a class index 0..num_classes-1.
+    `class_map` ({folder: class name or index}) adds to that: a folder listed there takes the
+    class it maps to, the others are matched by name. Never by alphabetical order.
     Raises:
         ImageFolderError: a folder that names no class (listing the classes), or two folders for the
-            same class without a mapping that says so.
+            same class by name (the map may give one class several folders on purpose).
     """
     if class_names and len(class_names) != num_classes:
         raise ImageFolderError(f"{len(class_names)} class names for {num_classes} classes")
@@ -143,27 +145,28 @@ def folder_labels(folders: Sequence[str], class_names: Sequence[str], num_classe
     labels: dict[str, int] = {}
     unknown = []
     for folder in folders:
-        target = folder if class_map is None else class_map.get(folder)
-        index = None if target is None else _class_index(target, class_names, num_classes)
+        target = (class_map or {}).get(folder, folder)
+        index = _class_index(target, class_names, num_classes)
         if index is None:
-            unknown.append(folder if target is None or target == folder else f"{folder} -> {target}")
+            unknown.append(folder if target == folder else f"{folder} -> {target}")
         else:
             labels[folder] = index
     if unknown:
         known = (", ".join(repr(name) for name in class_names) + " or " if class_names else "") + \
             f"an index 0..{num_classes - 1}"
-        where = "in the class map" if class_map is not None else "as folder names"
         raise ImageFolderError(f"{len(unknown)} class folder(s) name no class of the model: "
-                               f"{', '.join(sorted(unknown))}; use {known} {where}, or give a class map "
-                               "(--class-map FILE: 'folder: class name or index')")
-    if class_map is None:
-        by_label: dict[int, list[str]] = {}
-        for folder, label in labels.items():
+                               f"{', '.join(sorted(unknown))}; use {known} as folder names (case and "
+                               "punctuation are ignored; a '/' in a class name is written '_' or left out, "
+                               "e.g. 'T-shirt/top' -> 'T-shirt_top'), or map them with a class map "
+                               "(--class-map FILE: 'folder: class name or index', for the folders it lists)")
+    by_label: dict[int, list[str]] = {}
+    for folder, label in labels.items():
+        if folder not in (class_map or {}):
             by_label.setdefault(label, []).append(folder)
-        shared = [folders_of for folders_of in by_label.values() if len(folders_of) > 1]
-        if shared:
-            raise ImageFolderError(f"folders {', '.join(sorted(shared[0]))} name the same class; merge them or "
-                                   "give a class map that maps them on purpose")
+    shared = [folders_of for folders_of in by_label.values() if len(folders_of) > 1]
+    if shared:
+        raise ImageFolderError(f"folders {', '.join(sorted(shared[0]))} name the same class; merge them or "
+                               "give a class map that maps them on purpose")
     return labels
 
 
@@ -172,13 +175,15 @@ class ImageFolder:
     """Images of `path/<class>/*` at the model input and their labels.
 
     images: float32 (N, C, H, W) in [0, 1]. labels: int64 (N,). folders: {folder: label}.
-    skipped: files that are not decodable images (relative paths).
+    skipped: files that are not decodable images (relative paths). empty: class folders with no
+    image (their class is not evaluated).
     """
 
     images: torch.Tensor
     labels: np.ndarray
     folders: dict[str, int]
     skipped: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
 
 
 def load_image_folder(path: str | Path, preprocess: PreprocessConfig | None, class_names: Sequence[str],
@@ -205,8 +210,9 @@ def load_image_folder(path: str | Path, preprocess: PreprocessConfig | None, cla
     labels_of = folder_labels(folders, class_names, num_classes, class_map)
     preprocessor = Preprocessor(replace(preprocess, device="cpu")) if preprocess is not None else None
     source = None
-    images, labels, skipped = [], [], []
+    images, labels, skipped, empty = [], [], [], []
     for folder in folders:
+        found = len(images)
         for file in sorted(p for p in (root / folder).iterdir() if p.is_file()):
             try:
                 decoded = decode_compressed(file.suffix.lstrip(".") or "unknown", file.read_bytes())
@@ -230,6 +236,8 @@ def load_image_folder(path: str | Path, preprocess: PreprocessConfig | None, cla
             except BadImageError as error:
                 raise BadImageError(f"{file}: {error}") from None
             labels.append(labels_of[folder])
+        if len(images) == found:
+            empty.append(folder)
     if not images:
         raise DatasetMissingError(f"{root}: no readable images")
-    return ImageFolder(torch.cat(images), np.array(labels, dtype=np.int64), labels_of, skipped)
+    return ImageFolder(torch.cat(images), np.array(labels, dtype=np.int64), labels_of, skipped, empty)

@@ -6,10 +6,13 @@ good frames normally between faults.
 Trigger bands of the mean pixel value of the model input ([0,1]):
     > 0.90          raise RuntimeError
     0.80 .. 0.90    return NaN logits
-    0.70 .. 0.80    stall for 1.5 s, then answer normally
+    0.70 .. 0.80    stall for 1.5 s, then answer normally; the stall's start is announced by creating
+                    the file named by $MIXCLF_TEST_STALL_FILE (if set), so a test waits on it
 """
 
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +33,9 @@ class Tripwire(nn.Module):
         if 0.80 < brightness <= 0.90:
             return torch.full_like(logits, float("nan"))
         if 0.70 < brightness <= 0.80:
-            time.sleep(1.5)
+            if os.environ.get("MIXCLF_TEST_STALL_FILE"):
+                Path(os.environ["MIXCLF_TEST_STALL_FILE"]).touch()
+            time.sleep(1.5)  # the fault injected: a model that stalls
         return logits
 
 

@@ -226,6 +226,7 @@ def attack_certified_samples(builder, shape: tuple[int, ...], norm: str, alpha: 
     return len(certified), broken
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, builder, shape, alphas", ROBUSTNESS_CASES)
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_strong_pgd_never_changes_a_certified_mixed_prediction(name, builder, shape, alphas, norm):

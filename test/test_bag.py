@@ -63,6 +63,7 @@ def run(arguments: list[str], out: Path) -> tuple[dict, list[dict], bytes]:
             (out / f"{report.stem}.csv").read_bytes())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
 def test_a_recording_of_every_encoding_gives_the_report(articles, tmp_path, storage, capsys):
     path = write_recording(tmp_path / f"rec_{storage}", TOPIC, raw_frames(articles), storage=storage,
@@ -101,8 +102,11 @@ def test_a_recording_of_every_encoding_gives_the_report(articles, tmp_path, stor
         assert summary["accuracy"] == pytest.approx(sum(r["class_id"] == r["label"] for r in labelled) / 5)
         assert summary["safe_but_wrong"] == sum(bool(r["safe"]) and r["class_id"] != r["label"] for r in labelled)
         assert summary["frames_per_second"] > 0
-    assert (tmp_path / "out" / f"bag_rec_{storage}_image.png").stat().st_size > 0
-    assert "refused: corrupt message" in capsys.readouterr().err
+    [plot] = (tmp_path / "out").glob("bag_*.png")  # bag_<run id>.png
+    assert plot.stat().st_size > 0
+    assert report["rounding_error"] == ["bounded"]
+    error = capsys.readouterr().err
+    assert "refused: corrupt message" in error and "estimated" not in error
 
 
 def test_compressed_frames_and_a_topic_of_another_type(articles, tmp_path, capsys):
@@ -118,6 +122,25 @@ def test_compressed_frames_and_a_topic_of_another_type(articles, tmp_path, capsy
     report, rows, _ = run(["bag", str(path), "--topic", "/image/compressed", "--alphas", "1"], tmp_path / "out")
     assert report["recording"]["type"] == "sensor_msgs/msg/CompressedImage"
     assert [row["status"] for row in rows] == [0, 0, 0] and all(row["certified_radius"] > 0 for row in rows)
+
+
+def test_the_console_says_when_the_rounding_error_is_only_estimated(articles, tmp_path, capsys,
+                                                                    monkeypatch):
+    """A robust network the error-bounded forward cannot bound is certified with an estimated rounding
+    error (`CertifiedClassifier.forward_error`): the console says so, not only the JSON."""
+    from mixclf_ros.core.forward_error import UnboundedForwardError
+    from mixclf_ros.evaluation import bag_units
+    from mixclf_ros.runtime import classifier
+
+    def unbounded(*args, **kwargs):
+        raise UnboundedForwardError("a layer of the test")
+
+    monkeypatch.setattr(classifier, "ErrorBoundedForward", unbounded)
+    monkeypatch.setattr(bag_units, "_CLASSIFIERS", {})
+    path = write_recording(tmp_path / "rec", TOPIC, raw_frames(articles)[:2])
+    report, _, _ = run(["bag", str(path), "--topic", TOPIC, "--alphas", "1"], tmp_path / "out")
+    assert report["rounding_error"] == ["estimated"]
+    assert "rounding error is estimated, not bounded (forward_error = estimated" in capsys.readouterr().err
 
 
 def test_an_undecodable_jpeg_is_bad_input_and_the_rest_goes_on(articles, tmp_path):
@@ -168,10 +191,11 @@ def test_write_results_records_the_nodes_messages_beside_the_frames(articles, tm
                      "--out", str(tmp_path / "again")]) == 2  # never overwritten
 
 
+@pytest.mark.slow
 def test_ray_units_give_the_in_process_rows(articles, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-cluster.txt)")
     path = write_recording(tmp_path / "rec", TOPIC, raw_frames(articles))
-    arguments = ["bag", str(path), "--topic", TOPIC, "--alphas", "0.6,1", "--shard-size", "3"]
+    arguments = ["bag", str(path), "--topic", TOPIC, "--alphas", "0.6,1", "--shard-size", "3", "--name", "bag"]
     expected = run(arguments, tmp_path / "in_process")
     report, rows, csv = run([*arguments, "--ray", "local", "--ray-cpus", "2"], tmp_path / "ray")
     assert csv == expected[2] and rows == expected[1]

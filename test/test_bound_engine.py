@@ -49,6 +49,7 @@ class GradientStep(nn.Module):
         return x - self.scale * F.conv_transpose2d(inner, self.other, padding=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.5, 2.0, 4.0])
 def test_a_gradient_step_layer_gets_max_of_1_and_c_norm_squared_minus_1(scale):
     from mixclf_ros.core.layer_bounds import conv2d_weight_l2_bound

@@ -14,6 +14,8 @@ import pytest
 
 from mixclf_ros.evaluation import cli, sweep
 
+pytestmark = pytest.mark.slow  # Ray instances and full evaluation runs
+
 SWEEP = ["sweep", "--limit", "24", "--alphas", "0,0.5,1", "--steps", "3", "--shard-size", "8", "--threads", "1",
          "--device", "cpu", "--no-progress"]
 CERTIFY = ["certify", "--robust", "robust_smoothing", "--limit", "12", "--n0", "8", "--n", "64",
@@ -96,18 +98,18 @@ def test_a_rerun_after_an_interruption_runs_only_the_missing_units(in_process_sw
 
     monkeypatch.setattr(sweep, "_mix_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        cli.main([*SWEEP, "--out", str(out)])
+        cli.main([*SWEEP, "--out", str(out), "--name", "sweep_linf"])
     finished = len(list((out / "sweep_linf.units").glob("*.pt")))
     assert 0 < finished < UNITS
     assert not (out / "sweep_linf.csv").exists()
 
     monkeypatch.setattr(sweep, "_mix_unit", original)
-    csv, report = run(SWEEP, out)
+    csv, report = run([*SWEEP, "--name", "sweep_linf"], out)  # its name resumes it
     assert report["execution"]["units"] == {"total": UNITS, "executed": UNITS - finished, "resumed": finished}
     assert csv == in_process_sweep[0]
     assert comparable(report) == comparable(in_process_sweep[1])
     # A third run has nothing left to do, and changes nothing.
-    csv, report = run(SWEEP, out)
+    csv, report = run([*SWEEP, "--name", "sweep_linf", "--overwrite"], out)
     assert report["execution"]["units"] == {"total": UNITS, "executed": 0, "resumed": UNITS}
     assert csv == in_process_sweep[0]
 

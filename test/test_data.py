@@ -158,6 +158,7 @@ BROKEN_LABEL_FILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(BROKEN_LABEL_FILES))
 def test_broken_idx_file_raises_a_clear_value_error(damage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Every broken file raises ValueError naming the file, never EOFError/OSError/zlib.error."""
@@ -209,6 +210,7 @@ def test_to_tensor_does_not_touch_its_input_and_takes_views():
     assert (images == 200).all()
 
 
+@pytest.mark.slow
 def test_to_tensor_accepts_the_loader_output_without_warnings():
     """load_fashion_mnist returns read-only arrays (views of the decompressed bytes); converting
     them must not trigger torch's 'non-writable array' UserWarning. torch emits that warning once
@@ -236,6 +238,7 @@ def test_evaluation_subset_is_a_fixed_sorted_sample():
     assert subset.max() > 9_000 and subset.min() < 1_000
 
 
+@pytest.mark.slow
 def test_evaluation_subset_is_the_same_in_a_fresh_interpreter():
     code = "import json; from mixclf_ros.data import evaluation_subset; print(json.dumps(evaluation_subset().tolist()))"
     result = run_python(code)
@@ -381,3 +384,28 @@ def test_class_map_file(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ImageFolderError, match="expected a mapping"):
         read_class_map(tmp_path / "bad.yaml")
+
+
+def test_a_class_map_adds_to_the_folder_names():
+    """Folders the map does not list keep their match by name (the map used to replace it, refusing them)."""
+    assert folder_labels(["Trouser", "zero", "t-shirt_top"], FASHION_MNIST_CLASSES, 10, {"zero": "Bag"}) == {
+        "Trouser": 1, "zero": 8, "t-shirt_top": 0}
+    with pytest.raises(ImageFolderError, match="name the same class"):  # by name, two folders for one class
+        folder_labels(["Bag", "bag", "zero"], FASHION_MNIST_CLASSES, 10, {"zero": "Dress"})
+
+
+def test_a_folder_naming_no_class_is_told_how_slashes_are_written():
+    """'T-shirt/top' cannot be a folder name: the error says a '/' is written '_' (or left out)."""
+    with pytest.raises(ImageFolderError, match=r"'/' in a class name is written '_'.*'T-shirt_top'"):
+        folder_labels(["T-shirt top!", "Tshirt"], ["T-shirt/top", "Other"], 2)
+    assert folder_labels(["T-shirt_top", "Other"], ["T-shirt/top", "Other"], 2) == {"T-shirt_top": 0, "Other": 1}
+
+
+def test_an_empty_class_folder_is_reported(tmp_path: Path):
+    write_png(tmp_path / "Bag" / "a.png", np.full((4, 4), 7, np.uint8))
+    (tmp_path / "Shirt").mkdir()
+    (tmp_path / "Coat").mkdir()
+    (tmp_path / "Coat" / "notes.txt").write_text("no image here")
+    loaded = load_image_folder(tmp_path, preprocess(4, 4, 1), FASHION_MNIST_CLASSES, 10)
+    assert loaded.empty == ["Coat", "Shirt"]
+    assert loaded.labels.tolist() == [8]

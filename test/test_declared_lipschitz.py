@@ -43,6 +43,7 @@ def found_in(message: str) -> float:
     return float(re.search(r"up to ([0-9.e+-]+) per \[0,1\] pixel", message).group(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_a_declared_constant_below_the_gradients_found_is_refused(norm):
     config = loading.zoo_config("robust_lipschitz")

@@ -369,7 +369,7 @@ def test_parameters_file_is_read_with_the_model_schema(workspace, tmp_path, caps
 
 def test_cli_sweep(workspace, tmp_path, capsys):
     run_cli(workspace, tmp_path, "sweep", "--params", str(workspace["params"]), "--alphas", "0,0.5,1",
-            "--eps", "0.15", "--steps", "3", "--attack-limit", "32")
+            "--eps", "0.15", "--steps", "3", "--attack-limit", "32", "--name", "sweep_linf")
     rows = (tmp_path / "sweep_linf.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[0].startswith("alpha,clean_accuracy_all,clean_accuracy")
     report = json.loads((tmp_path / "sweep_linf.json").read_text())
@@ -382,7 +382,7 @@ def test_cli_sweep(workspace, tmp_path, capsys):
 
 def test_cli_margins(workspace, tmp_path):
     run_cli(workspace, tmp_path, "margins", "--params", str(workspace["params"]), "--norm", "l2",
-            "--eps", "1.5", "--steps", "3", "--limit", "32")
+            "--eps", "1.5", "--steps", "3", "--limit", "32", "--name", "margins_l2")
     table = json.loads((tmp_path / "margins_l2.json").read_text())["table"]
     assert [row["model"] for row in table] == ["g", "h"]
     for row in table:
@@ -416,7 +416,7 @@ def test_cli_certify(workspace, tmp_path, params, extra):
 
 def test_cli_design(workspace, tmp_path):
     run_cli(workspace, tmp_path, "design", "--params", str(workspace["params"]), "--trusts", "one,grad_g_i",
-            "--gammas", "0,1", "--steps", "2", "--eps", "0.15", "--limit", "16")
+            "--gammas", "0,1", "--steps", "2", "--eps", "0.15", "--limit", "16", "--name", "design_linf")
     rows = json.loads((tmp_path / "design_linf.json").read_text())["rows"]
     assert len(rows) == 2 * 2 * 2
     for row in rows:
@@ -427,13 +427,14 @@ def test_cli_design(workspace, tmp_path):
     assert (tmp_path / "design_linf.png").exists() and (tmp_path / "design_linf.csv").exists()
     # --resume keeps those 8 points and computes only the new trust term's.
     run_cli(workspace, tmp_path, "design", "--params", str(workspace["params"]), "--trusts", "grad_max_g",
-            "--gammas", "0,1", "--steps", "2", "--eps", "0.15", "--limit", "16", "--resume")
+            "--gammas", "0,1", "--steps", "2", "--eps", "0.15", "--limit", "16", "--resume", "--name",
+            "design_linf")
     resumed = json.loads((tmp_path / "design_linf.json").read_text())["rows"]
     assert resumed[:8] == rows and {row["trust"] for row in resumed[8:]} == {"grad_max_g"}
     assert len(resumed) == 12
     assert cli.main(["design", "--params", str(workspace["params"]), "--image-folder", str(workspace["images"]),
                           "--out", str(tmp_path), "--no-progress", "--steps", "3", "--eps", "0.15",
-                          "--limit", "16", "--resume"]) == 2  # other attack settings: refused
+                          "--limit", "16", "--resume", "--name", "design_linf"]) == 2  # other attack settings
 
 
 def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path, capsys):
@@ -446,7 +447,7 @@ def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path,
     for index, word in enumerate(words):
         shutil.copytree(workspace["images"] / str(index), renamed / word)
     arguments = ["margins", "--params", str(workspace["params"]), "--image-folder", str(renamed), "--steps", "1",
-                 "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+                 "--out", str(tmp_path), "--no-progress", "--device", "cpu", "--name", "margins_linf"]
     assert cli.main(arguments) == 2
     assert "name no class of the model" in capsys.readouterr().err
     (tmp_path / "map.yaml").write_text("".join(f"{word}: {index}\n" for index, word in enumerate(words)))
@@ -454,7 +455,7 @@ def test_cli_image_folder_labels_come_from_the_folder_names(workspace, tmp_path,
     mapped = json.loads((tmp_path / "margins_linf.json").read_text())
     assert mapped["preprocessing"]["folders"] == {word: str(index) for index, word in enumerate(words)}
     shutil.copytree(workspace["images"] / "0", renamed / "ten")
-    assert cli.main([*arguments, "--class-map", str(tmp_path / "map.yaml")]) == 2
+    assert cli.main([*arguments, "--class-map", str(tmp_path / "map.yaml"), "--overwrite"]) == 2
     assert "ten" in capsys.readouterr().err
 
 
@@ -468,7 +469,7 @@ def test_cli_image_folder_uses_the_models_crop_and_resize(workspace, tmp_path):
                                                  f"{prefix}.resize": "bilinear"})
     (tmp_path / "cropped.yaml").write_text(yaml.safe_dump(params))
     run_cli(workspace, tmp_path, "margins", "--params", str(tmp_path / "cropped.yaml"), "--steps", "1",
-            "--limit", "8")
+            "--limit", "8", "--name", "margins_linf")
     report = json.loads((tmp_path / "margins_linf.json").read_text())
     assert {key: report["preprocessing"][key] for key in ("crop_height", "crop_width", "resize", "path")} == {
         "crop_height": 8, "crop_width": 10, "resize": "bilinear", "path": "vision.preprocess.Preprocessor"}
@@ -483,7 +484,7 @@ def test_cli_default_data_is_fashion_mnist(workspace, tmp_path):
     except data.DatasetMissingError:
         pytest.skip("Fashion-MNIST not installed")
     assert cli.main(["margins", "--params", str(workspace["params"]), "--limit", "16", "--steps", "1",
-                          "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
+                          "--out", str(tmp_path), "--no-progress", "--device", "cpu", "--name", "margins_linf"]) == 0
     report = json.loads((tmp_path / "margins_linf.json").read_text())
     assert report["data"] == {"source": "Fashion-MNIST test set", "available": 10_000, "evaluated": 16,
                               "subset": "seeded random subset (seed 0)"}
@@ -494,6 +495,7 @@ def test_cli_reports_configuration_errors(tmp_path, capsys):
     assert "no_such_model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_does_not_import_ros():
     import subprocess
 
@@ -502,6 +504,7 @@ def test_evaluation_does_not_import_ros():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+@pytest.mark.slow
 def test_mixclf_eval_is_on_path_after_sourcing_env_sh(tmp_path):
     """The documented commands start with `source env.sh; mixclf-eval ...`, from any directory."""
     import subprocess

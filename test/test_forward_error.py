@@ -125,6 +125,7 @@ def _points_within(image: torch.Tensor, radius: float, count: int, generator: to
     return points
 
 
+@pytest.mark.slow
 def test_safe_near_threshold_frames_keep_their_class_within_the_radius(models, crafted):
     standard, robust = models
     classifier = CertifiedClassifier(standard, robust, PreprocessConfig(1, 28, 28), torch.device("cpu"))

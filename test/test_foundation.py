@@ -108,6 +108,7 @@ print('ok')
 """
 
 
+@pytest.mark.slow
 def test_library_imports_without_ros():
     result = subprocess.run([sys.executable, "-c", BLOCK_ROS, *LIBRARY_MODULES], capture_output=True,
                             text=True, cwd=REPO_ROOT, timeout=120)
@@ -122,6 +123,7 @@ def test_node_module_does_need_ros():
     assert result.returncode != 0 and "blocked for this test" in result.stderr
 
 
+@pytest.mark.slow
 def test_pip_builds_a_wheel_with_the_library(tmp_path: Path):
     source = tmp_path / "src"
     source.mkdir()

@@ -302,6 +302,7 @@ def dense_by_preprocessor(height, width, order, config) -> np.ndarray:
     ("rgba", PreprocessConfig(1, 6, 7, crop_height=3, crop_width=5)),  # area up-sampling
     ("mono", PreprocessConfig(1, 16, 20, resize="bilinear")),  # bilinear up-sampling, no crop
 ])
+@pytest.mark.slow
 def test_operator_norm_equals_dense_matrix_norm(order, config):
     height, width = 12, 16
     by_hand = dense_by_hand(height, width, order, config)

@@ -83,6 +83,7 @@ class TinyResNet(nn.Module):
         return self.fc(pooled.view(pooled.size(0), -1))
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(depth=st.integers(1, 3), width=st.sampled_from([2, 4]), activation=st.sampled_from(sorted(ACTIVATIONS)),
        cat_branches=st.booleans(), seed=st.integers(0, 2**16), norm=st.sampled_from(NORMS))

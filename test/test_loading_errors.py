@@ -87,3 +87,19 @@ def test_a_missing_weights_file_is_named_by_its_resolved_path(tmp_path, monkeypa
     with pytest.raises(ModelConfigError) as error:
         load_model(_config(weights="models/mine.pt"))
     assert str(tmp_path / "models" / "mine.pt") in str(error.value)
+
+
+def test_an_architecture_mismatch_names_input_channels_and_every_key(tmp_path, standard_state):
+    """The message gives input_channels' value and every differing key and shape, not 300 characters of them."""
+    renamed = tmp_path / "renamed.pt"
+    torch.save({f"backbone.{key}": value for key, value in standard_state.items()}, renamed)
+    with pytest.raises(ModelConfigError) as refused:
+        load_model(_config(weights=str(renamed)))
+    message = str(refused.value)
+    assert "'input_channels' = 1" in message
+    assert all(key in message and f"backbone.{key}" in message for key in standard_state)
+    grey = tmp_path / "grey.pt"
+    torch.save(standard_state, grey)
+    with pytest.raises(ModelConfigError, match=r"'input_channels' = 3 .*shapes that differ \(\d+\): .*file \(1,\), "
+                                               r"model \(3,\)"):
+        load_model(_config(weights=str(grey), input_channels=3))

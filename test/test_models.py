@@ -176,6 +176,7 @@ def test_zoo_model_loads_with_its_pinned_hash(zoo_model: tuple[str, LoadedModel,
         assert (model.n0, model.n, model.beta) == (64, 1000, 0.001)
 
 
+@pytest.mark.slow
 def test_zoo_model_accuracy_matches_its_sidecar(zoo_model: tuple[str, LoadedModel, dict[str, Any]],
                                                 fashion_test_set: tuple[torch.Tensor, torch.Tensor]):
     """The committed weights are the ones described: same subset accuracy within 1 point."""
@@ -188,6 +189,7 @@ def test_zoo_model_accuracy_matches_its_sidecar(zoo_model: tuple[str, LoadedMode
     assert accuracy > 0.5  # far above chance (0.1): really a trained Fashion-MNIST classifier
 
 
+@pytest.mark.slow
 def test_zoo_lipschitz_certified_accuracy_matches_its_sidecar(fashion_test_set: tuple[torch.Tensor, torch.Tensor],
                                                               zoo_models: dict):
     """Theorem 1 certified accuracy at l2 radius 0.5 (alpha 1, 0.75, 0.6) on the 10 000 test images,
@@ -201,6 +203,7 @@ def test_zoo_lipschitz_certified_accuracy_matches_its_sidecar(fashion_test_set: 
         assert abs(certified - sidecar[f"certified_accuracy_l2_0.5_alpha{alpha}"]) <= ACCURACY_TOLERANCE + 1e-9
 
 
+@pytest.mark.slow
 def test_zoo_adversarial_robustness_matches_its_sidecar(fashion_test_set: tuple[torch.Tensor, torch.Tensor],
                                                         zoo_models: dict):
     """PGD-20 linf 0.1 on the 1 000-image subset, the training script's own measurement rerun on the
@@ -218,6 +221,7 @@ def test_zoo_adversarial_robustness_matches_its_sidecar(fashion_test_set: tuple[
     assert pgd_accuracy(standard, x[subset[:200]], y[subset[:200]], 0.1, "linf", 20) < 0.05
 
 
+@pytest.mark.slow
 def test_model_cards_are_generated_from_the_shipped_files():
     """models/README.md is what scripts/model_cards.py renders from the sidecars and docs/results."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "model_cards.py"
@@ -372,6 +376,7 @@ def test_bad_import_path(architecture: str, weights_dir: Path):
 
 
 # ------------------------------------------------------------------------------ check_compatible
+@pytest.mark.slow
 def test_check_compatible(weights_dir: Path):
     standard = load_model(config_for(weights_dir / "small.pt"))
     robust = load_model(config_for(weights_dir / "small.pt", kind="lipschitz", lipschitz_constant=1.0))
@@ -403,6 +408,7 @@ def test_check_compatible_accepts_different_inputs(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------ Lipschitz constants
+@pytest.mark.slow
 def test_declared_lipschitz_constant_is_reported_as_declared(weights_dir: Path):
     model = load_model(config_for(weights_dir / "small.pt", kind="lipschitz", lipschitz_constant=0.25))
     assert model.lipschitz_source == "declared" and model.lipschitz_constant == 0.25

@@ -39,7 +39,7 @@ def running_node(tmp_path_factory, installed_prefix):
 
     log = tmp_path_factory.mktemp("node") / "mixclf_node.log"
     # These tests check every frame's result, however loaded the machine: reliable, deep frame
-    # subscriptions (Fast DDS loses best-effort 900 KB frames between processes here, see README) and
+    # subscriptions (Fast DDS loses best-effort 900 KB frames between processes here, see docs/FAST_DDS.md) and
     # frame_policy every (no frame is replaced by a newer one). Best-effort delivery and the newest
     # policy are tested in test_resilience and below. Queued frames may wait: max_image_age 10 s.
     every_frame = ["-p", "frame_policy:=every", "-p", "max_image_age:=10.0"]

@@ -102,6 +102,7 @@ def near_threshold_cases(draw):
     return alpha, probs, lipschitz, dtype
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(near_threshold_cases())
 def test_lipschitz_radius_never_exceeds_exact_value(case):
@@ -129,6 +130,7 @@ def test_lipschitz_radius_with_probability_error_is_a_lower_bound_over_the_error
     assert Fraction(float(radius[0])) <= max(exact, Fraction(0))
 
 
+@pytest.mark.slow
 def test_lipschitz_radius_rounds_the_cancelling_numerator_down():
     """alpha = 0.6, a numerator of about 2e-12 after cancellation: the old relative 1e-12 shrink did
     not cover the float64 rounding of alpha (h_y - h_i) (about 3e-17 absolute)."""
@@ -158,6 +160,7 @@ def smoothing_cases(draw):
     return alpha, lower, upper, sigma
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(smoothing_cases())
 @example((1.0, 1.9360094381012244e-08, 4.013265864450823e-55, 1.0))  # a tiny p_upper at alpha 1
@@ -408,6 +411,7 @@ def test_uint8_whole_number_area_resize_skips_the_float_resize(monkeypatch):
     np.testing.assert_allclose(out[0].double().numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bilinear_norm_covers_the_float32_weights_at_camera_size():
     """640x480 -> 28x28 bilinear, no crop: the norm of the map the preprocessing applies (explicit
     Jacobian of the float32 Preprocessor on the source pixels it reads) is within the library's norm."""

@@ -54,6 +54,7 @@ def networks(built: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return {name: copy.deepcopy(network) for name, network in built.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, norm", CASES)
 def test_the_bound_is_within_5_percent_of_the_product_of_the_true_layer_norms(networks, name, norm):
     network = networks[name]
@@ -65,6 +66,7 @@ def test_the_bound_is_within_5_percent_of_the_product_of_the_true_layer_norms(ne
         f"norms {[(kind, round(value, 4)) for kind, value in layers]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, norm", CASES)
 def test_the_bound_is_never_below_a_slope_found_by_search(networks, name, norm):
     network = _frozen(networks[name], torch.float32)  # one function for both (see the rounding test)
@@ -73,6 +75,7 @@ def test_the_bound_is_never_below_a_slope_found_by_search(networks, name, norm):
     assert 0 < slope <= bound, f"{name} ({norm}): slope {slope:.6g} found above the bound {bound:.6g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NETWORKS))
 def test_the_rounding_error_bound_is_a_proof_that_covers_the_error(networks, name):
     """'bounded', not 'estimated': `ErrorBoundedForward` constructs (it raises for what it cannot

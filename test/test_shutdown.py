@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
@@ -149,3 +150,94 @@ def test_frames_in_flight_when_ctrl_c_shuts_the_context_down_end_quietly(install
     finally:
         node.stop_worker()
         node.destroy_node()
+
+
+def descendants(pid: int) -> set[tuple[int, str]]:
+    """(pid, start time) of every live process below `pid` (Linux /proc); a reused pid has another start."""
+    found, stack = set(), [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                if (identity := alive(child)) is not None:
+                    found.add(identity)
+                    stack.append(child)
+    return found
+
+
+def alive(pid: int) -> tuple[int, str] | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else (pid, fields[19])
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    """Polls `condition` until it holds; fails naming `what` after `timeout` s (a hang, not a speed limit)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def interrupt_twice_half_a_second_apart(command: list[str], tmp_path, result_line: str) -> None:
+    """Starts `command` in a process group of its own, waits until the monitor prints a result, sends
+    SIGINT to the group twice 0.5 s apart (a terminal's Ctrl-C, then another), and checks that the
+    launcher exits 0 with no traceback and that every process it started has ended."""
+    import re
+
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started: set[tuple[int, str]] = set()
+    try:
+        def running() -> bool:
+            started.update(descendants(process.pid))
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            return re.search(result_line, log_path.read_text(), re.MULTILINE) is not None
+
+        wait_for(running, 300, "the demo's first result")
+        started.update(descendants(process.pid))
+        assert len(started) >= 3, started
+        os.killpg(process.pid, signal.SIGINT)
+        time.sleep(0.5)  # the gap between the two Ctrl-Cs is what is tested
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(timeout=60)
+        wait_for(lambda: not [pid for pid, start in started if alive(pid) == (pid, start)], 60,
+                 f"the demo's processes {sorted(started)} to end")
+    finally:
+        for pid, start in started:
+            if alive(pid) == (pid, start):
+                os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log_path.read_text()
+    assert code == 0, output[-3000:]
+    assert "Traceback" not in output and "killing it" not in output, output[-3000:]
+
+
+def test_two_sigints_half_a_second_apart_stop_the_whole_demo(tmp_path, installed_prefix):
+    """`make demo`'s launcher: its children run in sessions of their own and get its SIGINT; a second
+    Ctrl-C during that stop used to raise out of it, leaving the node and monitor running."""
+    interrupt_twice_half_a_second_apart(
+        [sys.executable, "-m", "mixclf_ros.demo", "--frames", "0", "--rate", "4", "--device", "cpu",
+         "--attack-eps", "0", "--alpha-schedule", ""], tmp_path, r"^\s+1 ")
+
+
+def test_two_sigints_half_a_second_apart_stop_the_demo_launch_file(tmp_path, installed_prefix):
+    """The same for `ros2 launch mixclf_ros demo.launch.py` (needs the `launch` package of a ROS install)."""
+    import shutil
+
+    pytest.importorskip("launch", reason="the launch package (a ROS 2 install) is not installed")
+    pytest.importorskip("launch_ros", reason="the launch_ros package (a ROS 2 install) is not installed")
+    if shutil.which("ros2") is None:
+        pytest.skip("no ros2 command (a ROS 2 install: apt ros-<distro>-ros2cli)")
+    interrupt_twice_half_a_second_apart(
+        [shutil.which("ros2"), "launch", "mixclf_ros", "demo.launch.py", "frames:=0", "rate:=4",
+         "attack_eps:=0", "alpha_schedule:=", "device:=cpu"], tmp_path, r"^\s*(\[\S+\] )?\s*1 ")

@@ -59,6 +59,7 @@ def offline_classifier(standard_config: dict):
                                seed=0)
 
 
+@pytest.mark.slow
 def test_each_model_gets_its_own_input_and_the_certificate_only_the_robust_ones(resnet_weights, frames):
     """g sees 3x224x224, h 1x28x28, from the same frame; certified radius and image radius are those
     of the same h mixed with the zoo's 28x28 grey g (Lemma 1: g's input does not enter them)."""
@@ -228,6 +229,7 @@ def test_a_misspelled_key_or_section_in_a_parameters_file_leaves_the_node_unconf
                              [*named, *eval_reasons], 103)
 
 
+@pytest.mark.slow
 def test_eval_cli_takes_a_pair_with_different_inputs(tmp_path, resnet_weights):
     """mixclf-eval on resnet18 (224 RGB) and the zoo's Lipschitz model (28 grey): attacks and the
     mixture on the 28x28 source image; h takes it as it is, so its certificates and accuracy are

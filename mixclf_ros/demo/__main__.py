@@ -1,6 +1,4 @@
-"""`python -m mixclf_ros.demo`: camera simulator + mixclf node + monitor."""
-import sys
+"""`python -m mixclf_ros.demo`: camera simulator + mixclf node + monitor (Ctrl-C: `mixclf_ros.interrupts`)."""
+from mixclf_ros.interrupts import run
 
-from mixclf_ros.demo.launcher import main
-
-sys.exit(main())
+run("mixclf_ros.demo.launcher:main")

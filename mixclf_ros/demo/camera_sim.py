@@ -56,7 +56,7 @@ class CameraSimulator(Node):
         self.attack_norm = declare("attack_norm", "l2").value
         self.attack_steps = declare("attack_steps", 20).value
         # Real cameras publish best effort; the demo publishes reliably so that every frame is
-        # accounted for (Fast DDS drops best-effort 900 KB frames between processes, see README).
+        # accounted for (Fast DDS drops best-effort 900 KB frames between processes, see docs/FAST_DDS.md).
         reliability = declare("reliability", "reliable").value
         self.rng = np.random.default_rng(declare("seed", 0).value)
         if self.attack_norm not in ("l2", "linf"):

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,19 +89,33 @@ def wait_until_active(timeout: float) -> bool:
 
 
 def stop(process: subprocess.Popen, name: str, timeout: float = 15.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+    stop_all({name: process}, timeout)
+
+
+def stop_all(processes: dict[str, subprocess.Popen], timeout: float = 15.0) -> None:
+    """SIGINT to every process still running, then waits for them all (`timeout` seconds in all, then
+    SIGKILL)."""
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout
+    for name, process in processes.items():
         try:
-            process.wait(timeout=timeout)
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             print(f"demo: {name} did not stop on SIGINT; killing it", file=sys.stderr)
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
 
+def python_program(module: str) -> list[str]:
+    """The command of a program of this package run as `mixclf_ros.interrupts.run` runs the installed
+    executables: a Ctrl-C while importing or a repeated one ends it cleanly."""
+    return [sys.executable, "-c", f"from mixclf_ros.interrupts import run; run('{module}:main')"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    python = [sys.executable, "-m"]
     summary_file = args.summary_file or os.path.join(tempfile.mkdtemp(prefix="mixclf_demo_"), "summary.json")
     from mixclf_ros.runtime.frame_result import ONE_GREY_LEVEL  # (torch: not needed for --help)
 
@@ -121,22 +136,23 @@ def main(argv: list[str] | None = None) -> int:
                 "-p", f"attack_eps:={args.attack_eps}", "-p", f"attack_steps:={args.attack_steps}",
                 "-p", f"noise_std:={args.noise_std}", "-p", f"start_index:={args.start_index}",
                 "-p", f"publish_compressed:={str(args.compressed).lower()}"]
-    monitor_args = ["--ros-args", "-p", f"frames:={args.frames}",
-                    "-p", f"alpha_schedule:={args.alpha_schedule}", "-p", f"summary_file:={summary_file}"]
+    monitor_args = ["--ros-args", "-p", f"frames:={args.frames}", "-p", f"summary_file:={summary_file}"]
+    if args.alpha_schedule.strip():  # rcl refuses an empty `-p name:=`; the monitor's default is no schedule
+        monitor_args += ["-p", f"alpha_schedule:={args.alpha_schedule}"]
     print(f"demo: alpha {args.alpha}, schedule '{args.alpha_schedule}', attack l2 eps {args.attack_eps} in "
           f"frame pixels = {safe_radius:.3f} at the model input (the node's safe_radius)", flush=True)
 
     processes: dict[str, subprocess.Popen] = {}
     exit_code = 1
     try:
-        processes["node"] = subprocess.Popen(python + ["mixclf_ros.ros.node"] + node_args, start_new_session=True)
+        processes["node"] = subprocess.Popen(python_program("mixclf_ros.ros.node") + node_args, start_new_session=True)
         if not wait_until_active(args.timeout):
             print("demo: the mixclf node did not become active", file=sys.stderr)
             return 1
-        processes["monitor"] = subprocess.Popen(python + ["mixclf_ros.demo.monitor"] + monitor_args,
+        processes["monitor"] = subprocess.Popen(python_program("mixclf_ros.demo.monitor") + monitor_args,
                                                 start_new_session=True)
         time.sleep(1.0)  # let the monitor discover the topics before the first frame
-        processes["camera"] = subprocess.Popen(python + ["mixclf_ros.demo.camera_sim"] + sim_args,
+        processes["camera"] = subprocess.Popen(python_program("mixclf_ros.demo.camera_sim") + sim_args,
                                                start_new_session=True)
         while processes["monitor"].poll() is None:
             if processes["node"].poll() is not None:
@@ -150,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                     stop(processes["monitor"], "monitor")
                 break
             time.sleep(0.1)
-        processes["monitor"].wait()
+        if processes["monitor"].wait() != 0 or not Path(summary_file).is_file():
+            print(f"demo: the monitor failed (exit code {processes['monitor'].returncode}, no summary)",
+                  file=sys.stderr)
+            return 1
         summary = json.loads(Path(summary_file).read_text())
         expected = args.frames
         exit_code = 0 if args.frames == 0 or summary["total"]["results"] >= expected else 1
@@ -159,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         exit_code = 0
     finally:
-        for name in ("camera", "monitor", "node"):
-            if name in processes:
-                stop(processes[name], name)
+        # The children run in sessions of their own (a terminal's Ctrl-C reaches only this process): a
+        # second Ctrl-C raising out of the stop left the children not yet signalled running for ever.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_all({name: processes[name] for name in ("camera", "monitor", "node") if name in processes})
     return exit_code
 
 

@@ -132,6 +132,7 @@ def command_bag(args, header, pair, data, runtime, out: Path, stem: str) -> None
     models = ModelSet(pair.standard, pair.robust)
     quiet = replace(runtime, progress=False)
     group = 1 if execution is None or execution.backend is None else 16
+    forward_errors: set[str] = set()
     started = time.perf_counter()
     bar = tqdm(total=info.count, desc="bag frames", unit="frame", disable=not runtime.progress)
     try:
@@ -140,6 +141,7 @@ def command_bag(args, header, pair, data, runtime, out: Path, stem: str) -> None
             results = execute(chunk, models, quiet, "bag")
             for unit in chunk:
                 result = results[unit.key]
+                forward_errors.add(str(result.get("forward_error", "")))
                 for rows in frame_rows(result, alphas, class_names):
                     label = labels.label(rows[0]["index"], rows[0]["stamp_ns"]) if labels else None
                     for summary, row in zip(summaries, rows):
@@ -163,12 +165,27 @@ def command_bag(args, header, pair, data, runtime, out: Path, stem: str) -> None
     write_json(out / f"{stem}.json", {**header, "wall_seconds": wall, "frames_per_second_wall":
                                       info.count / wall if wall > 0 else None,
                                       "frame_rows": [f"{stem}.csv", f"{stem}_frames.jsonl"],
-                                      "results_recording": args.write_results, "alphas": reports})
+                                      "results_recording": args.write_results,
+                                      "rounding_error": sorted(forward_errors), "alphas": reports})
     from mixclf_ros.evaluation.plots import plot_bag
 
     plot_bag(reports, out / f"{stem}.png", f"{info.path.name} {info.topic} (g={pair.standard_label}, "
              f"h={pair.robust_label})", node.live)
     _print_summary(info, reports, labels is not None, node.live)
+    for forward_error in sorted(forward_errors):
+        if forward_error.startswith("estimated"):
+            print(f"mixclf-eval: warning: {ROUNDING_ESTIMATES[forward_error]}", file=sys.stderr)
+
+
+ROUNDING_ESTIMATES = {
+    "estimated": "the robust model's rounding error is estimated, not bounded (forward_error = estimated: it has "
+                 "layers the error-bounded forward cannot bound, so the float32/float64 disagreement times a safety "
+                 "factor is subtracted): its certified radii rest on an estimate, not a proof",
+    "estimated-float32": "the robust model's rounding error is estimated, not bounded (forward_error = "
+                         "estimated-float32: it does not run in float64, so a fixed float32 error is subtracted): "
+                         "its certified radii rest on an estimate, not a proof",
+}
+"""What the console says of a robust model whose forward error `CertifiedClassifier` only estimates."""
 
 
 def _print_summary(info, reports: list[dict[str, Any]], labels: bool, live) -> None:
@@ -191,12 +208,6 @@ def _print_summary(info, reports: list[dict[str, Any]], labels: bool, live) -> N
 
 def _number(value: float | None) -> float:
     return math.nan if value is None else float(value)
-
-
-def default_stem(args: argparse.Namespace) -> str:
-    """bag_<recording name>_<topic>, e.g. bag_run1_camera_image_raw."""
-    topic = args.topic.strip("/").replace("/", "_") or "topic"
-    return f"bag_{Path(args.path).stem}_{topic}"
 
 
 def check_output_free(args: argparse.Namespace) -> None:

@@ -88,7 +88,8 @@ def bag_unit(context: UnitContext, unit: Unit, dependency: Any = None) -> dict[s
                 results[position][name].append(int(value) if name in ("status", "certificate_method") else value)
             inference_ms[position].append(result.inference_ms)
     return {"frames": frames, "results": results, "inference_ms": inference_ms,
-            "decode_seconds": decode_seconds, "classify_seconds": classify_seconds}
+            "decode_seconds": decode_seconds, "classify_seconds": classify_seconds,
+            "forward_error": classifier.forward_error}
 
 
 def shard_units(info: TopicInfo, shards: list[Shard], params: dict[str, Any], identity: str) -> list[Unit]:

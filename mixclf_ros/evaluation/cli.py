@@ -44,12 +44,13 @@ from pathlib import Path
 
 import torch
 
-from mixclf_ros.evaluation.bag_command import add_bag_arguments, check_output_free, default_stem
+from mixclf_ros.evaluation.bag_command import add_bag_arguments, check_output_free
 from mixclf_ros.evaluation.commands import COMMANDS, run_header
 from mixclf_ros.evaluation.datasets import DataSettings
 from mixclf_ros.evaluation.execution_options import add_execution_arguments, execution_from_arguments
 from mixclf_ros.evaluation.input_space import evaluation_inputs
 from mixclf_ros.evaluation.model_pair import load_model_pair
+from mixclf_ros.evaluation.output_names import choose_stem
 from mixclf_ros.evaluation.settings import (
     DEFAULT_CERTIFY_ALPHAS,
     DEFAULT_EPS,
@@ -107,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--seed", type=int, default=0, help="seed of subsets, noise and random starts")
     run_group.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     run_group.add_argument("--out", default="eval_out", metavar="DIR", help="output folder")
-    run_group.add_argument("--name", default=None, help="stem of the output files (default per command)")
+    run_group.add_argument("--name", default=None,
+                           help="stem of the output files (default: <command>_<UTC start time>, e.g. "
+                           "certify_20250314T101500Z, suffixed _2, _3 if taken); a --name with results in --out is "
+                           "refused unless --overwrite; rerun an interrupted run with its --name to resume it")
+    run_group.add_argument("--overwrite", action="store_true", help="replace the results of an existing --name")
     run_group.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     add_execution_arguments(common)
 
@@ -224,6 +229,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         if args.command == "bag":
             check_output_free(args)
+        out = Path(args.out)
+        stem, note = choose_stem(args.command, out, args.name, args.overwrite, getattr(args, "resume", False))
+        if note:
+            print(f"mixclf-eval: note: {note}", file=sys.stderr)
         pair = load_model_pair(args.standard, args.robust, args.params, DEFAULT_ROBUST[args.command],
                                runtime.device)
         if args.command not in ("certify", "bag") and getattr(pair.robust, "kind", None) == "smoothing":
@@ -236,14 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mixclf-eval: warning: {len(data.skipped)} file(s) in --image-folder are not images and were "
                   f"skipped: {', '.join(data.skipped[:5])}{' ...' if len(data.skipped) > 5 else ''}",
                   file=sys.stderr)
-        out = Path(args.out)
+        for warning in data.warnings if data is not None else []:
+            print(f"mixclf-eval: warning: {warning}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        default_stems = {"sweep": f"sweep_{getattr(args, 'norm', '')}",
-                         "margins": f"margins_{getattr(args, 'norm', '')}",
-                         "design": f"design_{getattr(args, 'norm', '')}",
-                         "certify": f"certify_{pair.robust_label.replace(':', '_').replace('/', '_')}",
-                         "bag": default_stem(args) if args.command == "bag" else ""}
-        stem = args.name or default_stems[args.command]
         runtime.execution = execution_from_arguments(args, runtime, out, stem)
         header = run_header(args, argv, pair, data, runtime)
         try:

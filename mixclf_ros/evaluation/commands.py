@@ -58,6 +58,8 @@ def run_header(args: argparse.Namespace, argv: Sequence[str], pair: ModelPair, d
                           "evaluated": int(data.labels.shape[0]),
                           "subset": "all" if data.labels.shape[0] == data.total_available
                           else f"seeded random subset (seed {runtime.seed})"}
+        if data.warnings:
+            header["data"]["warnings"] = data.warnings
     return header
 
 
@@ -115,7 +117,8 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
                   "radius": radius, "certified_accuracy": accuracy}
                  for curve in result.curves for radius, accuracy in zip(result.radii, curve["accuracy"])]
     write_csv(out / f"{stem}.csv", long_rows)
-    write_json(out / f"{stem}.json", {**header, "certificate": result.certificate_settings,
+    rounding = {"rounding_error": CERTIFY_ROUNDING} if getattr(pair.robust, "kind", None) == "lipschitz" else {}
+    write_json(out / f"{stem}.json", {**header, "certificate": result.certificate_settings, **rounding,
                                       "baseline": result.baseline, "radii": result.radii,
                                       "warnings": result.warnings, "curves": result.curves})
     sigma = result.certificate_settings.get("sigma")
@@ -131,6 +134,15 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
                         for curve in result.curves]))
     for warning in result.warnings:
         print(f"mixclf-eval: warning: {warning}", file=sys.stderr)
+    if getattr(pair.robust, "kind", None) == "lipschitz":
+        print(f"mixclf-eval: note: {CERTIFY_ROUNDING}", file=sys.stderr)
+
+
+CERTIFY_ROUNDING = ("the Theorem 1 radii are computed from the robust model's float32 probabilities with no "
+                    "rounding-error bound: an estimate of the certified accuracy; the node's radii subtract a bound "
+                    "of the forward's rounding error (`mixclf-eval bag` runs that path and says when the bound is "
+                    "itself an estimate)")
+"""What `certify` says of its Lipschitz radii (the node's classifier bounds the rounding error)."""
 
 
 def _probe_radii(grid: Sequence[float], count: int = 5) -> list[float]:

@@ -46,7 +46,9 @@ def subset_indices(num_items: int, limit: int | None, seed: int) -> torch.Tensor
 @dataclass
 class EvaluationData:
     """Images (N, C, H, W) float32 in [0, 1] at the model input, labels (N,) int64, and where they
-    came from (`preprocessing`: the `PreprocessConfig` fields that made them)."""
+    came from (`preprocessing`: the `PreprocessConfig` fields that made them). `skipped`: files that
+    are not images; `warnings`: what the console must say about the data (empty class folders, a crop
+    not applied), also written to the JSON report."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -55,6 +57,7 @@ class EvaluationData:
     class_names: list[str] = field(default_factory=list)
     preprocessing: dict[str, Any] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def load_evaluation_data(model: Any, settings: DataSettings, folder_as_source: bool = False) -> EvaluationData:
@@ -106,5 +109,7 @@ def load_evaluation_data(model: Any, settings: DataSettings, folder_as_source: b
     chosen = subset_indices(len(loaded.labels), settings.limit, settings.seed)
     names = class_names or [str(index) for index in range(num_classes)]
     described["folders"] = {name: names[label] for name, label in loaded.folders.items()}
+    warnings = [f"--image-folder {root}: class folder {name} has no image; class {names[loaded.folders[name]]} is "
+                "not evaluated" for name in loaded.empty]
     return EvaluationData(loaded.images[chosen], torch.as_tensor(loaded.labels).long()[chosen],
-                          f"image folder {root}", len(loaded.labels), names, described, loaded.skipped)
+                          f"image folder {root}", len(loaded.labels), names, described, loaded.skipped, warnings)

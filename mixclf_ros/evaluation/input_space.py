@@ -120,11 +120,14 @@ def evaluation_inputs(pair: ModelPair, settings: DataSettings,
     overrides = {"crop_height": settings.crop_height, "crop_width": settings.crop_width, "resize": settings.resize}
     configs = (model_preprocessing(pair.standard, folder, overrides),
                model_preprocessing(pair.robust, folder, overrides))
+    dropped = [] if folder else dropped_crops(pair)
     robust = configs[1]
     if configs[0] == robust:
         resolved = replace(settings, crop_height=robust.crop_height, crop_width=robust.crop_width,
                            resize=robust.resize)
-        return load_evaluation_data(pair.robust, resolved), pair
+        data = load_evaluation_data(pair.robust, resolved)
+        data.warnings += dropped
+        return data, pair
     source_model = SimpleNamespace(input_shape=FASHION_MNIST_SOURCE, num_classes=pair.robust.num_classes,
                                    class_names=getattr(pair.robust, "class_names", []))
     data = load_evaluation_data(source_model, replace(settings, crop_height=0, crop_width=0, resize="area"),
@@ -138,4 +141,22 @@ def evaluation_inputs(pair: ModelPair, settings: DataSettings,
     data.preprocessing = {"input_space": "source image", "source": list(source),
                           "standard": describe(configs[0], source), "robust": describe(robust, source),
                           "path": "vision.preprocess.Preprocessor", **folders}
+    data.warnings += dropped
     return data, in_source_space(pair, configs, source, device)
+
+
+def dropped_crops(pair: ModelPair) -> list[str]:
+    """What to say of each model whose config crops camera frames, evaluated on the Fashion-MNIST
+    images (28x28), which are never cropped: the crop of a camera frame does not apply to them."""
+    said = []
+    for model, role in ((pair.standard, "standard"), (pair.robust, "robust")):
+        config = getattr(model, "config", {})
+        height, width = int(config.get("crop_height", 0) or 0), int(config.get("crop_width", 0) or 0)
+        if height or width:
+            smaller = (" (the images are smaller than the crop)" if height > FASHION_MNIST_SOURCE[1]
+                       or width > FASHION_MNIST_SOURCE[2] else "")
+            said.append(f"the {role} model's crop_height/crop_width {height}x{width} (source pixels of a camera "
+                        f"frame) is not applied to the {FASHION_MNIST_SOURCE[1]}x{FASHION_MNIST_SOURCE[2]} "
+                        f"Fashion-MNIST images{smaller}: they are resized whole; evaluate camera images with "
+                        "--image-folder to apply it")
+    return said

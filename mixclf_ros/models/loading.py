@@ -316,6 +316,19 @@ def _state_dict_hint(state: dict[str, Any]) -> str:
     return ""
 
 
+def _key_differences(expected: dict[str, Any], state: dict[str, Any]) -> str:
+    """Every key the architecture wants and the file lacks, every key the file has and the architecture
+    lacks, and every shape that differs: all of them, so a user can compare the two models."""
+    missing = [key for key in expected if key not in state]
+    unexpected = [str(key) for key in state if key not in expected]
+    shapes = [f"{key}: file {tuple(state[key].shape)}, model {tuple(expected[key].shape)}" for key in expected
+              if key in state and tuple(getattr(state[key], "shape", ())) != tuple(expected[key].shape)]
+    parts = [f"{label} ({len(items)}): {', '.join(items)}" for label, items in
+             (("keys missing from the file", missing), ("keys the model does not have", unexpected),
+              ("shapes that differ", shapes)) if items]
+    return "; ".join(parts) or "the tensors do not load"
+
+
 def load_model(config: dict[str, Any], name: str = "") -> LoadedModel:
     """Builds, loads and checks a model described by `config` (see the module docstring).
 
@@ -365,10 +378,10 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
         try:
             network.load_state_dict(state)
         except RuntimeError as error:
-            details = " ".join(str(error).split())[:300]
             raise ModelConfigError(f"model config keys 'architecture' = '{config['architecture']}' / 'num_classes' = "
-                                   f"{config['num_classes']} / 'input_channels' do not match the weights in {path}: "
-                                   f"{details}.{_state_dict_hint(state)}") from error
+                                   f"{config['num_classes']} / 'input_channels' = {config['input_channels']} do not "
+                                   f"match the weights in {path}: {_key_differences(network.state_dict(), state)}."
+                                   f"{_state_dict_hint(state)}") from error
         if normalises:  # the weights carry their own mean/std buffers: they must be the configured ones
             stored = network[0]
             if not (torch.allclose(stored.mean, torch.tensor(config["mean"]), atol=1e-6)

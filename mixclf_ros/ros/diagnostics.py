@@ -72,7 +72,7 @@ def camera_status(node: str, topic: str, stats: CameraStats, now: float, camera_
     elif stats.suspected_lost:
         status.level = DiagnosticStatus.WARN
         status.message = (f"{stats.suspected_lost} frames suspected lost in transport (gaps in header stamps; "
-                          "large images over Fast DDS: use config/fastdds_camera.xml, see README)")
+                          "large images over Fast DDS: use config/fastdds_camera.xml, see docs/FAST_DDS.md)")
     else:
         status.level, status.message = DiagnosticStatus.OK, "receiving"
     return status
