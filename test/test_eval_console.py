@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,9 +83,24 @@ def test_a_run_id_taken_already_gets_a_suffix_and_says_so(workspace, tmp_path, c
             f"{tmp_path / 'margins_20250101T000000Z_2'}.*") in capsys.readouterr().err
 
 
-def test_certify_says_its_lipschitz_radii_carry_no_rounding_error_bound(workspace, tmp_path, capsys):  # noqa: F811
-    assert cli.main(["certify", "--params", str(workspace["params"]), "--alphas", "1", "--num-radii", "3",
-                     "--limit", "8", "--image-folder", str(workspace["images"]), "--out", str(tmp_path),
-                     "--device", "cpu", "--no-progress", "--name", "cert"]) == 0
-    assert "no rounding-error bound: an estimate of the certified accuracy" in capsys.readouterr().err
-    assert "no rounding-error bound" in json.loads((tmp_path / "cert.json").read_text())["rounding_error"]
+def test_certify_subtracts_the_rounding_error_bound_or_says_its_radii_are_an_estimate(workspace, tmp_path,  # noqa: F811
+                                                                                     capsys):
+    """A computed constant: the plan bounds the forward's rounding error and certify subtracts it, as
+    the node does. A declared constant (no plan): the radii are an estimate, and certify says so."""
+    import yaml
+
+    def certify_run(params: Path, name: str) -> tuple[dict, str]:
+        assert cli.main(["certify", "--params", str(params), "--alphas", "1", "--num-radii", "3", "--limit", "8",
+                         "--image-folder", str(workspace["images"]), "--out", str(tmp_path), "--device", "cpu",
+                         "--no-progress", "--name", name]) == 0
+        return json.loads((tmp_path / f"{name}.json").read_text()), capsys.readouterr().err
+
+    bounded, console = certify_run(workspace["params"], "bounded")
+    assert bounded["certificate"]["rounding_error"] == "bounded" and "rounding_error" not in bounded
+    assert "no rounding-error bound" not in console
+    declared = yaml.safe_load(workspace["params"].read_text())
+    declared["/**"]["ros__parameters"]["robust_model.lipschitz_constant"] = 50.0
+    (tmp_path / "declared.yaml").write_text(yaml.safe_dump(declared))
+    estimated, console = certify_run(tmp_path / "declared.yaml", "declared")
+    assert estimated["certificate"]["rounding_error"] == "estimated"
+    assert "no rounding-error bound" in console and "no rounding-error bound" in estimated["rounding_error"]

@@ -10,7 +10,9 @@ from torch import nn
 from tqdm import tqdm
 
 from mixclf_ros.core import certify
+from mixclf_ros.core.forward_error import ErrorBoundedForward
 from mixclf_ros.core.mixing import mix_log_probs
+from mixclf_ros.core.numerics import full_precision, probabilities_with_error
 from mixclf_ros.evaluation.attack_runs import mean_or_nan, predict_logits
 from mixclf_ros.evaluation.settings import EvaluationError, Runtime, SmoothingOverrides
 
@@ -36,6 +38,10 @@ class Certificates:
     p_upper: torch.Tensor | None = None
     sigma: float | None = None
     beta: float | None = None
+    probability_error: torch.Tensor | None = None
+    """(N,) bound of the rounding error of `probs_h` (Lipschitz: the bound engine's rounding domain,
+    subtracted from the margin as the node does); None where the forward's error is not bounded
+    (the radii are then an estimate)."""
     radius_scale: float = 1.0
     """Operator norm of the preprocessing from the evaluated images to the model's input, where the
     certificate was computed at that input (a smoothing model behind its preprocessing): radii are
@@ -53,7 +59,9 @@ class Certificates:
         if self.kind == "lipschitz":
             if theorem != "theorem1":
                 raise EvaluationError("a Lipschitz robust model is certified with Theorem 1 only")
-            return certify.lipschitz_radius(self.probs_h.double(), self.lipschitz, alpha).double()
+            error = 0.0 if self.probability_error is None else self.probability_error.double()
+            return certify.lipschitz_radius(self.probs_h.double(), self.lipschitz, alpha,
+                                            probability_error=error).double()
         assert self.p_lower is not None and self.p_upper is not None and self.sigma is not None
         if theorem == "theorem2":
             return certify.smoothing_radius(self.p_lower, self.p_upper, self.sigma, alpha).double()
@@ -67,12 +75,27 @@ class Certificates:
 
 def lipschitz_certificates(robust: nn.Module, images: torch.Tensor, runtime: Runtime) -> Certificates:
     """Certificates of a Lipschitz robust model (`kind` lipschitz, `lipschitz_constant` of its
-    probability outputs in `norm`)."""
+    probability outputs in `norm`). Where the model's plan bounds its rounding error (a loaded
+    model whose constant is computed), its float64 logits and that bound come from the plan, as in
+    the node (`runtime.lipschitz_pass`, componentwise: evaluation is offline); otherwise the float32
+    probabilities, with no error bound (an estimate)."""
     constant = float(getattr(robust, "lipschitz_constant", 0.0) or 0.0)
     if not constant > 0:
         raise EvaluationError("the Lipschitz robust model has no positive lipschitz_constant")
-    probs = torch.softmax(predict_logits(robust, images, runtime, "robust model").double(), dim=1)
-    return Certificates("lipschitz", str(robust.norm), probs.argmax(1), probs, constant)
+    plan = getattr(robust, "bound_plan", None)
+    if plan is None or plan.rounding_refusal:
+        probs = torch.softmax(predict_logits(robust, images, runtime, "robust model").double(), dim=1)
+        return Certificates("lipschitz", str(robust.norm), probs.argmax(1), probs, constant)
+    bounded = ErrorBoundedForward(robust.network, input_shape=robust.input_shape, plan=plan).to(runtime.device)
+    probs, errors = [], []
+    with torch.inference_mode(), full_precision():
+        for part in runtime.batches(images.shape[0], "robust model (bounded)"):
+            part_probs, part_error = probabilities_with_error(*bounded(images[part].to(runtime.device)))
+            probs.append(part_probs.cpu())
+            errors.append(part_error.cpu())
+    probs_h = torch.cat(probs) if probs else torch.zeros(0, 0, dtype=torch.float64)
+    error = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
+    return Certificates("lipschitz", str(robust.norm), probs_h.argmax(1), probs_h, constant, probability_error=error)
 
 
 def smoothing_certificates(base: nn.Module, num_classes: int, sigma: float, images: torch.Tensor,

@@ -148,6 +148,8 @@ def certify_mixture(standard: nn.Module, robust: nn.Module, images: torch.Tensor
                                                      grid).tolist()
     described: dict[str, Any] = {"kind": certificates.kind, "norm": certificates.norm,
                                 "lipschitz_constant": certificates.lipschitz}
+    if certificates.kind == "lipschitz":
+        described["rounding_error"] = "estimated" if certificates.probability_error is None else "bounded"
     if certificates.kind == "smoothing":
         described.update(sigma=certificates.sigma, beta=certificates.beta,
                          n0=int(overrides.n0 if overrides.n0 is not None else robust.n0),
@@ -234,7 +236,7 @@ def _certificates_unit(context: UnitContext, unit: Unit, dependency: None) -> di
 
 
 CERTIFICATE_FIELDS = ("kind", "norm", "predicted", "probs_h", "lipschitz", "p_lower", "p_upper", "sigma", "beta",
-                      "radius_scale")
+                      "probability_error", "radius_scale")
 
 
 def _joined_certificates(parts: Sequence[dict[str, Any]]) -> Certificates:

@@ -117,7 +117,8 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
                   "radius": radius, "certified_accuracy": accuracy}
                  for curve in result.curves for radius, accuracy in zip(result.radii, curve["accuracy"])]
     write_csv(out / f"{stem}.csv", long_rows)
-    rounding = {"rounding_error": CERTIFY_ROUNDING} if getattr(pair.robust, "kind", None) == "lipschitz" else {}
+    estimated = result.certificate_settings.get("rounding_error") == "estimated"
+    rounding = {"rounding_error": CERTIFY_ROUNDING} if estimated else {}
     write_json(out / f"{stem}.json", {**header, "certificate": result.certificate_settings, **rounding,
                                       "baseline": result.baseline, "radii": result.radii,
                                       "warnings": result.warnings, "curves": result.curves})
@@ -134,15 +135,15 @@ def _command_certify(args, header, pair, data, runtime, out: Path, stem: str) ->
                         for curve in result.curves]))
     for warning in result.warnings:
         print(f"mixclf-eval: warning: {warning}", file=sys.stderr)
-    if getattr(pair.robust, "kind", None) == "lipschitz":
+    if estimated:
         print(f"mixclf-eval: note: {CERTIFY_ROUNDING}", file=sys.stderr)
 
 
 CERTIFY_ROUNDING = ("the Theorem 1 radii are computed from the robust model's float32 probabilities with no "
-                    "rounding-error bound: an estimate of the certified accuracy; the node's radii subtract a bound "
-                    "of the forward's rounding error (`mixclf-eval bag` runs that path and says when the bound is "
-                    "itself an estimate)")
-"""What `certify` says of its Lipschitz radii (the node's classifier bounds the rounding error)."""
+                    "rounding-error bound (the bound engine cannot bound this model's rounding error, or its constant "
+                    "is declared): an estimate of the certified accuracy")
+"""What `certify` says of Lipschitz radii without a rounding-error bound (with one, the radii
+subtract it, as the node's do, and the JSON's certificate says `rounding_error: bounded`)."""
 
 
 def _probe_radii(grid: Sequence[float], count: int = 5) -> list[float]:
