@@ -26,7 +26,8 @@ OUTPUT = ROOT / "models" / "README.md"
 RESULTS_DIR = ROOT / "docs" / "results"
 REGENERATE = "PYTHONPATH=. python scripts/model_cards.py"
 
-ZOO_ORDER = ("standard", "robust_at", "robust_lipschitz", "robust_smoothing")
+ZOO_ORDER = ("standard", "robust_at", "robust_lipschitz", "robust_lipschitz_gnp", "robust_smoothing")
+LIPSCHITZ_NAMES = ("robust_lipschitz", "robust_lipschitz_gnp")
 ROBUST_NAMES = ZOO_ORDER[1:]
 CERTIFIED_ALPHAS = (1.0, 0.75, 0.6)
 
@@ -36,11 +37,13 @@ PURPOSE = {
                  "no certificate.",
     "robust_lipschitz": "robust classifier h with a **certificate** from a sound Lipschitz bound "
                         "(Theorem 1, l2).",
+    "robust_lipschitz_gnp": "robust classifier h with a **certificate** from a sound Lipschitz bound (Theorem 1, "
+                            "l2): a 1-Lipschitz network of AOL layers and MaxMin, trained for larger certified radii.",
     "robust_smoothing": "base classifier of a **randomized-smoothing** robust classifier h (Theorem 2, l2, "
                         "sigma 0.25).",
 }
 KIND = {"standard": "standard", "robust_at": "empirical (linf)", "robust_lipschitz": "lipschitz (l2)",
-        "robust_smoothing": "smoothing (l2)"}
+        "robust_lipschitz_gnp": "lipschitz (l2)", "robust_smoothing": "smoothing (l2)"}
 TRAINING = {
     "standard": "cross-entropy, Adam, one-cycle learning rate.",
     "robust_at": "PGD adversarial training (Madry et al. 2018): each batch replaced by its linf PGD adversary "
@@ -49,12 +52,18 @@ TRAINING = {
     "robust_lipschitz": "Lipschitz-margin training (Tsuzuku et al. 2018); a logit temperature chosen on 5 000 "
                         "held-out training images to maximise the certified accuracy at l2 radius 0.5, then "
                         "folded into the last layer.",
+    "robust_lipschitz_gnp": "Lipschitz-margin cross-entropy (Tsuzuku et al. 2018) with the offset sqrt(2) margin_eps "
+                            "of a logit map whose l2 constant is at most 1 by construction (AOL layers, Prach & "
+                            "Lampert 2022), logits scaled by loss_scale; the AOL weights frozen after training and a "
+                            "logit temperature chosen on 5 000 held-out training images to maximise the mean "
+                            "certified accuracy at (l2 0.5, alpha 1) and (l2 0.25, alpha 0.75), then folded into "
+                            "the last layer.",
     "robust_smoothing": "Gaussian noise augmentation, sigma 0.25 ([0,1] pixels).",
 }
 
 
 def load_sidecars(zoo_dir: Path = ZOO_DIR) -> dict[str, dict[str, Any]]:
-    """name -> sidecar, for all four zoo models; exits with a message naming the missing files."""
+    """name -> sidecar, for every zoo model; exits with a message naming the missing files."""
     missing = [f"{name}.{suffix}" for name in ZOO_ORDER for suffix in ("pt", "json")
                if not (zoo_dir / f"{name}.{suffix}").exists()]
     if missing:
@@ -109,7 +118,7 @@ def summary_table(cards: dict[str, dict[str, Any]]) -> list[str]:
         gap = "—" if name == "standard" else points(card["test_accuracy"] - standard)
         if name in ("standard", "robust_at"):
             robust = f"PGD-20 linf 0.1: {percent(card['pgd20_linf_0.1_accuracy_subset1000'])}"
-        elif name == "robust_lipschitz":
+        elif name in LIPSCHITZ_NAMES:
             robust = f"certified l2 0.5 (alpha 1): {percent(card['certified_accuracy_l2_0.5_alpha1.0'])}"
         else:
             robust = f"accuracy under N(0, 0.25²) noise: {percent(card['noisy_sigma0.25_accuracy'])}"
@@ -179,7 +188,7 @@ def model_card(name: str, card: dict[str, Any], standard: dict[str, Any]) -> lis
     if "pgd20_linf_0.1_accuracy_subset1000" in card:
         rows.append(("PGD-20 linf eps 0.1 accuracy (1 000-image subset)",
                      percent(card["pgd20_linf_0.1_accuracy_subset1000"])))
-    if name == "robust_lipschitz":
+    if name in LIPSCHITZ_NAMES:
         rows.append(("logit temperature (folded into the last layer)", f"{card['temperature']:.4g}"))
         bound = card["lipschitz_l2_probability_bound"]
         rows.append(("sound l2 Lipschitz bound of each softmax output", f"{bound:.4f}"))
@@ -188,6 +197,9 @@ def model_card(name: str, card: dict[str, Any], standard: dict[str, Any]) -> lis
             rows.append((f"certified l2 accuracy at radius 0.5, alpha {alpha} (10 000 images)",
                          f"{percent(card[f'certified_accuracy_l2_0.5_alpha{alpha}'])} (no radius can exceed "
                          f"{largest:.3f} at this alpha)"))
+        if "certified_accuracy_l2_0.25_alpha0.75" in card:
+            rows.append(("certified l2 accuracy at radius 0.25, alpha 0.75 (10 000 images)",
+                         percent(card["certified_accuracy_l2_0.25_alpha0.75"])))
     if name == "robust_smoothing":
         rows.append(("accuracy of the base model under N(0, 0.25²) pixel noise (10 000 images)",
                      percent(card["noisy_sigma0.25_accuracy"])))
@@ -206,7 +218,7 @@ def render(cards: dict[str, dict[str, Any]]) -> str:
         "",
         "<!-- generated by scripts/model_cards.py from mixclf_ros/models/zoo/*.json; do not edit by hand -->",
         "",
-        "The four Fashion-MNIST classifiers shipped in `mixclf_ros/models/zoo/` (load one with "
+        f"The {len(ZOO_ORDER)} Fashion-MNIST classifiers shipped in `mixclf_ros/models/zoo/` (load one with "
         "`mixclf_ros.models.load_model(mixclf_ros.models.zoo_config(name))`). The first table of each card "
         "is the final measurement of `python -m mixclf_ros.train <name>`, stored in the sidecar "
         "`mixclf_ros/models/zoo/<name>.json` next to the weights; the second is what the evaluation CLI "
@@ -234,7 +246,7 @@ def render(cards: dict[str, dict[str, Any]]) -> str:
         "",
         "- **PGD-20 linf 0.1**: `mixclf_ros.attacks.pgd`, 20 steps of size 2.5 eps / 20 from a random start, "
         "one restart, on the 1 000-image subset; an empirical upper bound on robust accuracy, not a certificate.",
-        "- **certified l2 accuracy at radius 0.5**: fraction of the test images that `robust_lipschitz` "
+        "- **certified l2 accuracy at radius 0.5**: fraction of the test images that a Lipschitz model "
         "classifies correctly AND whose Theorem 1 radius (`certify.lipschitz_radius`, with the sound bound of "
         "`mixclf_ros.core.lipschitz`) is at least 0.5, for the mixture weight alpha; the certificate holds "
         "whatever the standard model predicts (Theorem 1 assumes nothing about g). Below alpha = 1 it needs "

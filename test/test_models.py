@@ -36,9 +36,10 @@ from mixclf_ros.models.loading import (
     zoo_config,
 )
 
-ZOO_NAMES = ("standard", "robust_at", "robust_lipschitz", "robust_smoothing")
+ZOO_NAMES = ("standard", "robust_at", "robust_lipschitz", "robust_lipschitz_gnp", "robust_smoothing")
 ZOO_KIND_NORM = {"standard": ("standard", "l2"), "robust_at": ("empirical", "linf"),
-                 "robust_lipschitz": ("lipschitz", "l2"), "robust_smoothing": ("smoothing", "l2")}
+                 "robust_lipschitz": ("lipschitz", "l2"), "robust_lipschitz_gnp": ("lipschitz", "l2"),
+                 "robust_smoothing": ("smoothing", "l2")}
 ACCURACY_TOLERANCE = 0.01  # one percentage point
 
 # The `package.module:Callable` path, with this file as the module (pyproject puts test/ on sys.path).
@@ -166,7 +167,7 @@ def test_zoo_model_loads_with_its_pinned_hash(zoo_model: tuple[str, LoadedModel,
     assert (model.kind, model.norm) == ZOO_KIND_NORM[name]
     assert model.num_classes == 10 and model.input_shape == (1, 28, 28)
     assert model.class_names[0] == "T-shirt/top" and len(model.class_names) == 10
-    if name == "robust_lipschitz":
+    if model.kind == "lipschitz":
         assert model.lipschitz_source == "computed"
         assert model.lipschitz_constant == pytest.approx(sidecar["lipschitz_l2_probability_bound"], rel=1e-6)
     else:

@@ -19,7 +19,7 @@ def test_loading_defaults_and_known_keys_are_the_schema():
     assert DEFAULTS == schema.DEFAULTS
     with pytest.raises(ModelConfigError, match="unknown model config key"):
         validate_config({**zoo_config("standard"), "temperature": 1.0})
-    for name in ("standard", "robust_at", "robust_lipschitz", "robust_smoothing"):
+    for name in ("standard", "robust_at", "robust_lipschitz", "robust_lipschitz_gnp", "robust_smoothing"):
         assert set(zoo_config(name)) == {key.name for key in schema.SCHEMA}
 
 

@@ -91,3 +91,54 @@ class GroupSort(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}"
+
+
+def _aol_scales(gram_abs_row_sums: torch.Tensor) -> torch.Tensor:
+    # the tiny floor keeps an all-zero column finite; its scale multiplies zeros
+    return gram_abs_row_sums.clamp_min(1e-12).rsqrt()
+
+
+class AOLRescale(nn.Module):
+    """AOL parametrization (Prach & Lampert 2022, "Almost-Orthogonal Layers", Theorem 1) of a
+    Linear or Conv2d weight: `W D` with `D_ii = (sum_j |W^T W|_ij)^(-1/2)`, which makes the layer's
+    l2 operator norm at most 1 (units: those of the layer's input and output). A wide matrix
+    (fewer rows than columns) is rescaled by rows instead, `D W` with D from `W W^T` (the theorem
+    applied to `W^T`, whose norm is W's): the same guarantee from the smaller gram.
+
+    For a convolution, `W^T W` is the convolution of the kernel with its transpose (all spatial
+    offsets summed), which bounds the stride-1 convolution under any zero or circular padding. With
+    `patches=True` (stride equal to kernel size, no padding, so that windows never overlap) the
+    kernel is the dense map of one window, and the dense rule applies: a tighter scale.
+    Register with `torch.nn.utils.parametrize.register_parametrization(layer, "weight", AOLRescale())`;
+    the bound engine bounds the weights it computes, frozen at load (`core.tracing.freeze_parametrizations`).
+    """
+
+    def __init__(self, patches: bool = False):
+        super().__init__()
+        self.patches = bool(patches)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 2 or self.patches:
+            matrix = weight.reshape(weight.shape[0], -1)
+            if matrix.shape[0] < matrix.shape[1]:  # wide: the rows' gram is the small one, ||D W|| = ||W^T D||
+                return (matrix * _aol_scales((matrix @ matrix.T).abs().sum(1)).unsqueeze(1)).reshape(weight.shape)
+            return (matrix * _aol_scales((matrix.T @ matrix).abs().sum(1))).reshape(weight.shape)
+        if weight.dim() != 4:
+            raise ValueError(f"AOLRescale expects a Linear or Conv2d weight, got shape {tuple(weight.shape)}")
+        kernel = weight.transpose(0, 1)  # (in, out, k, k): the gram kernel is sum_out K_out,i * K_out,j
+        gram = torch.nn.functional.conv2d(kernel, kernel, padding=(weight.shape[2] - 1, weight.shape[3] - 1))
+        scales = _aol_scales(gram.abs().sum((1, 2, 3)))
+        return weight * scales.view(1, -1, 1, 1)
+
+
+class MaxMin(nn.Module):
+    """MaxMin on channel halves (dim 1): `cat(max(a, b), min(a, b))` for `a, b = x.chunk(2, 1)`.
+
+    Each output pair is a permutation of an input pair, so the map is 1-Lipschitz in every lp norm
+    and norm preserving in l2 (Anil et al. 2019); the same function class as `GroupSort(2)` up to
+    a fixed permutation of channels, cheaper to train (no sort). Needs an even channel count.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.maximum(a, b), torch.minimum(a, b)], dim=1)

@@ -41,6 +41,8 @@ _ZOO: dict[str, dict[str, Any]] = {
                   "norm": "linf"},
     "robust_lipschitz": {"architecture": "fmnist_lipschitz_cnn", "mean": [0.0], "std": [1.0],
                          "kind": "lipschitz", "norm": "l2"},
+    "robust_lipschitz_gnp": {"architecture": "fmnist_gnp_cnn", "mean": [0.2860], "std": [1.0],
+                             "kind": "lipschitz", "norm": "l2"},
     "robust_smoothing": {"architecture": "fmnist_small_cnn", "mean": [0.2860], "std": [0.3530],
                          "kind": "smoothing", "sigma": 0.25, "n0": 64, "n": 1000, "beta": 0.001},
 }
@@ -51,7 +53,8 @@ class ModelConfigError(ValueError):
 
 
 def zoo_config(name: str) -> dict[str, Any]:
-    """Config of a shipped model: standard, robust_at, robust_lipschitz or robust_smoothing."""
+    """Config of a shipped model: standard, robust_at, robust_lipschitz, robust_lipschitz_gnp or
+    robust_smoothing."""
     if name not in _ZOO:
         raise ModelConfigError(f"unknown zoo model '{name}' (shipped: {', '.join(_ZOO)})")
     config = {**defaults(), **copy.deepcopy(_ZOO[name]), "weights": f"zoo:{name}.pt",
