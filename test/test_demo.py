@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from process_tree import descendants, process_identity
 
 pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
 
@@ -40,35 +41,6 @@ def demo_run(tmp_path_factory, installed_prefix) -> dict:
         out, err = stdout.read(), stderr.read()
     assert returncode == 0, out[-3000:] + err[-3000:]
     return {"stdout": out, "summary": json.loads(summary_file.read_text()), "started": started}
-
-
-def descendants(pid: int) -> set[tuple[int, str]]:
-    """(pid, start time) of every live descendant of `pid`, from /proc (Linux)."""
-    found, stack = set(), [pid]
-    while stack:
-        parent = stack.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            for child in children:
-                identity = process_identity(child)
-                if identity is not None:
-                    found.add(identity)
-                    stack.append(child)
-    return found
-
-
-def process_identity(pid: int) -> tuple[int, str] | None:
-    """(pid, start time in clock ticks): a pid that was reused later has another start time."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    if fields[0] == "Z":  # exited, not yet reaped
-        return None
-    return pid, fields[19]
 
 
 def test_demo_exits_cleanly_with_a_result_for_every_frame(demo_run):

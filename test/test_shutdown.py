@@ -10,10 +10,10 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
+from process_tree import descendants, process_identity
 from rosutil import node_with_client
 
 pytestmark = pytest.mark.ros  # over real DDS or the installed executables (make setup)
@@ -152,30 +152,6 @@ def test_frames_in_flight_when_ctrl_c_shuts_the_context_down_end_quietly(install
         node.destroy_node()
 
 
-def descendants(pid: int) -> set[tuple[int, str]]:
-    """(pid, start time) of every live process below `pid` (Linux /proc); a reused pid has another start."""
-    found, stack = set(), [pid]
-    while stack:
-        for task in Path(f"/proc/{stack.pop()}/task").glob("*"):
-            try:
-                children = [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            for child in children:
-                if (identity := alive(child)) is not None:
-                    found.add(identity)
-                    stack.append(child)
-    return found
-
-
-def alive(pid: int) -> tuple[int, str] | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else (pid, fields[19])
-
-
 def wait_for(condition, timeout: float, what: str) -> None:
     """Polls `condition` until it holds; fails naming `what` after `timeout` s (a hang, not a speed limit)."""
     deadline = time.monotonic() + timeout
@@ -208,11 +184,11 @@ def interrupt_twice_half_a_second_apart(command: list[str], tmp_path, result_lin
         time.sleep(0.5)  # the gap between the two Ctrl-Cs is what is tested
         os.killpg(process.pid, signal.SIGINT)
         code = process.wait(timeout=60)
-        wait_for(lambda: not [pid for pid, start in started if alive(pid) == (pid, start)], 60,
+        wait_for(lambda: not [pid for pid, start in started if process_identity(pid) == (pid, start)], 60,
                  f"the demo's processes {sorted(started)} to end")
     finally:
         for pid, start in started:
-            if alive(pid) == (pid, start):
+            if process_identity(pid) == (pid, start):
                 os.kill(pid, signal.SIGKILL)
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
