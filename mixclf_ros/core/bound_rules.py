@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mixclf_ros.core.numerics import UnboundedForwardError
@@ -239,6 +240,10 @@ def operation_rule(target: Any) -> Rule | None:
 SHAPE_OR_IDENTITY = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                      nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 """Layers whose output may share storage with their input (views, the identity, eval dropout)."""
+
+
+DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+"""Functional dropouts: the identity in eval mode, so their result may share storage with their input."""
 
 
 def is_shape_or_identity(module: nn.Module) -> bool:

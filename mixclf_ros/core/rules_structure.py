@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixclf_ros.core.bound_rules import Call, Rule, is_dependent, register
+from mixclf_ros.core.bound_rules import DROPOUT_FUNCTIONS, Call, Rule, is_dependent, register
 from mixclf_ros.core.numerics import BOUND_SLACK
 from mixclf_ros.core.rules_layers import exact_map
 from mixclf_ros.core.rules_ops import _dim
@@ -174,4 +174,4 @@ class Dropout(Rule):
         return call.args[0], call.bounds[0]
 
 
-register(Dropout(2), F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+register(Dropout(2), *DROPOUT_FUNCTIONS)

@@ -17,12 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
 from mixclf_ros.core.bound_rules import (
+    DROPOUT_FUNCTIONS,
     SUBCLASSED_LAYERS,
     UnsupportedLayerError,
     has_layer_rule,
@@ -160,7 +160,7 @@ _VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatt
 _VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
                    torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, torch.detach, torch.t,
                    torch.movedim, torch.broadcast_to, torch.unflatten, torch.as_strided, operator.getitem, getattr,
-                   F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+                   *DROPOUT_FUNCTIONS}
 """Functions whose result may share storage with their first operand (eval-mode dropout returns it)."""
 
 
