@@ -1,7 +1,8 @@
 """The zoo's 1-Lipschitz model `robust_lipschitz_gnp` (issue 23): the bound the loader computes is
 the product of its layers' true l2 norms (nothing lost between layers), its logits have a bounded
 rounding error, its AOL layers are what the training bounds, and PGD finds no prediction change
-inside a certified radius (Theorem 1, l2, [0,1] pixels) of h alone or of the mixture."""
+inside a certified radius (the node's: Theorem 1 or the logit margin, l2, [0,1] pixels) of h alone
+or of the mixture, nor do AutoAttack's components."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from mixclf_ros.core import certify
 from mixclf_ros.core.forward_error import ErrorBoundedForward
 from mixclf_ros.core.layers import AOLRescale, MaxMin
 from mixclf_ros.core.mixing import MixedClassifier
+from mixclf_ros.core.numerics import probabilities_with_error
 from mixclf_ros.data import evaluation_subset, load_fashion_mnist, to_tensor
 from mixclf_ros.models.architectures import fmnist_gnp_cnn
 from mixclf_ros.models.loading import LoadedModel, load_model, zoo_config
@@ -94,25 +96,54 @@ def test_aol_layers_have_l2_norm_at_most_one():
     assert torch.equal(MaxMin()(x).sort(1).values, x.sort(1).values)  # a permutation of each pair
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.75])
-def test_pgd_never_changes_a_certified_prediction(gnp: LoadedModel, test_images, alpha: float):
-    """PGD-20 (l2, one restart) at 0.999 of each certified radius, aimed at the mixture and at h,
-    in float64 (the certificate is for exact arithmetic)."""
+def node_radius(gnp: LoadedModel, x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, certified radius) as the node computes them: the bounded forward's logits and error,
+    the larger of Theorem 1's radius and the logit-margin radius."""
+    logits, logit_error = ErrorBoundedForward(gnp.network, input_shape=(1, 28, 28))(x)
+    probs, probability_error = probabilities_with_error(logits, logit_error)
+    radius = certify.best_lipschitz_radius(probs, probability_error, gnp.lipschitz_constant, alpha, logits=logits,
+                                           logit_error=logit_error, logit_lipschitz=gnp.logit_lipschitz_constant)
+    return logits, radius
+
+
+def certified_mixture(gnp: LoadedModel, test_images, alpha: float, needed: int):
+    """The float64 mixture with the zoo's standard model, and the correctly classified images it
+    certifies (images, labels, radii)."""
     x, y = test_images
     robust = copy.deepcopy(gnp.network).double()
     standard = copy.deepcopy(load_model(zoo_config("standard")).network).double()
     mixed = MixedClassifier(standard, robust, alpha)
-    x = x.double()
-    with torch.no_grad():
-        _, logits_h, log_probs = mixed.forward_all(x)
-    radius = certify.lipschitz_radius(torch.softmax(logits_h, 1), gnp.lipschitz_constant, alpha)
+    logits_h, radius = node_radius(gnp, x, alpha)
     certified = ((radius > 0) & (logits_h.argmax(1) == y)).nonzero().flatten()
-    assert len(certified) >= 50, f"only {len(certified)} of 100 certified at alpha {alpha}"
-    assert torch.equal(log_probs.argmax(1)[certified], y[certified])
-    xc, yc, rc = x[certified], y[certified], radius[certified] * 0.999
+    assert len(certified) >= needed, f"only {len(certified)} of {len(x)} certified at alpha {alpha}"
+    with torch.no_grad():
+        assert torch.equal(mixed(x.double()[certified]).argmax(1), y[certified])
+    return mixed, robust, x.double()[certified], y[certified], radius[certified]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.75, 0.6])
+def test_pgd_never_changes_a_certified_prediction(gnp: LoadedModel, test_images, alpha: float):
+    """PGD-20 (l2, one restart) at 0.999 of each certified radius, aimed at the mixture and at h,
+    in float64 (the certificate is for exact arithmetic)."""
+    mixed, robust, xc, yc, radius = certified_mixture(gnp, test_images, alpha, 50)
+    rc = radius * 0.999
     generator = torch.Generator().manual_seed(1)
     for attacked in (mixed, robust):
         x_adv = attacks.pgd(attacked, xc, yc, rc, "l2", steps=20, generator=generator)
         assert ((x_adv - xc).flatten(1).norm(dim=1) <= rc).all()
         with torch.no_grad():
             assert torch.equal(mixed(x_adv).argmax(1), yc)
+
+
+def test_autoattack_components_never_change_a_certified_prediction(gnp: LoadedModel, test_images):
+    """APGD-CE, APGD-T and Square (torchattacks, 20 iterations) on the mixture at alpha 0.75, at
+    0.999 of the certified radius of each of the 6 certified images with the largest radii."""
+    mixed, _, xc, yc, radius = certified_mixture(gnp, test_images, 0.75, 6)
+    for index in radius.argsort(descending=True)[:6].tolist():
+        eps = float(radius[index]) * 0.999
+        found = attacks.apgd_and_square(mixed, xc[index:index + 1], yc[index:index + 1], eps, "l2", n_iter=20,
+                                        n_target_classes=3)
+        for name, x_adv in found.items():
+            assert float((x_adv - xc[index:index + 1]).norm()) <= eps * (1 + 1e-6), name
+            with torch.no_grad():
+                assert int(mixed(x_adv).argmax(1)) == int(yc[index]), name

@@ -203,6 +203,123 @@ def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alp
     return _finish_radius(radius, valid, _output_dtype(probs_h))
 
 
+LOGARITHM_RELATIVE_ERROR = 1e-13
+"""Stated relative error bound of float64 `torch.exp` and `torch.log` (both within a few ulp,
+about 4e-16; this is 200 times that, and a test checks both against mpmath)."""
+
+LOGIT_DIFFERENCE_FACTOR = {"l2": float(np.nextafter(math.sqrt(2.0), math.inf)), "linf": 2.0}
+"""`max |u_j - u_y|` over logit changes `u` with `||u|| <= 1`: sqrt(2) in l2 (rounded up), 2 in linf."""
+
+
+def _exp_up(value: torch.Tensor) -> torch.Tensor:
+    return _up(torch.exp(value) * (1.0 + LOGARITHM_RELATIVE_ERROR))
+
+
+def _log_up(value: torch.Tensor) -> torch.Tensor:
+    logarithm = torch.log(value)
+    return _up(logarithm + _up(logarithm.abs() * LOGARITHM_RELATIVE_ERROR))
+
+
+def _log_down(value: torch.Tensor) -> torch.Tensor:
+    logarithm = torch.log(value)
+    return _down(logarithm - _up(logarithm.abs() * LOGARITHM_RELATIVE_ERROR))
+
+
+def logit_margin_radius(logits: torch.Tensor, logit_lipschitz: float, alpha: Alpha, norm: str,
+                        logit_error: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """Certified radius of the mixture from the robust model's logits: Lemma 1 through a Lipschitz
+    bound of the logits rather than of each probability (Theorem 1).
+
+    Lemma 1 asks `h_y(x') - h_i(x') > mu = (1 - alpha) / alpha` for all i != y on the ball. With
+    `d_j = z_j - z_y` (z the logits at x) and `||z(x') - z(x)|| <= L ||x' - x||` (L the logits'
+    operator norm, `lipschitz.logit_lipschitz_bound`), every `d_j` grows by at most `k L r`
+    (`k = LOGIT_DIFFERENCE_FACTOR[norm]`: sqrt(2) in l2, 2 in linf), and
+
+        h_y - h_i = (1 - exp(d_i)) / (1 + sum_{j != y} exp(d_j))
+
+    falls as any `d_j` grows while its numerator is positive. So the condition holds on the whole
+    ball if `k L r < ln(1 - mu) - ln(exp(d_i) + mu sum_{j != y} exp(d_j))` for every i != y:
+
+        r = min_{i != y} [ln(1 - mu) - ln(exp(d_i) + mu sum_{j != y} exp(d_j))] / (k L).
+
+    At alpha = 1 this is the logit-margin radius `min_i (z_y - z_i) / (k L)`; it never needs the
+    softmax's own Lipschitz factor, so it is usually far larger than Theorem 1's. Both are sound;
+    the runtime issues the larger (`best_lipschitz_radius`). alpha = 1/2 (mu = 1) certifies nothing.
+
+    Args:
+        logits: (N, C) logits of h at x (any float dtype; evaluated in float64).
+        logit_lipschitz: L > 0, operator norm `norm -> norm` of the logits per [0,1] pixel at the
+            model input (a sound bound; a constant declared for the probabilities is no such bound).
+        alpha: weight of h in the mixture, a number or an (N,) tensor.
+        norm: "l2" or "linf", the attack norm.
+        logit_error: bounds of `|computed z_j - exact z_j|`: a number, (N,) or (N, C) tensor. Each
+            `d_j` is taken at its worst, `d_j + e_j + e_y`, so the radius holds for the exact logits.
+
+    Returns:
+        (N,) radii in `norm`, [0,1]-pixel units, dtype of `logits`, rounded outward like
+        `lipschitz_radius`; 0 where not certified, NaN inputs or alpha < 1/2.
+    """
+    _check_norm(norm)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (N, C) with C >= 2, got {tuple(logits.shape)}")
+    if not (logit_lipschitz > 0 and math.isfinite(logit_lipschitz)):
+        raise ValueError(f"logit_lipschitz must be positive and finite, got {logit_lipschitz}")
+    num_samples, num_classes = logits.shape
+    device = logits.device
+    z = logits.detach().to(torch.float64)
+    error = torch.as_tensor(logit_error.detach() if isinstance(logit_error, torch.Tensor) else logit_error,
+                            dtype=torch.float64, device=device)
+    if error.dim() < 2:
+        error = error.reshape(-1, 1).expand(num_samples, num_classes) if error.dim() == 1 \
+            else error.expand(num_samples, num_classes)
+    if error.shape != (num_samples, num_classes) or bool((error < 0).any()):
+        raise ValueError("logit_error must be a non-negative number, (N,) or (N, C) tensor")
+    alpha = _alpha_tensor(alpha, num_samples, device)[:, None]
+    with torch.no_grad():
+        top = z.argmax(dim=1, keepdim=True)
+        is_top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, top, True)
+        # Worst-case logit differences d_j + e_j + e_y, rounded up; -inf at y (no term).
+        worst = _up(_up(_up(z - z.gather(1, top)) + error) + error.gather(1, top))
+        worst = torch.where(is_top, torch.full_like(worst, -math.inf), worst)
+        mu = _up((1.0 - alpha) / alpha)  # 1 - alpha is exact for alpha in [1/2, 1]
+        log_mu = torch.where(mu > 0, _log_up(mu.clamp_min(torch.finfo(torch.float64).tiny)),
+                             torch.full_like(mu, -math.inf))
+        # ln(exp(d_i) + mu S) <= m + ln(exp(d_i - m) + exp(b - m) Q), b = ln(mu) + max_j d_j,
+        # Q >= sum_j exp(d_j - max_j d_j), m = max(d_i, b): exponents <= 0, no overflow.
+        largest = worst.max(dim=1, keepdim=True).values
+        terms = _exp_up(_up(worst - largest))
+        total = _up(_up(terms.sum(dim=1, keepdim=True)) * (1.0 + num_classes * torch.finfo(torch.float64).eps))
+        shifted = _up(log_mu + largest)
+        peak = torch.maximum(worst, shifted)
+        inner = _up(_exp_up(_up(worst - peak)) + _up(_exp_up(_up(shifted - peak)) * total))
+        log_sum = _up(peak + _log_up(inner))
+        one_minus_mu = _down(1.0 - mu)
+        slack = torch.where(one_minus_mu > 0, _log_down(one_minus_mu.clamp_min(torch.finfo(torch.float64).tiny)),
+                            torch.full_like(mu, -math.inf))
+        denominator = _up(torch.tensor(LOGIT_DIFFERENCE_FACTOR[norm], dtype=torch.float64, device=device)
+                          * float(logit_lipschitz))
+        per_class = _down(_down(slack - log_sum) / denominator)
+        per_class = torch.where(is_top, torch.full_like(per_class, math.inf), per_class)
+        radius = per_class.min(dim=1).values
+    valid = (alpha[:, 0] >= 0.5) & torch.isfinite(z).all(dim=1) & torch.isfinite(error).all(dim=1)
+    valid &= (z.topk(2, dim=1).values.diff(dim=1)[:, 0] < 0)  # a tie certifies nothing
+    return _finish_radius(radius, valid, _output_dtype(logits))
+
+
+def best_lipschitz_radius(probs: torch.Tensor, probability_error: float | torch.Tensor,
+                          probability_lipschitz: float | torch.Tensor, alpha: Alpha,
+                          logits: torch.Tensor | None = None, logit_error: float | torch.Tensor = 0.0,
+                          logit_lipschitz: float = 0.0, norm: str = "l2") -> torch.Tensor:
+    """The larger of two sound radii of a Lipschitz robust model: Theorem 1 on the probabilities
+    (`lipschitz_radius`) and, where the logits and a computed bound L of their Lipschitz constant
+    are given, Lemma 1 through the logits (`logit_margin_radius`). (N,) radii, dtype of `probs`."""
+    radius = lipschitz_radius(probs, probability_lipschitz, alpha, probability_error=probability_error)
+    if logits is None or not logit_lipschitz > 0:
+        return radius
+    through_logits = logit_margin_radius(logits, logit_lipschitz, alpha, norm, logit_error)
+    return torch.maximum(radius, through_logits.to(radius.dtype))
+
+
 def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float | torch.Tensor,
                      alpha: Alpha) -> torch.Tensor:
     """Certified l2 radius of the mixture for a randomized-smoothing robust model, Theorem 2.
@@ -255,20 +372,25 @@ def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float 
     return _finish_radius(radius, valid, _output_dtype(p_lower, p_upper))
 
 
-def max_lipschitz_radius(lipschitz: float | torch.Tensor, alpha: Alpha, num_classes: int) -> float:
-    """The largest radius Theorem 1 can ever certify for this robust model and alpha: the radius at
-    the best possible robust output, a one-hot `h(x)` (top-1 margin 1), maximised over the class y.
-
-    With one constant L for all classes this is `(2 alpha - 1) / (2 alpha L)`. No frame gets a
-    larger `lipschitz_radius`, so a `safe` threshold above it can never be met.
+def max_lipschitz_radius(lipschitz: float | torch.Tensor, alpha: Alpha, num_classes: int,
+                         logit_lipschitz: float = 0.0) -> float:
+    """The largest radius a Lipschitz robust model can ever get at this alpha, in the norm and
+    units of `lipschitz`. Theorem 1 alone (`logit_lipschitz` 0): the radius at the best possible
+    robust output, a one-hot `h(x)` (top-1 margin 1), maximised over the class y; with one constant
+    L for all classes, `(2 alpha - 1) / (2 alpha L)`. With a computed logit bound, the logit margin
+    (`logit_margin_radius`) is unbounded: inf for alpha > 1/2. No frame gets a larger
+    `best_lipschitz_radius`, so a `safe` threshold above it can never be met.
 
     Args:
         lipschitz: as in `lipschitz_radius` (a number, or a (num_classes,) tensor).
         alpha: weight of h in the mixture (a number).
         num_classes: C >= 2.
+        logit_lipschitz: as in `best_lipschitz_radius` (0: none).
 
     Returns:
-        float64 radius (rounded like `lipschitz_radius`), in the norm and units of `lipschitz`.
+        float64 radius (rounded like `lipschitz_radius`).
     """
+    if logit_lipschitz > 0 and float(validate_alpha(alpha)) > 0.5:
+        return math.inf
     best_outputs = torch.eye(num_classes, dtype=torch.float64)
     return float(lipschitz_radius(best_outputs, lipschitz, alpha).max())

@@ -1,5 +1,6 @@
 """Per-sample certificates of the robust model h, computed once and reused for every alpha:
-Theorem 1 (Lipschitz h, any lp norm) and Theorem 2 (randomized smoothing, l2)."""
+Theorem 1 (Lipschitz h, any lp norm; with the logit-margin form of Lemma 1 where the logits' bound is
+computed, as in the node) and Theorem 2 (randomized smoothing, l2)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class Certificates:
     """(N,) bound of the rounding error of `probs_h` (Lipschitz: the bound engine's rounding domain,
     subtracted from the margin as the node does); None where the forward's error is not bounded
     (the radii are then an estimate)."""
+    logits: torch.Tensor | None = None
+    """(N, C) float64 logits of a Lipschitz h from its bounded forward, with `logit_error` (N, C)
+    their rounding bound and `logit_lipschitz` the computed bound of their Lipschitz constant: the
+    node's logit-margin radius (`certify.best_lipschitz_radius`). None / 0 where not computed."""
+    logit_error: torch.Tensor | None = None
+    logit_lipschitz: float = 0.0
     radius_scale: float = 1.0
     """Operator norm of the preprocessing from the evaluated images to the model's input, where the
     certificate was computed at that input (a smoothing model behind its preprocessing): radii are
@@ -60,8 +67,9 @@ class Certificates:
             if theorem != "theorem1":
                 raise EvaluationError("a Lipschitz robust model is certified with Theorem 1 only")
             error = 0.0 if self.probability_error is None else self.probability_error.double()
-            return certify.lipschitz_radius(self.probs_h.double(), self.lipschitz, alpha,
-                                            probability_error=error).double()
+            return certify.best_lipschitz_radius(self.probs_h.double(), error, self.lipschitz, alpha,
+                                                 logits=self.logits, logit_error=self.logit_error,
+                                                 logit_lipschitz=self.logit_lipschitz, norm=self.norm).double()
         assert self.p_lower is not None and self.p_upper is not None and self.sigma is not None
         if theorem == "theorem2":
             return certify.smoothing_radius(self.p_lower, self.p_upper, self.sigma, alpha).double()
@@ -87,15 +95,18 @@ def lipschitz_certificates(robust: nn.Module, images: torch.Tensor, runtime: Run
         probs = torch.softmax(predict_logits(robust, images, runtime, "robust model").double(), dim=1)
         return Certificates("lipschitz", str(robust.norm), probs.argmax(1), probs, constant)
     bounded = ErrorBoundedForward(robust.network, input_shape=robust.input_shape, plan=plan).to(runtime.device)
-    probs, errors = [], []
+    logits, logit_errors = [], []
     with torch.inference_mode(), full_precision():
         for part in runtime.batches(images.shape[0], "robust model (bounded)"):
-            part_probs, part_error = probabilities_with_error(*bounded(images[part].to(runtime.device)))
-            probs.append(part_probs.cpu())
-            errors.append(part_error.cpu())
-    probs_h = torch.cat(probs) if probs else torch.zeros(0, 0, dtype=torch.float64)
-    error = torch.cat(errors) if errors else torch.zeros(0, dtype=torch.float64)
-    return Certificates("lipschitz", str(robust.norm), probs_h.argmax(1), probs_h, constant, probability_error=error)
+            part_logits, part_error = bounded(images[part].to(runtime.device))
+            logits.append(part_logits.cpu())
+            logit_errors.append(part_error.cpu())
+    logits_h = torch.cat(logits) if logits else torch.zeros(0, 2, dtype=torch.float64)
+    logit_error = torch.cat(logit_errors) if logit_errors else torch.zeros(0, 2, dtype=torch.float64)
+    probs_h, error = probabilities_with_error(logits_h, logit_error)
+    return Certificates("lipschitz", str(robust.norm), probs_h.argmax(1), probs_h, constant, probability_error=error,
+                        logits=logits_h, logit_error=logit_error,
+                        logit_lipschitz=float(getattr(robust, "logit_lipschitz_constant", 0.0) or 0.0))
 
 
 def smoothing_certificates(base: nn.Module, num_classes: int, sigma: float, images: torch.Tensor,

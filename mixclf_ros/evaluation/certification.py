@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -180,7 +180,7 @@ def largest_certifiable_radius(certificates: Certificates, alpha: float, n: int 
     from mixclf_ros.core.smoothing import max_smoothing_radius
 
     num_classes = int(certificates.probs_h.shape[1])
-    largest = max_lipschitz_radius(certificates.lipschitz, alpha, num_classes)
+    largest = max_lipschitz_radius(certificates.lipschitz, alpha, num_classes, certificates.logit_lipschitz)
     if certificates.kind == "smoothing" and n is not None:
         largest = max(largest, max_smoothing_radius(certificates.sigma, n, certificates.beta, alpha, num_classes))
     return largest
@@ -235,8 +235,7 @@ def _certificates_unit(context: UnitContext, unit: Unit, dependency: None) -> di
     return {name: getattr(certificates, name) for name in CERTIFICATE_FIELDS}
 
 
-CERTIFICATE_FIELDS = ("kind", "norm", "predicted", "probs_h", "lipschitz", "p_lower", "p_upper", "sigma", "beta",
-                      "probability_error", "radius_scale")
+CERTIFICATE_FIELDS = tuple(item.name for item in fields(Certificates))
 
 
 def _joined_certificates(parts: Sequence[dict[str, Any]]) -> Certificates:

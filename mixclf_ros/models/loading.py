@@ -228,6 +228,9 @@ class LoadedModel(nn.Module):
         self.sha256 = sha256
         self.sigma, self.n0, self.n, self.beta = config["sigma"], config["n0"], config["n"], config["beta"]
         self.lipschitz_constant = 0.0
+        self.logit_lipschitz_constant = 0.0
+        """The computed bound of the logits' Lipschitz constant (`norm` -> `norm`); 0 where the
+        constant is declared (a probability constant bounds no logit)."""
         self.lipschitz_source = ""
         self.lipschitz_lower_bound = 0.0
         self.bound_plan = None
@@ -417,6 +420,8 @@ def _load_model(config: dict[str, Any]) -> LoadedModel:
                 norms = NormStore.open()
                 model.bound_plan = lipschitz.BoundPlan(network, model.input_shape, "robust_model", norm_store=norms)
                 norms.save()
+                model.logit_lipschitz_constant = lipschitz.logit_lipschitz_bound(network, model.norm, model.input_shape,
+                                                                                 model.bound_plan)
                 model.lipschitz_constant = lipschitz.probability_lipschitz_bound(network, model.norm, model.input_shape,
                                                                                  model.bound_plan)
             except lipschitz.UnsupportedLayerError as error:

@@ -163,7 +163,8 @@ class CertifiedClassifier:
                                                           plan=getattr(robust, "bound_plan", None)).to(device)
                 self.forward_error = "bounded"
                 self.forward_error_bound = self._probe_forward_error(device)
-                self.lipschitz_pass = LipschitzPass(self.robust_bounded, robust.lipschitz_constant)
+                self.lipschitz_pass = LipschitzPass(self.robust_bounded, robust.lipschitz_constant,
+                                                    getattr(robust, "logit_lipschitz_constant", 0.0), self.norm)
             except UnboundedForwardError:
                 self.forward_error = "estimated"
                 try:
@@ -212,10 +213,12 @@ class CertifiedClassifier:
 
     def max_certified_radius(self, settings: LiveSettings) -> float:
         """The largest `certified_radius` any frame can get at these settings ([0,1] pixels at the
-        model input, in `norm`): Theorem 1 at a one-hot robust output, or Theorem 2 at the best
+        model input, in `norm`): `certify.max_lipschitz_radius`, or Theorem 2 at the best
         Monte Carlo outcome of n samples. 0 for an empirical robust model or alpha < 1/2."""
         if self.kind == "lipschitz":
-            return certify.max_lipschitz_radius(self.robust.lipschitz_constant, settings.alpha, self.num_classes)
+            return certify.max_lipschitz_radius(self.robust.lipschitz_constant, settings.alpha, self.num_classes,
+                                                self.lipschitz_pass.logit_lipschitz_constant
+                                                if self.lipschitz_pass is not None else 0.0)
         if self.kind == "smoothing":
             return max_smoothing_radius(self.robust.sigma, self.smoothing_samples[1], 1.0 - settings.confidence,
                                         settings.alpha, self.num_classes)

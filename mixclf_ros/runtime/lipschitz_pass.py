@@ -8,7 +8,9 @@ products, about the price of the forward. Where that bound would change `safe` o
 by more than `RADIUS_FRACTION` against the radius of the same probabilities without any error
 term (an upper bound of every sound radius), those frames alone are evaluated again with the
 componentwise bound as well; the smaller error is used. Both bounds are proofs, so either radius is
-sound (Theorem 1 with the error subtracted from the margin, `certify.lipschitz_radius`).
+sound. The radius is the larger of Theorem 1's on the probabilities and Lemma 1's through the
+logits where their bound is computed (`certify.best_lipschitz_radius`), each with the error taken at
+its worst.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ bound is computed for it."""
 
 
 class LipschitzPass:
-    """Logits, probabilities, probability error and Theorem 1 radius of a batch, from `bounded`
-    (the robust model's error-bounded forward) and the probability outputs' Lipschitz constant
-    (l2 or linf per [0,1] pixel at the model input). `componentwise_frames` counts the frames that
-    needed the componentwise bound."""
+    """Logits, probabilities, probability error and certified radius of a batch, from `bounded`
+    (the robust model's error-bounded forward), the probability outputs' Lipschitz constant and,
+    where computed, the logits' (0: none), both in `norm` (l2 or linf) per [0,1] pixel at the model
+    input. `componentwise_frames` counts the frames that needed the componentwise bound."""
 
-    def __init__(self, bounded: ErrorBoundedForward, lipschitz_constant: float):
+    def __init__(self, bounded: ErrorBoundedForward, lipschitz_constant: float, logit_lipschitz_constant: float = 0.0,
+                 norm: str = "l2"):
         self.bounded = bounded
         self.lipschitz_constant = lipschitz_constant
+        self.logit_lipschitz_constant = logit_lipschitz_constant
+        self.norm = norm
         self.componentwise_frames = 0
 
     def __call__(self, x: torch.Tensor, alpha: float, meets_thresholds: Callable[[torch.Tensor], torch.Tensor]
@@ -42,19 +47,24 @@ class LipschitzPass:
         """(logits, probabilities, probability error, radius) for inputs x; `meets_thresholds`
         maps radii (N,) to whether each frame's `safe` thresholds would be met."""
         logits, logit_error = self.bounded(x, componentwise=False)
+        logit_error = logit_error.contiguous()  # an expanded view of the per-sample bound; rows are replaced below
         probs, probability_error = probabilities_with_error(logits, logit_error)
-        radius = self._radius(probs, probability_error, alpha)
-        best = self._radius(probs, torch.zeros_like(probability_error), alpha)
+        radius = self._radius(logits, logit_error, probs, probability_error, alpha)
+        best = self._radius(logits, torch.zeros_like(logit_error), probs, torch.zeros_like(probability_error), alpha)
         looser = (radius < (1.0 - RADIUS_FRACTION) * best) | (meets_thresholds(radius) != meets_thresholds(best))
         if bool(looser.any()):
             index = looser.nonzero().flatten()
             _, tight_logit_error = self.bounded(x[index], componentwise=True)
             _, tight_error = probabilities_with_error(logits[index], tight_logit_error)
             probability_error[index] = torch.minimum(probability_error[index], tight_error)
-            radius[index] = self._radius(probs[index], probability_error[index], alpha)
+            logit_error[index] = torch.minimum(logit_error[index], tight_logit_error)
+            radius[index] = self._radius(logits[index], logit_error[index], probs[index], probability_error[index],
+                                         alpha)
             self.componentwise_frames += len(index)
         return logits, probs, probability_error, radius
 
-    def _radius(self, probs: torch.Tensor, probability_error: torch.Tensor, alpha: float) -> torch.Tensor:
-        error = probability_error.nan_to_num(torch.inf)
-        return certify.lipschitz_radius(probs, self.lipschitz_constant, alpha, probability_error=error)
+    def _radius(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
+                probability_error: torch.Tensor, alpha: float) -> torch.Tensor:
+        return certify.best_lipschitz_radius(probs, probability_error.nan_to_num(torch.inf), self.lipschitz_constant,
+                                             alpha, logits=logits, logit_error=logit_error.nan_to_num(torch.inf),
+                                             logit_lipschitz=self.logit_lipschitz_constant, norm=self.norm)
