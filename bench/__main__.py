@@ -192,6 +192,7 @@ def node_threads(log_path: Path) -> int:
 
 def bench_latency(work: Path, count: int) -> dict:
     from mixclf_ros.models.loading import load_model, zoo_config
+    from mixclf_ros.runtime.node_parameters import MODELS
 
     frames = demo_frames()
     out = {}
@@ -207,7 +208,7 @@ def bench_latency(work: Path, count: int) -> dict:
         session.close()
     threads = node_threads(work / "node.log")  # the bare forward passes run under the node's thread setting
     torch.set_num_threads(threads)
-    forward_ms = bare_forward_ms(load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz")),
+    forward_ms = bare_forward_ms(*(load_model(zoo_config(MODELS[role])) for role in ("standard_model", "robust_model")),
                                  (1, 28, 28))
     out["demo_models_640x480_rgb8"] = {**summarize_overhead(node_ms, relay_ms, forward_ms),
                                        "node_torch_threads": threads}
@@ -450,9 +451,10 @@ def bench_certify() -> dict:
     on the same batch (target: under 1 %), plus bench/bench_certify.py's figures."""
     from mixclf_ros.core import certify
     from mixclf_ros.models.loading import load_model, zoo_config
+    from mixclf_ros.runtime.node_parameters import MODELS
 
     torch.set_num_threads(1)
-    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
+    standard, robust = (load_model(zoo_config(MODELS[role])) for role in ("standard_model", "robust_model"))
     x = torch.rand(64, *robust.input_shape)
 
     def median_ms(function, repeats: int) -> float:
@@ -460,8 +462,11 @@ def bench_certify() -> dict:
 
     with torch.inference_mode():
         forward_ms = median_ms(lambda: (standard(x), robust(x)), 50)
-        probs = torch.softmax(robust(x), dim=1)
-        lipschitz_ms = median_ms(lambda: certify.lipschitz_radius(probs, robust.lipschitz_constant, 0.6), 500)
+        logits = robust(x).double()
+        probs = torch.softmax(logits, dim=1)
+        lipschitz_ms = median_ms(lambda: certify.best_lipschitz_radius(
+            probs, 0.0, robust.lipschitz_constant, 0.6, logits=logits, logit_lipschitz=robust.logit_lipschitz_constant),
+            500)
         p_lower = torch.rand(64, dtype=torch.float64) * 0.5 + 0.5
         smoothing_ms = median_ms(lambda: certify.smoothing_radius(p_lower, 1 - p_lower, 0.25, 0.6), 500)
     demo = {"forward_both_demo_models_batch64_ms": forward_ms, "lipschitz_radius_ms": lipschitz_ms,

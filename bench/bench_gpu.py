@@ -89,8 +89,10 @@ def bench_pair(standard_config: dict, robust_config: dict, device: torch.device,
 def bench_smoothing(device: torch.device, frames: list) -> dict:
     from mixclf_ros.models.loading import load_model, zoo_config
     from mixclf_ros.runtime.classifier import CertifiedClassifier, LiveSettings
+    from mixclf_ros.runtime.node_parameters import MODELS
 
-    classifier = CertifiedClassifier(load_model(zoo_config("standard")), load_model(zoo_config("robust_smoothing")),
+    standard = load_model(zoo_config(MODELS["standard_model"]))
+    classifier = CertifiedClassifier(standard, load_model(zoo_config("robust_smoothing")),
                                      None, device, seed=0)
     settings = LiveSettings()
     classifier.warm_up(settings)
@@ -101,6 +103,7 @@ def bench_smoothing(device: torch.device, frames: list) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from mixclf_ros.core.numerics import full_precision, precision_flags
     from mixclf_ros.models.loading import zoo_config
+    from mixclf_ros.runtime.node_parameters import MODELS
 
     parser = argparse.ArgumentParser(prog="python -m bench.bench_gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__}
     with full_precision():
         report["precision_in_certificate_scope"] = {name: str(value) for name, value in precision_flags().items()}
-    report["demo_models"] = bench_pair(zoo_config("standard"), zoo_config("robust_lipschitz"), device, frames)
+    report["demo_models"] = bench_pair(zoo_config(MODELS["standard_model"]), zoo_config(MODELS["robust_model"]),
+                                       device, frames)
     resnet = {"architecture": "torchvision:resnet18", "weights": "", "num_classes": 10, "input_channels": 3,
               "input_height": 224, "input_width": 224}
     if not args.skip_resnet:

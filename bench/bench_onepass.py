@@ -43,10 +43,11 @@ def bench_onepass(images: int = 1000, repeats: int = 100) -> dict:
     from mixclf_ros.data import load_fashion_mnist
     from mixclf_ros.models.loading import load_model, zoo_config
     from mixclf_ros.models.norm_cache import CACHE_DIR_VARIABLE, NormStore
+    from mixclf_ros.runtime.node_parameters import MODELS
 
     torch.set_num_threads(1)
     report: dict = {}
-    zoo = load_model(zoo_config("robust_lipschitz"))
+    zoo = load_model(zoo_config(MODELS["robust_model"]))
     bounded = ErrorBoundedForward(zoo.network, input_shape=zoo.input_shape, plan=zoo.bound_plan)
     report["zoo"] = _latencies(bounded, zoo.network, torch.rand(1, *zoo.input_shape), repeats)
     pixels, _ = load_fashion_mnist("test")

@@ -57,12 +57,14 @@ def threads(repeats: int = 30) -> dict:
 
     from mixclf_ros.models.loading import load_model, zoo_config
     from mixclf_ros.runtime.classifier import CertifiedClassifier, LiveSettings
+    from mixclf_ros.runtime.node_parameters import MODELS
     from mixclf_ros.runtime.threads import available_cores, measure_thread_plan
     from mixclf_ros.vision.preprocess import PreprocessConfig
 
     frame = _camera_frame()
-    classifier = CertifiedClassifier(load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz")),
-                                     PreprocessConfig(1, 28, 28, 476, 476), torch.device("cpu"), seed=0)
+    standard, robust = (load_model(zoo_config(MODELS[role])) for role in ("standard_model", "robust_model"))
+    classifier = CertifiedClassifier(standard, robust, PreprocessConfig(1, 28, 28, 476, 476), torch.device("cpu"),
+                                     seed=0)
     settings = LiveSettings(alpha=0.6, safe_radius=0.0)
     counts = range(1, available_cores() + 1)
     out: dict = {"cores": available_cores(), "demo_classify_ms": {}, "resnet18_224_forward_ms": {}}

@@ -14,13 +14,14 @@ from torchvision import transforms
 from mixclf_ros.core.mixing import mix_log_probs
 from mixclf_ros.models.loading import load_model, zoo_config
 from mixclf_ros.msg import CertifiedClassification
+from mixclf_ros.runtime.node_parameters import MODELS
 
 
 def main() -> int:
     rclpy.init()
     node = rclpy.create_node("naive")
     torch.set_num_threads(1)
-    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
+    standard, robust = load_model(zoo_config(MODELS["standard_model"])), load_model(zoo_config(MODELS["robust_model"]))
     crop = node.declare_parameter("crop", 476).value
     size = node.declare_parameter("size", 28).value
     transform = transforms.Compose([transforms.CenterCrop(crop), transforms.Grayscale(), transforms.Resize(size),

@@ -72,11 +72,12 @@ def test_monitor_figures_agree_with_a_direct_computation(demo_run):
     from mixclf_ros.demo.render import ARTICLE_SCALE, article_budget, embed_article, quantize_towards
     from mixclf_ros.models.loading import load_model, zoo_config
     from mixclf_ros.runtime.classifier import CertifiedClassifier, LiveSettings
+    from mixclf_ros.runtime.node_parameters import MODELS
     from mixclf_ros.vision.decode import decode_image
     from mixclf_ros.vision.preprocess import PreprocessConfig
 
     images, labels = load_fashion_mnist("test")
-    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz"))
+    standard, robust = (load_model(zoo_config(MODELS[role])) for role in ("standard_model", "robust_model"))
     classifier = CertifiedClassifier(standard, robust, PreprocessConfig(crop_height=476, crop_width=476),
                                      torch.device("cpu"))
     budget = article_budget(ATTACK_EPS, "l2", scale=ARTICLE_SCALE)

@@ -62,6 +62,7 @@ from mixclf_ros.evaluation.settings import (
     Runtime,
 )
 from mixclf_ros.runtime.classifier import select_device
+from mixclf_ros.runtime.node_parameters import MODELS
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_group = common.add_argument_group("models (zoo names win over --params)")
     models_group.add_argument("--standard", metavar="NAME", help="zoo name of g (default: standard)")
     models_group.add_argument("--robust", metavar="NAME",
-                              help="zoo name of h (default: robust_at; certify: robust_lipschitz)")
+                              help=f"zoo name of h (default: robust_at; certify and bag: {MODELS['robust_model']})")
     models_group.add_argument("--params", metavar="YAML",
                               help="ROS parameters file with standard_model.* / robust_model.* keys")
     run_group = common.add_argument_group("run")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from mixclf_ros.core.certify import NORMS
+from mixclf_ros.runtime.node_parameters import MODELS
 
 DEFAULT_EPS = {"linf": 0.1, "l2": 1.5}
 """Default attack budgets for Fashion-MNIST, [0,1]-pixel units (linf: per pixel; l2: whole image)."""
@@ -24,7 +25,7 @@ DEFAULT_SWEEP_ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7, 0.8,
 DEFAULT_CERTIFY_ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_GAMMAS = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
 DEFAULT_ROBUST = {"sweep": "robust_at", "margins": "robust_at", "design": "robust_at",
-                  "certify": "robust_lipschitz", "bag": "robust_lipschitz"}
+                  "certify": MODELS["robust_model"], "bag": MODELS["robust_model"]}
 
 
 class EvaluationError(ValueError):

@@ -19,7 +19,7 @@ from mixclf_ros.models import schema
 from mixclf_ros.runtime.frame_result import LiveSettings
 from mixclf_ros.vision.decode import INPUT_KINDS
 
-MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz"}
+MODELS = {"standard_model": "standard", "robust_model": "robust_lipschitz_gnp"}
 """The two model parameter prefixes and the shipped zoo model each defaults to."""
 
 MAX_QUEUED_FRAMES = 100
