@@ -53,3 +53,16 @@ def rclpy_context():
     yield context
     rclpy.try_shutdown(context=context)
 
+
+
+@pytest.fixture(params=[True, False], ids=["componentwise", "cheap"])
+def both_rounding_domains(request, monkeypatch):
+    """Runs a test once per rounding domain: every `ErrorBoundedForward` call it makes without
+    saying which computes the componentwise bound, or only the cheap per-sample l2 one the node
+    computes first. A rule that breaks in either domain fails the test."""
+    from mixclf_ros.core.forward_error import ErrorBoundedForward
+
+    call = ErrorBoundedForward.__call__
+    monkeypatch.setattr(ErrorBoundedForward, "__call__",
+                        lambda self, x, componentwise=request.param: call(self, x, componentwise))
+    return request.param

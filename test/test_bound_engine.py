@@ -18,6 +18,8 @@ from mixclf_ros.core.engine import BoundPlan, supported_operations_markdown
 from mixclf_ros.core.forward_error import ErrorBoundedForward
 from mixclf_ros.core.lipschitz import UnsupportedLayerError, logit_lipschitz_bound
 
+pytestmark = pytest.mark.usefixtures("both_rounding_domains")
+
 DOC = REPO_ROOT / "docs" / "SUPPORTED_OPERATIONS.md"
 
 

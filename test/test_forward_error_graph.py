@@ -17,6 +17,8 @@ from mixclf_ros.models.loading import load_model, zoo_config
 from mixclf_ros.runtime.classifier import CertifiedClassifier
 from mixclf_ros.vision.preprocess import PreprocessConfig
 
+pytestmark = pytest.mark.usefixtures("both_rounding_domains")
+
 
 def _tiny_resnet(depth: int, cat_branches: bool) -> nn.Module:
     torch.manual_seed(depth)

@@ -91,3 +91,41 @@ def test_a_frame_whose_safe_the_cheap_bound_would_change_gets_the_componentwise_
         _, _, _, radius = switched(frames, ALPHA, meets)
     assert switched.componentwise_frames >= 1
     assert float(radius[frame]) == float(tight[frame]) >= threshold
+
+
+def test_with_the_logits_bound_the_radius_is_the_larger_sound_one(frames):
+    """The 1-Lipschitz zoo model, whose logit bound is computed: the pass issues the logit-margin
+    radius where it is larger, never above the error-free radius of the same logits, and never
+    below Theorem 1 with the componentwise bound."""
+    model = load_model(zoo_config("robust_lipschitz_gnp"))
+    bounded = ErrorBoundedForward(model.network, input_shape=model.input_shape, plan=model.bound_plan)
+    certificate = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm)
+    with torch.inference_mode():
+        logits, probs, _, radius = certificate(frames, ALPHA, never)
+    error_free = certify.best_lipschitz_radius(probs, 0.0, model.lipschitz_constant, ALPHA, logits=logits,
+                                               logit_lipschitz=model.logit_lipschitz_constant)
+    assert (radius <= error_free).all() and (radius >= (1 - lipschitz_pass.RADIUS_FRACTION) * error_free).all()
+    assert (radius >= componentwise_radius(model, bounded, frames)).all()
+    assert (radius > 2 * componentwise_radius(model, bounded, frames)).sum() > 10
+
+
+class CheapRefused:
+    """A bounded forward whose cheap domain fails, as a rule that breaks only there would."""
+
+    def __init__(self, bounded: ErrorBoundedForward):
+        self.bounded = bounded
+
+    def __call__(self, x: torch.Tensor, componentwise: bool = True):
+        if not componentwise:
+            raise lipschitz_pass.UnboundedForwardError("a rule fails in the cheap domain")
+        return self.bounded(x, componentwise=True)
+
+
+def test_a_model_the_cheap_domain_fails_on_gets_the_componentwise_bound_on_every_frame(robust, frames):
+    model, bounded = robust
+    certificate = LipschitzPass(CheapRefused(bounded), model.lipschitz_constant)
+    with torch.inference_mode():
+        _, _, _, radius = certificate(frames, ALPHA, never)
+        _, _, _, again = certificate(frames, ALPHA, never)
+    assert "cheap domain" in certificate.cheap_refusal
+    assert torch.equal(radius, componentwise_radius(model, bounded, frames)) and torch.equal(radius, again)

@@ -33,6 +33,8 @@ from mixclf_ros.vision.preprocess import (
     preprocessing_operator_norm,
 )
 
+pytestmark = pytest.mark.usefixtures("both_rounding_domains")
+
 # ----------------------------------------------------------------------------- exact references
 
 

@@ -76,24 +76,26 @@ def test_the_bound_is_never_below_a_slope_found_by_search(networks, name, norm):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("componentwise", [True, False], ids=["componentwise", "cheap"])
 @pytest.mark.parametrize("name", list(NETWORKS))
-def test_the_rounding_error_bound_is_a_proof_that_covers_the_error(networks, name):
+def test_the_rounding_error_bound_is_a_proof_that_covers_the_error(networks, name, componentwise):
     """'bounded', not 'estimated': `ErrorBoundedForward` constructs (it raises for what it cannot
     bound). Its float64 logits are those of the network with its weights as evaluated (see the
-    module docstring); the float32 error is covered (the pattern of test_forward_error_graph)."""
+    module docstring); the float32 error is covered (the pattern of test_forward_error_graph), by
+    the componentwise bound and by the cheap per-sample l2 one the node computes first."""
     x = torch.rand(8, *INPUT_SHAPE, generator=torch.Generator().manual_seed(1))
     # orthogonium's power iterations update their vectors at each access, even in eval mode: the
     # weights are read once, as the node does, and every evaluation below uses that function
     network = _frozen(networks[name], torch.float32)
-    logits, bound = ErrorBoundedForward(network, torch.float64, INPUT_SHAPE)(x)
+    logits, bound = ErrorBoundedForward(network, torch.float64, INPUT_SHAPE)(x, componentwise)
     assert torch.isfinite(bound).all() and float(bound.max()) < 1e-8
     with torch.no_grad():
         direct = _frozen(network)(x.double())
     assert ((logits - direct).abs() <= 2 * bound + 1e-12).all()  # two float64 evaluations of one map
 
     frozen = _frozen(network, torch.float32)
-    logits32, bound32 = ErrorBoundedForward(frozen, torch.float32, INPUT_SHAPE)(x)
-    logits64, bound64 = ErrorBoundedForward(frozen, torch.float64, INPUT_SHAPE)(x)
+    logits32, bound32 = ErrorBoundedForward(frozen, torch.float32, INPUT_SHAPE)(x, componentwise)
+    logits64, bound64 = ErrorBoundedForward(frozen, torch.float64, INPUT_SHAPE)(x, componentwise)
     error = (logits32.double() - logits64).abs()
     assert (error > 0).any()
     assert (error <= bound32.double() + bound64).all(), f"{name}: error {float(error.max()):.3g} above its bound"

@@ -52,11 +52,19 @@ class _NotComputed:
     def __getitem__(self, index: Any) -> Any:
         return NOT_COMPUTED
 
+    def __bool__(self) -> bool:
+        raise TypeError("the cheap rounding domain's componentwise bound is not computed: no branch may depend on it")
+
+    def __iter__(self) -> Any:
+        # without it, iteration would call __getitem__ forever; a rule that splits E checks for it
+        raise TypeError("the cheap rounding domain's componentwise bound is not computed: nothing to iterate")
+
     def _absorb(self, *args: Any) -> Any:
         return NOT_COMPUTED
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _absorb
-    __neg__ = __abs__ = __pow__ = _absorb
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __matmul__ = __rmatmul__ = __rpow__ = _absorb
+    __neg__ = __pos__ = __abs__ = __pow__ = _absorb
 
     def __repr__(self) -> str:
         return "NOT_COMPUTED"

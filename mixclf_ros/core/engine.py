@@ -190,7 +190,7 @@ class BoundPlan:
         reference = next(iter(model.parameters()), next(iter(model.buffers()), None))
         device = reference.device if reference is not None else torch.device("cpu")
         model_dtype = reference.dtype if reference is not None and reference.dtype.is_floating_point else torch.float32
-        self.parts: graph_patterns.Parts = {}
+        self.parts = graph_patterns.Parts()
         self._folded: dict[fx.Node, Any] = {}
         walked = self._walk(dummy.to(self.dtype).clone(), 1.0, norm="l2", compiling=True)
         self._lipschitz_l2 = walked[1]

@@ -34,8 +34,19 @@ CATS = {torch.cat, torch.concat, torch.concatenate}
 _MAXIMA = {torch.maximum, torch.max, torch.amax, "maximum", "max", "amax"}
 _MINIMA = {torch.minimum, torch.min, torch.amin, "minimum", "min", "amin"}
 
-Parts = dict[fx.Node, tuple[fx.Node, torch.Tensor]]
-"""value -> (the value it restricts, the coordinates of that value it holds, in its own shape)."""
+class Parts(dict):
+    """value -> (the value it restricts, the coordinates of that value it holds, in its own shape).
+
+    Remembers which pairs are disjoint restrictions of one value: the coordinates depend on the
+    plan's shapes only, so the check runs once per pair, not at every frame."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.disjoint: dict[tuple[fx.Node, fx.Node], fx.Node | None] = {}
+
+    def __setitem__(self, node: fx.Node, part: tuple[fx.Node, Any]) -> None:
+        self.disjoint.clear()
+        super().__setitem__(node, part)
 
 
 def _target_in(node: Any, targets: set) -> bool:
@@ -52,9 +63,10 @@ def disjoint_base(a: fx.Node, b: fx.Node, parts: Parts) -> fx.Node | None:
     twice in either), or None."""
     if a not in parts or b not in parts or parts[a][0] is not parts[b][0]:
         return None
-    ids_a, ids_b = parts[a][1].flatten(), parts[b][1].flatten()
-    together = torch.cat([ids_a, ids_b])
-    return parts[a][0] if together.unique().numel() == together.numel() else None
+    if (a, b) not in parts.disjoint:
+        together = torch.cat([parts[a][1].flatten(), parts[b][1].flatten()])
+        parts.disjoint[(a, b)] = parts[a][0] if together.unique().numel() == together.numel() else None
+    return parts.disjoint[(a, b)]
 
 
 def _extremum(node: fx.Node, values: dict) -> tuple[str, tuple] | None:

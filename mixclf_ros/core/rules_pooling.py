@@ -206,8 +206,12 @@ class Sorting(Rule):
         size, scale = self.groups(call)
         out = self.sorted_groups(call)
         error, norm = call.bounds[0]
-        grouped = self.grouped(error, size)
-        spread = grouped.amax(dim=2, keepdim=True).expand_as(grouped).reshape(error.shape)
+
+        def group_spread() -> torch.Tensor:
+            grouped = self.grouped(error, size)
+            return grouped.amax(dim=2, keepdim=True).expand_as(grouped).reshape(error.shape)
+
+        spread = call.componentwise_bound(group_spread)
         if scale == 1.0:
             return out, (spread, norm)
         u = call.unit_roundoff
@@ -245,9 +249,13 @@ class HalvesMaxMin(Rule):
 
     def rounding(self, call: Call) -> tuple[torch.Tensor, tuple]:
         error, size = call.bounds[0]
-        a, b, axis = self.halves(call, error)
-        pair = torch.maximum(a, b)
-        return self.reference(call), (torch.cat([pair, pair], axis), size)
+
+        def pair_spread() -> torch.Tensor:
+            a, b, axis = self.halves(call, error)
+            pair = torch.maximum(a, b)
+            return torch.cat([pair, pair], axis)
+
+        return self.reference(call), (call.componentwise_bound(pair_spread), size)
 
 
 register(HalvesMaxMin(), "orthogonium.layers.custom_activations.MaxMin")

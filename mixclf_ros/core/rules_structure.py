@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mixclf_ros.core.bound_rules import DROPOUT_FUNCTIONS, Call, Rule, is_dependent, register
+from mixclf_ros.core.bound_rules import DROPOUT_FUNCTIONS, NOT_COMPUTED, Call, Rule, is_dependent, register
 from mixclf_ros.core.numerics import BOUND_SLACK
 from mixclf_ros.core.rules_layers import exact_map
 from mixclf_ros.core.rules_ops import _dim
@@ -68,6 +68,8 @@ class Split(Rule):
         self.check(call)
         out = call.run()
         error, size = call.bounds[0]
+        if error is NOT_COMPUTED:
+            return out, tuple((NOT_COMPUTED, size) for _ in out)
         split = getattr(error, call.target)(*call.args[1:], **call.kwargs) if isinstance(call.target, str) \
             else call.target(error, *call.args[1:], **call.kwargs)
         return out, tuple((part, size) for part in split)

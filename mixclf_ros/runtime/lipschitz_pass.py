@@ -21,7 +21,7 @@ import torch
 
 from mixclf_ros.core import certify
 from mixclf_ros.core.forward_error import ErrorBoundedForward
-from mixclf_ros.core.numerics import probabilities_with_error
+from mixclf_ros.core.numerics import UnboundedForwardError, probabilities_with_error
 
 RADIUS_FRACTION = 1e-3
 """The largest relative radius a frame may lose to the cheap error bound before the componentwise
@@ -41,12 +41,22 @@ class LipschitzPass:
         self.logit_lipschitz_constant = logit_lipschitz_constant
         self.norm = norm
         self.componentwise_frames = 0
+        self.cheap_refusal = ""
+        """Why the cheap bound failed on this model, where it did (every frame then gets the
+        componentwise bound); empty otherwise."""
 
     def __call__(self, x: torch.Tensor, alpha: float, meets_thresholds: Callable[[torch.Tensor], torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits, probabilities, probability error, radius) for inputs x; `meets_thresholds`
         maps radii (N,) to whether each frame's `safe` thresholds would be met."""
-        logits, logit_error = self.bounded(x, componentwise=False)
+        try:
+            logits, logit_error = self.bounded(x, componentwise=self.cheap_refusal != "")
+        except UnboundedForwardError as error:
+            if self.cheap_refusal:
+                raise
+            # a rule that fails in the cheap domain alone: the componentwise bound, from now on
+            self.cheap_refusal = str(error)
+            logits, logit_error = self.bounded(x, componentwise=True)
         logit_error = logit_error.contiguous()  # an expanded view of the per-sample bound; rows are replaced below
         probs, probability_error = probabilities_with_error(logits, logit_error)
         radius = self._radius(logits, logit_error, probs, probability_error, alpha)
