@@ -226,10 +226,14 @@ class CertifiedClassifier:
 
     def max_image_radius(self, settings: LiveSettings, source_height: int, source_width: int,
                          channel_order: str) -> float:
-        """`max_certified_radius` carried into a source image of this size and channel order."""
+        """`max_certified_radius` carried into a source image of this size and channel order (inf
+        stays inf through a linear preprocessing: the logit-margin radius has no ceiling)."""
         operator_norm = preprocessing_operator_norm(source_height, source_width, channel_order,
                                                     self.preprocess_config, self.norm)
-        return image_radius(self.max_certified_radius(settings), operator_norm)
+        largest = self.max_certified_radius(settings)
+        if math.isinf(largest) and math.isfinite(operator_norm) and operator_norm > 0:
+            return math.inf
+        return image_radius(largest, operator_norm)
 
     def warm_up(self, settings: LiveSettings, repeats: int = 3) -> float:
         """Runs the full path on blank frames; returns the time of the first pass in ms."""

@@ -9,10 +9,11 @@ import math
 
 def threshold_reachable(largest_radius: float, threshold: float) -> bool:
     """Whether some frame can meet `threshold`: a threshold of 0 is not set; otherwise the largest
-    certifiable radius must reach it (same units and norm). A NaN threshold is never met."""
+    certifiable radius must reach it (same units and norm; inf: no ceiling). A NaN threshold or
+    radius is never met."""
     if math.isnan(threshold):
         return False
-    return threshold <= 0.0 or (math.isfinite(largest_radius) and largest_radius >= threshold)
+    return threshold <= 0.0 or (not math.isnan(largest_radius) and largest_radius >= threshold)
 
 
 def unreachable_warning(where: str, largest_radius: float, threshold_name: str, threshold: float,
