@@ -73,7 +73,7 @@ def test_rounding_error_of_the_logits_is_bounded(gnp: LoadedModel, test_images):
     logits, error = ErrorBoundedForward(gnp.network, input_shape=(1, 28, 28))(x[:50])
     with torch.no_grad():
         float32 = gnp(x[:50])
-    assert torch.isfinite(error).all() and float(error.max()) < 1e-9
+    assert torch.isfinite(error).all() and float(error.max()) < 1e-8  # logits up to ~50 (temperature 0.14)
     assert torch.allclose(logits.float(), float32, atol=1e-4)
 
 
