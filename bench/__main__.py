@@ -231,7 +231,7 @@ def bench_latency(work: Path, count: int) -> dict:
     for prefix in ("standard_model", "robust_model"):
         model_args += ["-p", f"{prefix}.crop_height:=0", "-p", f"{prefix}.crop_width:=0",
                        "-p", f"{prefix}.resize:=bilinear"]
-    try:  # configure bounds the robust resnet (about a minute cold on a loaded 2-core machine, seconds warm)
+    try:  # configure bounds the robust resnet (about 8 s cold on a loaded 2-core machine, ~1 s warm)
         session = Session("bench_latency_resnet")
         try:
             with node_process("mixclf_node", "--params-file", str(CONFIG), *model_args, *RELIABLE,

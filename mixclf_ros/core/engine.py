@@ -44,6 +44,7 @@ from mixclf_ros.core.bound_rules import (
     qualified_name,
 )
 from mixclf_ros.core.numerics import BOUND_SLACK, UnboundedForwardError
+from mixclf_ros.core.spectral_norms import reused_buffers
 from mixclf_ros.core.tracing import check_runs_as_traced, freeze_parametrizations, resolve_inplace, trace_forward
 
 DUMMY_BATCH = 2
@@ -140,7 +141,7 @@ class BoundPlan:
             frozen = freeze_parametrizations(model)
             check_runs_as_traced(frozen, name)
             self.network = copy.deepcopy(frozen).to(dtype).requires_grad_(False)
-            with torch.no_grad():
+            with torch.no_grad(), reused_buffers():
                 self.graph, self.constants = trace_forward(self.network, name)
                 self._modules = dict(self.network.named_modules())
                 resolve_inplace(self.graph, self._modules, name)

@@ -1,12 +1,14 @@
 """Sound per-operation bounds of operator norms (p -> p, p = l2 or linf), from the actual weights.
 
 Used by the bound engine's rules (`rules_*`), which compose them over a traced graph. Every bound here is
-an upper bound of the exact operator (or Lipschitz) norm, in exact arithmetic; values computed by
-SVD/FFT in float64 are enlarged by `NUMERIC_SLACK`.
+an upper bound of the exact operator (or Lipschitz) norm, in exact arithmetic; values computed in
+float64 are enlarged by `NUMERIC_SLACK`.
 
-- Linear `x -> W x`: l2 exact spectral norm (float64 SVD); linf exact max absolute row sum.
-- Conv2d: l2 exact spectral norm of the circular convolution on the zero-padded canvas (FFT,
-  Sedghi et al. 2019), an upper bound of the zero-padded and strided conv (`conv2d_l2_bound`);
+- Linear `x -> W x`: l2 spectral norm (`spectral_norms.spectral_norm_bound`: an upper bound proved
+  in floating point, within 1e-9 of the exact norm); linf exact max absolute row sum.
+- Conv2d: l2 spectral norm of the circular convolution on the zero-padded canvas (its spectrum,
+  Sedghi et al. 2019, bounded by `spectral_norms.circular_conv_norm_bound` like a dense layer's),
+  an upper bound of the zero-padded and strided conv (`conv2d_l2_bound`);
   linf max over output channels of the sum of |w| (each output pixel sums at most all its taps).
 - BatchNorm (eval, running statistics): max |gamma / sqrt(var + eps)|.
 - elementwise activations: sup |phi'| (`ACTIVATION_CONSTANTS`); an elementwise map with
@@ -27,9 +29,11 @@ from torch import nn
 from mixclf_ros.core.bound_rules import UnsupportedLayerError
 from mixclf_ros.core.certify import NORMS
 from mixclf_ros.core.layers import GroupSort
+from mixclf_ros.core.spectral_norms import circular_conv_norm_bound, spectral_norm_bound
 
 NUMERIC_SLACK = 1e-9
-"""Relative enlargement of bounds computed by SVD/FFT in float64 (their rounding error is ~1e-15)."""
+"""Relative enlargement of bounds computed in float64 (their rounding error is ~1e-15; the spectral
+norms' own rounding is bounded in `spectral_norms`, this slack comes on top)."""
 
 
 def check_norm(norm: str) -> None:
@@ -41,11 +45,12 @@ def check_norm(norm: str) -> None:
 
 
 def linear_bound(weight: torch.Tensor, norm: str) -> float:
-    """Operator norm of `x -> W x` (W of shape (out, in)): l2 spectral norm, linf max row l1 sum."""
+    """Operator norm of `x -> W x` (W of shape (out, in)): l2 spectral norm (a sound upper bound
+    within 1e-9 relative, `spectral_norm_bound`), linf max row l1 sum."""
     check_norm(norm)
     matrix = weight.detach().to(torch.float64)
     if norm == "l2":
-        return float(torch.linalg.matrix_norm(matrix, ord=2)) * (1.0 + NUMERIC_SLACK)
+        return spectral_norm_bound(matrix) * (1.0 + NUMERIC_SLACK)
     return float(matrix.abs().sum(dim=1).max()) * (1.0 + NUMERIC_SLACK)
 
 
@@ -62,51 +67,39 @@ def conv_padding(padding: str | int | Sequence[int], kernel_extent: tuple[int, i
 
 
 def circular_conv_spectral_norm(weight: torch.Tensor, canvas: tuple[int, int], groups: int = 1,
-                                dilation: tuple[int, int] = (1, 1), frequency_chunk: int = 16) -> float:
-    """Exact l2 operator norm of the circular 2-D convolution (cross-correlation) with `weight`
-    (out, in/groups, kh, kw) on an `canvas = (n1, n2)` torus (Sedghi et al., 2019).
+                                dilation: tuple[int, int] = (1, 1), *, at_most: float = math.inf) -> float:
+    """l2 operator norm of the circular 2-D convolution (cross-correlation) with `weight`
+    (out, in/groups, kh, kw) on an `canvas = (n1, n2)` torus (Sedghi et al., 2019): a sound upper
+    bound, within about 1e-9 relative of the exact norm; or `at_most`, another bound of the caller's,
+    where that is smaller (computing stops as soon as the norm is found above it).
 
     The operator is block-circulant, diagonalised by the 2-D DFT: its singular values are those of
     the (out x in) matrices `W_hat(u, v) = sum_{a,b} W[:, :, a, b] exp(-2 pi i (u a / n1 + v b / n2))`
-    over all frequencies, so the norm is `max_{u,v} sigma_max(W_hat(u, v))`. Real weights make
-    `W_hat(-u,-v)` the conjugate of `W_hat(u,v)`, so half of the v range suffices. Groups make the
-    operator block diagonal (maximum over groups). The DFT is evaluated on the kernel support
-    only, in chunks of `frequency_chunk` rows u, to bound memory.
+    over all frequencies, so the norm is `max_{u,v} sigma_max(W_hat(u, v))`; groups make the
+    operator block diagonal (maximum over groups). `spectral_norms.circular_conv_norm_bound` bounds
+    that maximum (Gram matrices of the spectrum, certified by Cholesky factorisations).
     """
-    out_channels, in_per_group, kh, kw = weight.shape
+    kh, kw = weight.shape[-2:]
     dh, dw = dilation
-    n1, n2 = canvas
     extent_h, extent_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    if n1 < extent_h or n2 < extent_w:
+    if canvas[0] < extent_h or canvas[1] < extent_w:
         raise ValueError(f"canvas {canvas} is smaller than the dilated kernel ({extent_h}, {extent_w})")
-    w = weight.detach().to(torch.float64).reshape(groups, out_channels // groups, in_per_group, kh, kw)
-    device = w.device
-    tap_h = torch.arange(kh, device=device, dtype=torch.float64) * dh
-    tap_w = torch.arange(kw, device=device, dtype=torch.float64) * dw
-    freq_w = torch.arange(n2 // 2 + 1, device=device, dtype=torch.float64)
-    phase_w = torch.exp(-2j * math.pi * torch.outer(freq_w, tap_w) / n2)  # (n2/2+1, kw)
-    w_complex = w.to(torch.complex128)
-    best = 0.0
-    for start in range(0, n1, frequency_chunk):
-        freq_h = torch.arange(start, min(start + frequency_chunk, n1), device=device, dtype=torch.float64)
-        phase_h = torch.exp(-2j * math.pi * torch.outer(freq_h, tap_h) / n1)  # (chunk, kh)
-        spectrum = torch.einsum("ua,goiab,vb->guvoi", phase_h, w_complex, phase_w)
-        best = max(best, float(torch.linalg.matrix_norm(spectrum, ord=2).max()))
-    return best * (1.0 + NUMERIC_SLACK)
+    bound = circular_conv_norm_bound(weight, canvas, groups, dilation, at_most=at_most / (1.0 + NUMERIC_SLACK))
+    return min(bound * (1.0 + NUMERIC_SLACK), at_most)
 
 
 def strided_circular_conv_spectral_norm(weight: torch.Tensor, canvas: tuple[int, int], stride: tuple[int, int],
                                         groups: int = 1) -> float | None:
-    """Exact l2 operator norm of the circular convolution with `weight` (dilation 1) on the
-    `canvas` torus, sampled every `stride` outputs; None where a canvas side is not a multiple of
-    the stride.
+    """l2 operator norm of the circular convolution with `weight` (dilation 1) on the `canvas`
+    torus, sampled every `stride` outputs (a sound upper bound, within about 1e-9 relative); None
+    where a canvas side is not a multiple of the stride.
 
     Polyphase decomposition: output i reads `x[s i + a]`; with `a = s a' + r` that is
     `X_r[i + a']`, where `X_r[m] = x[s m + r]` is the r-th phase of x on the `canvas / s` torus.
     Rearranging x into its s1 s2 phases (as extra channels) permutes coordinates, an isometry, so
     the strided convolution has the norm of the stride-1 circular convolution with the rearranged
     kernel `W'[o, (c, r1, r2), a1', a2'] = W[o, c, s1 a1' + r1, s2 a2' + r2]` on the smaller torus
-    (`circular_conv_spectral_norm`, exact)."""
+    (`circular_conv_spectral_norm`)."""
     (s1, s2), (n1, n2) = stride, canvas
     if n1 % s1 or n2 % s2:
         return None
@@ -121,6 +114,20 @@ def strided_circular_conv_spectral_norm(weight: torch.Tensor, canvas: tuple[int,
     return circular_conv_spectral_norm(rearranged, (n1 // s1, n2 // s2), groups)
 
 
+def circular_conv_l2_bound(weight: torch.Tensor, canvas: tuple[int, int], groups: int, dilation: tuple[int, int],
+                           stride: tuple[int, int], strided_canvas: tuple[int, int] | None = None) -> float:
+    """Sound l2 bound of the circular convolution with `weight` on the `canvas` torus, sampled every
+    `stride` outputs: its stride-1 norm (restricting outputs does not increase it), and with a stride
+    and no dilation the smaller of that and the strided norm on `strided_canvas` (default `canvas`;
+    `strided_circular_conv_spectral_norm`), computed first: the stride-1 norm's computation stops as
+    soon as it is found larger."""
+    strided = None
+    if tuple(stride) != (1, 1) and tuple(dilation) == (1, 1):
+        strided = strided_circular_conv_spectral_norm(weight, strided_canvas or canvas, stride, groups)
+    return circular_conv_spectral_norm(weight, canvas, groups, dilation,
+                                       at_most=math.inf if strided is None else strided)
+
+
 def conv2d_weight_l2_bound(weight: torch.Tensor, input_hw: tuple[int, int], padding: str | int | Sequence[int],
                            dilation: int | Sequence[int] = 1, groups: int = 1,
                            stride: int | Sequence[int] = 1) -> float:
@@ -128,20 +135,15 @@ def conv2d_weight_l2_bound(weight: torch.Tensor, input_hw: tuple[int, int], padd
     `weight` on H x W inputs: the norm of the circular convolution on the padded canvas (see
     `conv2d_l2_bound`); with a stride and no dilation, the smaller of that and the strided
     circular norm on the canvas enlarged to a multiple of the stride (more zeros: still no
-    wrap-around; `strided_circular_conv_spectral_norm`), which is tight for strided orthogonal
-    convolutions."""
+    wrap-around; `circular_conv_l2_bound`), which is tight for strided orthogonal convolutions."""
     kh, kw = weight.shape[-2:]
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
     extent = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     top, bottom, left, right = conv_padding(padding, extent)
     canvas = (input_hw[0] + top + bottom, input_hw[1] + left + right)
-    bound = circular_conv_spectral_norm(weight, canvas, groups, (dh, dw))
     s1, s2 = as_tuple(stride, 2)
-    if (s1, s2) != (1, 1) and (dh, dw) == (1, 1):
-        enlarged = (-(-canvas[0] // s1) * s1, -(-canvas[1] // s2) * s2)
-        strided = strided_circular_conv_spectral_norm(weight, enlarged, (s1, s2), groups)
-        bound = bound if strided is None else min(bound, strided)
-    return bound
+    enlarged = (-(-canvas[0] // s1) * s1, -(-canvas[1] // s2) * s2)
+    return circular_conv_l2_bound(weight, canvas, groups, (dh, dw), (s1, s2), enlarged)
 
 
 def conv2d_l2_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
@@ -153,7 +155,7 @@ def conv2d_l2_bound(conv: nn.Conv2d, input_hw: tuple[int, int]) -> float:
     output, i.e. it coincides with the circular convolution on that canvas at those positions (no
     wrap-around happens there). So conv = restriction o circular conv o zero-embedding; embedding
     is an isometry and restricting to a subset of coordinates (valid outputs, and the stride's
-    subsampling) has norm <= 1. Hence `||conv||_2 <= ||circular conv||_2`, computed exactly by
+    subsampling) has norm <= 1. Hence `||conv||_2 <= ||circular conv||_2`, bounded by
     `circular_conv_spectral_norm`. (The canvas is always >= the kernel extent, so the circular
     conv does not alias the kernel.)
     """

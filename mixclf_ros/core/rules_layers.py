@@ -56,8 +56,9 @@ class Affine(Rule):
     """Linear, Conv1d, Conv2d (and subclasses that keep their forward, with the weight they
     compute), F.linear/conv1d/conv2d with input-independent weights."""
 
-    summary = ("l2: exact spectral norm (dense: SVD; convolution: FFT on the zero-padded canvas, Sedghi et al. "
-               "2019; circular padding: on the input's torus; strides: polyphase); linf: largest absolute row sum. "
+    summary = ("l2: spectral norm, bounded within 1e-9 (dense: Gram matrix; convolution: Gram matrices of its "
+               "spectrum on the zero-padded canvas, Sedghi et al. 2019; each certified by a Cholesky factorisation; "
+               "circular padding: on the input's torus; strides: polyphase); linf: largest absolute row sum. "
                "Rounding: |W| (E + gamma_n |x|) + gamma_n |b| componentwise; ||W||_2 d + gamma_n (Schur(|W|) ||x|| "
                "+ ||b||) in l2")
 
@@ -116,11 +117,7 @@ class Affine(Rule):
             stride = stride if op is F.conv2d else (1, stride[0])
             if circular:  # the circular convolution on the input's torus, restricted (stride, fewer outputs)
                 torus = tuple(call.args[0].shape[-2:]) if op is F.conv2d else (1, call.args[0].shape[-1])
-                bound = lb.circular_conv_spectral_norm(weight_2d, torus, groups, lb.as_tuple(dilation, 2))
-                if stride != (1, 1) and lb.as_tuple(dilation, 2) == (1, 1):
-                    strided = lb.strided_circular_conv_spectral_norm(weight_2d, torus, stride, groups)
-                    bound = bound if strided is None else min(bound, strided)
-                return bound
+                return lb.circular_conv_l2_bound(weight_2d, torus, groups, lb.as_tuple(dilation, 2), stride)
             return lb.conv2d_weight_l2_bound(weight_2d, size, padding, dilation, groups, stride)
 
         setting = f"{op.__name__}:{norm}:{tuple(x.shape[1:])}:{sorted(options.items())}:{circular}"

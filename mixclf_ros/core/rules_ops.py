@@ -222,7 +222,7 @@ register(Scale(divide=True), operator.truediv, operator.itruediv, torch.div, tor
 
 
 class MatMul(Rule):
-    summary = "x @ W, W @ x with W a constant 2-d matrix: the operator norm of W (l2 SVD, linf row sums)"
+    summary = "x @ W, W @ x with W a constant 2-d matrix: the operator norm of W (l2 spectral norm, linf row sums)"
 
     def lipschitz(self, call: Call) -> float:
         left, right = call.bound(0, "input"), call.bound(1, "other")

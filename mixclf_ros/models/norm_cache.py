@@ -1,5 +1,5 @@
 """Operator norms kept on disk between runs, so that a restart with the same weights configures
-fast (a resnet18's convolution norms at 224x224 take about a minute on a 2-core CPU).
+fast (a resnet18's convolution norms at 224x224 take about 7 s on a loaded 2-core CPU).
 
 One JSON file, `<cache dir>/operator_norms.json`, maps keys made by the bound engine
 (`core.bound_rules.Call.stored_norm`: a sha256 of the weight's contents, its dtype and shape, and
