@@ -118,9 +118,8 @@ def test_the_eigen_solver_only_proposes(monkeypatch):
     for factor in (0.999, 1.5):
         monkeypatch.setattr(torch.linalg, "eigvalsh", lambda m, factor=factor: solver(m) * factor)
         assert spectral_norm_bound(matrices) >= exact
-    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda m: solver(m) * 1e-6)  # far off: refused, not a bound
-    with pytest.raises(RuntimeError, match="keep failing"):
-        spectral_norm_bound(matrices)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", lambda m: solver(m) * 1e-6)  # far off: looser, still a bound
+    assert exact <= spectral_norm_bound(matrices) <= 1.5 * exact
     monkeypatch.setattr(torch.linalg, "eigvalsh", lambda m: solver(m) * math.nan)
     with pytest.raises(ValueError, match="non-finite"):
         spectral_norm_bound(matrices)
