@@ -102,6 +102,19 @@ def smoothed_lipschitz_constant(sigma: float) -> float:
     return math.sqrt(2.0 / (math.pi * sigma * sigma))
 
 
+def _float64(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A number or tensor as a detached float64 tensor on `device`."""
+    return torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64,
+                           device=device)
+
+
+def _class_table(table: torch.Tensor, name: str) -> tuple[int, int]:
+    """(N, C) of an (N, C >= 2) per-class table, else ValueError naming it."""
+    if table.dim() != 2 or table.shape[1] < 2:
+        raise ValueError(f"{name} must have shape (N, C) with C >= 2, got {tuple(table.shape)}")
+    return table.shape[0], table.shape[1]
+
+
 def _alpha_tensor(alpha: Alpha, batch: int, device: torch.device) -> torch.Tensor:
     alpha = validate_alpha(alpha)
     if isinstance(alpha, torch.Tensor):
@@ -159,21 +172,17 @@ def lipschitz_radius(probs_h: torch.Tensor, lipschitz: float | torch.Tensor, alp
         above the exact real-number value of the formula at these inputs (outward rounding).
         `inf` where the margin is positive and both constants are 0 (a constant model).
     """
-    if probs_h.dim() != 2 or probs_h.shape[1] < 2:
-        raise ValueError(f"probs_h must have shape (N, C) with C >= 2, got {tuple(probs_h.shape)}")
-    num_samples, num_classes = probs_h.shape
+    num_samples, num_classes = _class_table(probs_h, "probs_h")
     device = probs_h.device
     probs = probs_h.detach().to(torch.float64)
-    lip = torch.as_tensor(lipschitz.detach() if isinstance(lipschitz, torch.Tensor) else lipschitz,
-                          dtype=torch.float64, device=device)
+    lip = _float64(lipschitz, device)
     if lip.dim() == 0:
         lip = lip.expand(num_classes)
     if lip.shape != (num_classes,):
         raise ValueError(f"lipschitz must be a number or a ({num_classes},) tensor, got {tuple(lip.shape)}")
     if bool((lip < 0).any()) or bool(torch.isnan(lip).any()):
         raise ValueError("Lipschitz constants must be non-negative")
-    error = torch.as_tensor(probability_error.detach() if isinstance(probability_error, torch.Tensor)
-                            else probability_error, dtype=torch.float64, device=device)
+    error = _float64(probability_error, device)
     if error.dim() == 0:
         error = error.expand(num_samples)
     if error.shape != (num_samples,) or bool((error < 0).any()) or bool(torch.isnan(error).any()):
@@ -260,15 +269,12 @@ def logit_margin_radius(logits: torch.Tensor, logit_lipschitz: float, alpha: Alp
         `lipschitz_radius`; 0 where not certified, NaN inputs or alpha < 1/2.
     """
     _check_norm(norm)
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must have shape (N, C) with C >= 2, got {tuple(logits.shape)}")
+    num_samples, num_classes = _class_table(logits, "logits")
     if not (logit_lipschitz > 0 and math.isfinite(logit_lipschitz)):
         raise ValueError(f"logit_lipschitz must be positive and finite, got {logit_lipschitz}")
-    num_samples, num_classes = logits.shape
     device = logits.device
     z = logits.detach().to(torch.float64)
-    error = torch.as_tensor(logit_error.detach() if isinstance(logit_error, torch.Tensor) else logit_error,
-                            dtype=torch.float64, device=device)
+    error = _float64(logit_error, device)
     if error.dim() < 2:
         error = error.reshape(-1, 1).expand(num_samples, num_classes) if error.dim() == 1 \
             else error.expand(num_samples, num_classes)
@@ -347,8 +353,7 @@ def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float 
                          f"and {tuple(p_upper.shape)}")
     num_samples = p_lower.shape[0]
     device = p_lower.device
-    sigma64 = torch.as_tensor(sigma.detach() if isinstance(sigma, torch.Tensor) else sigma,
-                              dtype=torch.float64, device=device)
+    sigma64 = _float64(sigma, device)
     if bool((sigma64 <= 0).any()) or not bool(torch.isfinite(sigma64).all()):
         raise ValueError("sigma must be positive and finite")
     alpha = _alpha_tensor(alpha, num_samples, device)
