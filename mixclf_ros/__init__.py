@@ -32,6 +32,8 @@ _PUBLIC: dict[str, str] = {
     "MixedClassifier": "core.mixing",
     "mix_log_probs": "core.mixing",
     "lipschitz_radius": "core.certify",
+    "logit_margin_radius": "core.certify",
+    "best_lipschitz_radius": "core.certify",
     "smoothing_radius": "core.certify",
     "softmax_lipschitz_factor": "core.certify",
     "float32_toward_zero": "core.certify",
