@@ -322,8 +322,10 @@ def best_lipschitz_radius(probs: torch.Tensor, probability_error: float | torch.
     radius = lipschitz_radius(probs, probability_lipschitz, alpha, probability_error=probability_error)
     if logits is None or not logit_lipschitz > 0:
         return radius
-    through_logits = logit_margin_radius(logits, logit_lipschitz, alpha, norm, logit_error)
-    return torch.maximum(radius, through_logits.to(radius.dtype))
+    through_logits = logit_margin_radius(logits, logit_lipschitz, alpha, norm, logit_error).to(radius.dtype)
+    # both certify h's top class: where rounding made the softmax pick another one, only Theorem 1's
+    same_class = logits.argmax(dim=1).to(probs.device) == probs.argmax(dim=1)
+    return torch.where(same_class, torch.maximum(radius, through_logits), radius)
 
 
 def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float | torch.Tensor,
