@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixclf_ros.core import certify
-from mixclf_ros.core.forward_error import ErrorBoundedForward
-from mixclf_ros.core.numerics import probabilities_with_error
+from mixclf_ros.core import certify, forward_error
+from mixclf_ros.core.forward_error import ErrorBoundedForward, covered_kernels
+from mixclf_ros.core.numerics import full_precision_flags, precision_flags, probabilities_with_error
 from mixclf_ros.models.loading import load_model, zoo_config
 from mixclf_ros.runtime import lipschitz_pass
 from mixclf_ros.runtime.lipschitz_pass import LipschitzPass
@@ -129,3 +129,207 @@ def test_a_model_the_cheap_domain_fails_on_gets_the_componentwise_bound_on_every
         _, _, _, again = certificate(frames, ALPHA, never)
     assert "cheap domain" in certificate.cheap_refusal
     assert torch.equal(radius, componentwise_radius(model, bounded, frames)) and torch.equal(radius, again)
+
+
+# ----------------------------------------------------------------------------- the float32 route
+
+
+@pytest.fixture(scope="module", params=["robust_lipschitz", "robust_lipschitz_gnp"])
+def both_precisions(request):
+    """A zoo model with its float64 bounded forward and the float32 one of its recast plan."""
+    model = load_model(zoo_config(request.param))
+    bounded = ErrorBoundedForward(model.network, input_shape=model.input_shape, plan=model.bound_plan)
+    float32 = ErrorBoundedForward(model.network, torch.float32, plan=model.bound_plan.recast(torch.float32))
+    return model, bounded, float32
+
+
+def hard_inputs(frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (16, *frames.shape[1:])  # 16 frames: torch would pick NNPACK for them, were it on
+    return {"fashion-mnist": frames, "zeros": torch.zeros(shape), "ones": torch.ones(shape),
+            "uniform": torch.rand(shape, generator=generator),
+            "binary": torch.randint(0, 2, shape, generator=generator).float()}
+
+
+def test_the_float32_bound_covers_the_exact_logits(both_precisions, frames):
+    """|logits32 - exact| <= bound32 and |logits64 - exact| <= bound64, so the two computed logits
+    are within the sum of the bounds: checked on real and on extreme inputs, in both domains."""
+    _, bounded, float32 = both_precisions
+    with torch.inference_mode():
+        for name, x in hard_inputs(frames).items():
+            logits, error = bounded(x, componentwise=True)
+            for componentwise in (False, True):
+                logits32, error32 = float32(x, componentwise=componentwise)
+                assert logits32.dtype == torch.float32
+                gap = (logits32.double() - logits).abs()
+                assert (gap <= error32.double() + error).all(), (name, componentwise)
+                assert (error32 < 1.0).all() and float(error32.max()) > 100 * float(gap.max()), name
+
+
+def test_the_float32_plan_shares_the_weights_and_the_operator_norms(both_precisions):
+    model, bounded, float32 = both_precisions
+    assert float32.plan.norm_store is model.bound_plan.norm_store
+    assert float32.unit_roundoff == 2.0 ** -24 and bounded.unit_roundoff == 2.0 ** -53
+    for (name, value), other in zip(bounded.plan.network.state_dict().items(),
+                                    float32.plan.network.state_dict().values()):
+        assert torch.equal(other.double(), value), name
+
+
+def test_the_float32_route_is_sound_and_keeps_frames_only_within_the_fraction(both_precisions, frames, monkeypatch):
+    """Its radius is never above the error-free radius of the float64 logits; where no frame falls
+    back, it is within RADIUS_FRACTION of the error-free radius of its own logits. With the fraction
+    at 20 % some certified frames keep the float32 certificate."""
+    model, bounded, float32 = both_precisions
+    with torch.inference_mode():
+        logits64, _ = bounded(frames, componentwise=True)
+        logits32 = float32(frames, componentwise=False)[0].double()
+    for fraction in (lipschitz_pass.RADIUS_FRACTION, 0.2):
+        monkeypatch.setattr(lipschitz_pass, "RADIUS_FRACTION", fraction)
+        certificate = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm,
+                                    float32)
+        with torch.inference_mode():
+            logits, _, _, radius = certificate(frames, ALPHA, never)
+        error_free = {name: certify.best_lipschitz_radius(torch.softmax(z, dim=1), 0.0, model.lipschitz_constant,
+                                                          ALPHA, logits=z,
+                                                          logit_lipschitz=model.logit_lipschitz_constant)
+                      for name, z in (("64", logits64), ("32", logits32))}
+        assert (radius <= error_free["64"]).all()
+        kept = certificate.last_routes == lipschitz_pass.ROUTES.index("float32")
+        assert int(kept.sum()) == certificate.frames["float32"] and sum(certificate.frames.values()) == len(frames)
+        assert torch.equal(logits[kept], logits32[kept]) and torch.equal(logits[~kept], logits64[~kept])
+        assert (radius[kept] >= (1 - fraction) * error_free["32"][kept]).all()
+        if fraction == 0.2:
+            assert ((radius > 0) & kept).sum() > 10
+        else:  # the float32 bound (1e-2 .. 0.5 on these logits) costs every certified frame more than 0.1 %
+            assert (radius[kept] == 0).all() and not kept.all()
+
+
+def test_a_frame_whose_safe_the_float32_bound_would_change_falls_back_to_float64(both_precisions, frames,
+                                                                                  monkeypatch):
+    model, bounded, float32 = both_precisions
+    monkeypatch.setattr(lipschitz_pass, "RADIUS_FRACTION", 1.0)  # no frame falls back for its radius alone
+    args = (bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm)
+    with torch.inference_mode():
+        loose = LipschitzPass(*args, float32)(frames, ALPHA, never)[3]
+        tight = LipschitzPass(*args)(frames, ALPHA, never)[3]
+    frame = int((tight - loose).argmax())
+    assert float(tight[frame]) > float(loose[frame])
+    threshold = float(loose[frame] + tight[frame]) / 2  # met by the float64 radius only
+
+    def meets(radii: torch.Tensor) -> torch.Tensor:
+        met = torch.zeros_like(radii, dtype=torch.bool)
+        met[frame] = radii[frame] >= threshold
+        return met
+
+    certificate = LipschitzPass(*args, float32)
+    with torch.inference_mode():
+        _, _, _, radius = certificate(frames, ALPHA, meets)
+    assert certificate.frames["float32"] == len(frames) - 1
+    assert certificate.frames["float64"] + certificate.frames["componentwise"] == 1
+    assert certificate.last_routes[frame] != lipschitz_pass.ROUTES.index("float32")
+    with torch.inference_mode():  # the frame alone: float64 logits may differ in the last bit with the batch size
+        alone = LipschitzPass(*args)(frames[frame:frame + 1], ALPHA, never)[3]
+    assert float(radius[frame]) == float(alone[0]) >= threshold
+
+
+def test_the_float32_route_is_given_up_where_it_keeps_too_few_frames(both_precisions, frames):
+    """On the zoo models most frames need float64 (at alpha 1 every frame is certified in float64
+    and loses more than 0.1 % in float32): after the trial, float64 alone, one pass per frame."""
+    model, bounded, float32 = both_precisions
+    certificate = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm,
+                                float32)
+    with torch.inference_mode():
+        first = certificate(frames, 1.0, never)[3]
+        assert certificate.frames == {"float32": 0, "float64": len(frames), "componentwise": 0}
+        assert certificate.float32_refusal.startswith(lipschitz_pass.LOOSE)
+        again = certificate(frames, 1.0, never)[3]
+        assert certificate.frames["float64"] == 2 * len(frames) and torch.equal(first, again)
+        certificate.restart_float32_trial()  # as after warm-up: tried again
+        assert certificate.float32_refusal == ""
+        certificate(frames[:8], 1.0, never)
+    assert certificate.float32_tried == 8 and certificate.float32_refusal == ""
+    float64_only = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm)
+    assert float64_only.float32_refusal == "no float32 plan"
+
+
+def test_the_float32_pass_runs_only_covered_kernels_and_restores_the_switches():
+    """No oneDNN (its float32 convolutions follow ONEDNN_DEFAULT_FPMATH_MODE, bf16 included), no
+    NNPACK (FFT, Winograd), no TF32: inside only; float64 passes change no CPU switch."""
+    before = (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(), precision_flags())
+    with covered_kernels(torch.float32, cuda=False):
+        assert not torch.backends.mkldnn.enabled and not torch._C._get_nnpack_enabled()
+        assert precision_flags() == full_precision_flags()
+    assert (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(), precision_flags()) == before
+    with covered_kernels(torch.float64, cuda=False):
+        assert (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(), precision_flags()) == before
+
+
+def test_the_float32_bound_holds_where_onednn_would_round_to_bfloat16(tmp_path):
+    """ONEDNN_DEFAULT_FPMATH_MODE=BF16 makes oneDNN's float32 convolutions round to bfloat16, even
+    inside full_precision(), beyond the float32 dot-product bound gamma_n |W| |x|: the float32 pass
+    runs none (`covered_kernels`), and its convolutions and the model's bound hold."""
+    script = tmp_path / "bf16.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "from mixclf_ros.core.forward_error import ErrorBoundedForward, covered_kernels\n"
+        "from mixclf_ros.core.numerics import full_precision, gamma\n"
+        "from mixclf_ros.models.loading import load_model, zoo_config\n"
+        "torch.set_num_threads(1)\n"
+        "x, w = torch.rand(16, 64, 28, 28), torch.rand(64, 64, 3, 3) - 0.5\n"
+        "exact = F.conv2d(x.double(), w.double())\n"
+        "bound = gamma(64 * 9, 2.0 ** -24) * F.conv2d(x.double(), w.double().abs())\n"
+        "with full_precision():\n"
+        "    onednn = bool(((F.conv2d(x, w).double() - exact).abs() <= bound).all())\n"
+        "with covered_kernels(torch.float32, cuda=False):\n"
+        "    native = bool(((F.conv2d(x, w).double() - exact).abs() <= bound).all())\n"
+        "with covered_kernels(torch.float32, cuda=False):  # loading checks the float32 model against its plan\n"
+        "    model = load_model(zoo_config('robust_lipschitz_gnp'))\n"
+        "    float32 = ErrorBoundedForward(model.network, torch.float32, plan=model.bound_plan.recast(torch.float32))\n"
+        "exact = ErrorBoundedForward(model.network, plan=model.bound_plan)\n"
+        "frames = torch.rand(16, 1, 28, 28)\n"
+        "(logits, error), (logits32, error32) = exact(frames), float32(frames, componentwise=False)\n"
+        "print(onednn, native, bool(((logits32.double() - logits).abs() <= error32.double() + error).all()))\n")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-3:] == ["False", "True", "True"]  # oneDNN breaks the bound; the pass holds
+
+
+def test_on_cpus_where_torch_runs_winograd_convolutions_the_float32_route_is_refused(both_precisions, frames,
+                                                                                    monkeypatch):
+    model, bounded, float32 = both_precisions
+    monkeypatch.setattr(forward_error.platform, "machine", lambda: "armv7l")
+    certificate = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm,
+                                float32)
+    with torch.inference_mode():
+        radius = certificate(frames, ALPHA, never)[3]
+        expected = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant,
+                                 model.norm)(frames, ALPHA, never)[3]
+    assert "Winograd" in certificate.float32_refusal and certificate.frames["float32"] == 0
+    assert torch.equal(radius, expected)
+
+
+def test_certificate_precision_is_a_checked_choice():
+    """The classifier's float32 route by default, float64 on request; a misspelled value is refused
+    by the classifier and by the one check of the node's (and mixclf-eval's) parameters."""
+    from mixclf_ros.runtime.classifier import CertifiedClassifier
+    from mixclf_ros.runtime.node_parameters import BY_NAME, CERTIFICATE_PRECISIONS, refused_parameters
+    from mixclf_ros.vision.preprocess import PreprocessConfig
+
+    standard, robust = load_model(zoo_config("standard")), load_model(zoo_config("robust_lipschitz_gnp"))
+    preprocess = PreprocessConfig(1, 28, 28, 476, 476)
+    cpu = torch.device("cpu")
+    default = CertifiedClassifier(standard, robust, preprocess, cpu, seed=0)
+    assert default.lipschitz_pass.float32 is not None and default.lipschitz_pass.float32_refusal == ""
+    float64 = CertifiedClassifier(standard, robust, preprocess, cpu, seed=0, certificate_precision="float64")
+    assert float64.lipschitz_pass.float32 is None and "float64" in float64.lipschitz_pass.float32_refusal
+    with pytest.raises(ValueError, match="certificate_precision must be one of float32, float64, got 'flaot32'"):
+        CertifiedClassifier(standard, robust, preprocess, cpu, seed=0, certificate_precision="flaot32")
+    assert BY_NAME["certificate_precision"].default == CERTIFICATE_PRECISIONS[0] == "float32"
+    assert refused_parameters({"certificate_precision": "float64"}) == []
+    assert refused_parameters({"certificate_precision": "flaot32"}) == [
+        "certificate_precision: 'flaot32' is not one of float32, float64 (nearest known: float32)"]

@@ -140,12 +140,16 @@ class Call:
     def stored_norm(self, weight: torch.Tensor, setting: str, compute: Callable[[], float]) -> float:
         """An operator norm of the map with `weight` under `setting` (norm, input size, options),
         from this call's cache, else `norm_store` (keyed by a sha256 of the weight's contents,
-        dtype and shape), else computed and stored in both."""
+        dtype and shape), else computed and stored in both. A float32 weight is keyed by its float64
+        copy (exact, the same operator): the float32 and float64 plans of a model share its norms."""
 
         def lookup() -> float:
             if self.norm_store is None:
                 return compute()
-            contents = weight.detach().to("cpu").contiguous()
+            contents = weight.detach().to("cpu")
+            if contents.is_floating_point() and contents.dtype != torch.float64:
+                contents = contents.to(torch.float64)
+            contents = contents.contiguous()
             digest = hashlib.sha256(contents.numpy().tobytes()).hexdigest()
             key = f"{digest}:{contents.dtype}:{tuple(contents.shape)}:{setting}"
             if key not in self.norm_store:

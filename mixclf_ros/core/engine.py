@@ -399,6 +399,39 @@ class BoundPlan:
         start = (torch.zeros_like(x) if componentwise else NOT_COMPUTED, x.new_zeros(x.shape[0]))
         return self._walk(x, start, compiling=compiling)
 
+    def recast(self, dtype: torch.dtype) -> BoundPlan:
+        """This plan's network compiled again in `dtype` (a float32 plan beside the float64 one),
+        sharing `norm_store` (the operator norms are computed once). Raises `UnsupportedLayerError`
+        unless its weights, buffers, constants and folded values are exactly this plan's: then both
+        plans evaluate one function h, whose Lipschitz bound this plan computed."""
+        network = copy.deepcopy(self.network).to(device="cpu", dtype=dtype)
+        plan = BoundPlan(network, self.input_shape, self.name, dtype, self.norm_store)
+        ours, theirs = self._input_independent_values(), plan._input_independent_values()
+        for name, value in ours.items():
+            other = theirs.get(name)
+            if other is None or other.shape != value.shape or not torch.equal(
+                    other.to(device=value.device, dtype=value.dtype), value):
+                raise UnsupportedLayerError(f"{self.name}: {name} in {dtype} is not its {self.dtype} value: the "
+                                            f"{dtype} plan would evaluate another function")
+        return plan
+
+    def _input_independent_values(self) -> dict[str, torch.Tensor]:
+        """The floating-point tensors the plan computes with besides the input, by name: weights and
+        buffers, traced constants, folded values (items of folded tuples and lists too)."""
+        values: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: Any) -> None:
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                values[name] = value
+            elif isinstance(value, (tuple, list)):
+                for index, item in enumerate(value):
+                    add(f"{name}[{index}]", item)
+
+        for name, value in [*self.network.state_dict().items(), *self.constants.items(),
+                            *((f"the folded value {node.name}", value) for node, value in self._folded.items())]:
+            add(name, value)
+        return values
+
     def to(self, device: torch.device | str) -> BoundPlan:
         self.network.to(device)
         self.constants = {key: value.to(device) for key, value in self.constants.items()}

@@ -10,18 +10,31 @@ shared with the Lipschitz bound) plus the layer's own rounding bounded through `
 logits get the smaller of the two. `numerics.probabilities_with_error` turns the logit bound into a
 probability bound, which `certify.lipschitz_radius(..., probability_error=...)` subtracts from the
 margin.
+
+Each operation is modelled as Higham's: `fl(a op b) = (a op b)(1 + d)`, `|d| <= u` (no underflow;
+in float32 an underflow costs at most 1e-38 absolute per operation), so a dot product of n terms in
+any order, with or without FMA, is within `gamma_n |W| |x|`. `covered_kernels` keeps torch to such
+kernels: no FFT or Winograd convolutions, no TF32 or bfloat16 arithmetic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import platform
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mixclf_ros.core.bound_rules import UnsupportedLayerError
 from mixclf_ros.core.engine import BoundPlan
-from mixclf_ros.core.numerics import UnboundedForwardError
+from mixclf_ros.core.numerics import UnboundedForwardError, full_precision
+
+WINOGRAD_CPUS = ("arm", "riscv")
+"""`platform.machine()` prefixes of CPUs on which torch runs float32 3x3 depthwise convolutions with
+Winograd kernels whatever the switches (ATen `use_cpu_depthwise3x3_winograd`, built where
+`__ARM_NEON__` or RISC-V vector intrinsics are defined): 32-bit ARM, Apple arm64, RISC-V. Not
+aarch64 Linux (Jetson, Raspberry Pi OS 64-bit)."""
 
 __all__ = ["ErrorBoundedForward", "UnboundedForwardError"]
 
@@ -32,7 +45,9 @@ class ErrorBoundedForward:
     Args:
         network: the robust model ([0,1] pixels -> logits). Its plan holds a copy in `dtype`
             (float64 for certificates: weights cast once, exactly), in eval mode.
-        dtype: torch.float64 (certificates) or torch.float32 (tests of the bound itself).
+        dtype: torch.float64, or torch.float32 (a bound about 5e8 times larger: the certificate's
+            first route, `runtime.lipschitz_pass`). Below float64 every pass runs in
+            `covered_kernels`.
         input_shape: (C, H, W) without the batch dimension (the graph is checked against the
             forward on a dummy batch of this shape).
         plan: the network's compiled `engine.BoundPlan` in `dtype`, if one was made already.
@@ -68,18 +83,44 @@ class ErrorBoundedForward:
         sample), at about the price of the forward; otherwise the smaller of it and the
         componentwise bound, at about twice that."""
         x = x.to(self.dtype)
-        # cuDNN may pick FFT or Winograd convolutions, whose errors the bound does not cover: the
-        # native (im2col + GEMM) kernels run instead. A process-global switch, like full_precision.
-        cudnn_enabled = torch.backends.cudnn.enabled
         try:
-            if x.is_cuda:
-                torch.backends.cudnn.enabled = False
-            with torch.no_grad():
+            with torch.no_grad(), covered_kernels(self.dtype, x.is_cuda):
                 logits, (error, norm) = self.plan.rounding(x, componentwise)
         except UnsupportedLayerError as error:
             raise UnboundedForwardError(str(error)) from None
-        finally:
-            torch.backends.cudnn.enabled = cudnn_enabled
         # both bound the same error: componentwise, and in l2 norm per sample (which bounds each entry)
         per_sample = norm.view(-1, *[1] * (logits.dim() - 1)).expand_as(logits)
         return logits, torch.minimum(error, per_sample) if componentwise else per_sample
+
+
+@contextlib.contextmanager
+def covered_kernels(dtype: torch.dtype, cuda: bool) -> Iterator[None]:
+    """Runs the body with the kernels whose rounding the rules' error model covers (each output a
+    dot product within gamma_n, in any summation order, with or without FMA; not FFT or Winograd
+    convolutions, no reduced-precision arithmetic). Process-global switches, like full_precision.
+
+    CUDA: cuDNN off (it may pick FFT or Winograd algorithms): the native kernels (im2col + cuBLAS
+    GEMM, direct depthwise) run. Below float64 also, on any device: `full_precision()` (no TF32);
+    NNPACK off (FFT and Winograd: torch picks it for float32 CPU convolutions of 16 or more frames
+    that oneDNN does not run); oneDNN off, so that float32 CPU convolutions run the native im2col +
+    BLAS GEMM too. oneDNN's own are direct (ideep asks for `convolution_direct`), but
+    `ONEDNN_DEFAULT_FPMATH_MODE=BF16` in the environment makes them round to bfloat16 even inside
+    `full_precision()` (measured: 5e-4 relative error). Float64 has neither oneDNN nor NNPACK kernels.
+    """
+    below_float64 = dtype != torch.float64
+    if below_float64 and not cuda and platform.machine().lower().startswith(WINOGRAD_CPUS):
+        raise UnboundedForwardError(f"no {dtype} bound on a {platform.machine()} CPU: torch may run Winograd "
+                                    "convolutions there")
+    with contextlib.ExitStack() as stack:
+        if below_float64:
+            stack.enter_context(full_precision())
+            stack.enter_context(torch.backends.nnpack.flags(enabled=False))
+        cudnn_enabled, mkldnn_enabled = torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled
+        try:
+            if cuda:
+                torch.backends.cudnn.enabled = False
+            if below_float64:
+                torch.backends.mkldnn.enabled = False
+            yield
+        finally:
+            torch.backends.cudnn.enabled, torch.backends.mkldnn.enabled = cudnn_enabled, mkldnn_enabled

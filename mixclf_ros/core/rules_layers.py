@@ -21,8 +21,12 @@ from mixclf_ros.core.numerics import BOUND_SLACK, gamma
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample l2 norms, shape (N,)."""
-    return torch.linalg.vector_norm(x.flatten(1), dim=1)
+    """Per-sample l2 norms, shape (N,), in x's dtype. Below float64 they are accumulated in float64:
+    a float32 sum of a feature map's n squares may be low by gamma_n (0.05 at n = 8e5, a resnet's
+    first map), beyond what `BOUND_SLACK` covers; in float64 it is low by 1e-10 at most."""
+    if x.dtype == torch.float64 or not x.is_floating_point():
+        return torch.linalg.vector_norm(x.flatten(1), dim=1)
+    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).to(x.dtype)
 
 
 def schur_bound(abs_weight: torch.Tensor) -> float:

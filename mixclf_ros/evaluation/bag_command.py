@@ -112,7 +112,8 @@ def command_bag(args, header, pair, data, runtime, out: Path, stem: str) -> None
     execution = runtime.execution
     shards = plan_shards(info, execution.shard_size if execution is not None else BAG_SHARD_SIZE)
     params = {"alphas": alphas, "settings": node.live, "input_kind": node.input_kind,
-              "standard_precision": node.standard_precision, "seed": node.seed if node.seed >= 0 else None}
+              "standard_precision": node.standard_precision, "certificate_precision": node.certificate_precision,
+              "seed": node.seed if node.seed >= 0 else None}
     units = shard_units(info, shards, params, recording_identity(info.path))
     header = {**header, "recording": {"path": str(info.path), "topic": info.topic, "type": info.msgtype,
                                       "storage": info.storage, "messages": info.count, "shards": len(shards)},
@@ -120,6 +121,7 @@ def command_bag(args, header, pair, data, runtime, out: Path, stem: str) -> None
                                 "safe_image_radius": node.live.safe_image_radius,
                                 "confidence": node.live.confidence, "input_kind": node.input_kind,
                                 "standard_precision": node.standard_precision,
+                                "certificate_precision": node.certificate_precision,
                                 "smoothing_seed": node.seed if node.seed >= 0 else "per unit, from --seed"},
               "path": "vision.decode.decode_frame -> runtime.classifier.CertifiedClassifier, one frame per call"}
     summaries = [AlphaSummary(alpha) for alpha in alphas]

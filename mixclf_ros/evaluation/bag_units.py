@@ -29,13 +29,15 @@ RESULT_FIELDS = tuple(field for field in FrameResult.__dataclass_fields__ if fie
 _CLASSIFIERS: dict[tuple, CertifiedClassifier] = {}
 
 
-def _classifier(context: UnitContext, precision: str) -> CertifiedClassifier:
-    """One classifier per process for these models, device and precision (as the node has one)."""
-    key = (id(context.models.standard), id(context.models.robust), str(context.device), precision)
+def _classifier(context: UnitContext, precision: str, certificate_precision: str) -> CertifiedClassifier:
+    """One classifier per process for these models, device and precisions (as the node has one)."""
+    key = (id(context.models.standard), id(context.models.robust), str(context.device), precision,
+           certificate_precision)
     if key not in _CLASSIFIERS:
         _CLASSIFIERS.clear()
         _CLASSIFIERS[key] = CertifiedClassifier(context.models.standard, context.models.robust, None,
-                                                context.device, standard_precision=precision, seed=0)
+                                                context.device, standard_precision=precision, seed=0,
+                                                certificate_precision=certificate_precision)
     return _CLASSIFIERS[key]
 
 
@@ -50,7 +52,7 @@ def bag_unit(context: UnitContext, unit: Unit, dependency: Any = None) -> dict[s
     info: TopicInfo = params["topic"]
     settings: LiveSettings = params["settings"]
     alphas: tuple[float, ...] = params["alphas"]
-    classifier = _classifier(context, params["standard_precision"])
+    classifier = _classifier(context, params["standard_precision"], params.get("certificate_precision", "float32"))
     seed = params["seed"] if params["seed"] is not None else context.runtime_for(unit).seed
     classifier.generator.manual_seed(int(seed))  # smoothing noise: reproducible per unit, on any worker
     frames: dict[str, list] = {name: [] for name in ("index", "log_time_ns", "stamp_sec", "stamp_nanosec",

@@ -93,12 +93,13 @@ class NodeSettings:
     """The node's settings that decide its results, as the node reads them from a parameters file
     (defaults: the node's, `runtime.classifier.LiveSettings`): the live classifier settings
     (alpha, safe_radius and safe_image_radius in [0,1] pixels, confidence), `input_kind`, the
-    smoothing `seed` (-1: OS entropy) and `standard_precision`."""
+    smoothing `seed` (-1: OS entropy), `standard_precision` and `certificate_precision`."""
 
     live: LiveSettings = field(default_factory=LiveSettings)
     input_kind: str = "intensity"
     seed: int = -1
     standard_precision: str = "float32"
+    certificate_precision: str = "float32"
 
 
 def node_settings_from_parameters(path: str | Path | None) -> NodeSettings:
@@ -125,4 +126,5 @@ def node_settings_from_parameters(path: str | Path | None) -> NodeSettings:
     seed = parameters.get("seed", -1)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EvaluationError(f"--params {path}: seed must be an integer, got {seed!r}")
-    return NodeSettings(LiveSettings(**live), input_kind, seed, str(parameters.get("standard_precision", "float32")))
+    return NodeSettings(LiveSettings(**live), input_kind, seed, str(parameters.get("standard_precision", "float32")),
+                        str(parameters.get("certificate_precision", "float32")))

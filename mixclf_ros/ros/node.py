@@ -152,11 +152,12 @@ class MixclfNode(LifecycleNode):
             # each model its own preprocessing, from its config (crop, resize, input size and channels)
             classifier = CertifiedClassifier(standard, robust, None, device,
                                              standard_precision=value("standard_precision"),
-                                             seed=seed)
+                                             seed=seed, certificate_precision=value("certificate_precision"))
             self._warmup_ms = classifier.warm_up(self._live.classifier)
             monitor = CertificateMonitor(classifier, seed, self.get_logger().warning)
             monitor.settings_changed(self._live.classifier)
             self._threads = self._thread_plan(classifier, value("torch_threads"))
+            classifier.restart_float32_trial()  # after the thread plan's blank frames
             self._publisher = self.create_lifecycle_publisher(CertifiedClassification, "certified_classification", 10)
             self._outputs = Outputs(self, debug_image=value("debug_image"))
         except Exception as error:  # every configuration mistake is one clear log line

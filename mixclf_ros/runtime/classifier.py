@@ -10,9 +10,10 @@ the model input, `image_radius` in the source image (through the preprocessing's
 
 Numerics: the robust model and the certificate run inside `numerics.full_precision()` (no TF32 or
 other reduced-precision paths), the standard model outside it (its fast paths and optional fp16
-stay). A Lipschitz robust model's certificate forward runs in float64 with a rigorous bound of its
-rounding error (`runtime.lipschitz_pass`: the bound engine's plan, one pass), subtracted from the
-margin. Radii in `FrameResult`
+stay). A Lipschitz robust model's certificate forward runs with a rigorous bound of its rounding
+error (`runtime.lipschitz_pass`: the bound engine's plan, one pass; float32 first where
+`certificate_precision` is float32, float64 for the frames whose float32 bound is too loose),
+subtracted from the margin. Radii in `FrameResult`
 are float32 values rounded towards zero, so the message's float32 fields carry them exactly.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import replace
 import torch
 
 from mixclf_ros.core import certify
-from mixclf_ros.core.forward_error import ErrorBoundedForward, UnboundedForwardError
+from mixclf_ros.core.forward_error import ErrorBoundedForward, UnboundedForwardError, covered_kernels
 from mixclf_ros.core.mixing import mix_log_probs
 from mixclf_ros.core.numerics import full_precision, probabilities_with_error
 from mixclf_ros.core.smoothing import Smooth, max_smoothing_radius
@@ -42,6 +43,7 @@ from mixclf_ros.runtime.frame_result import (  # noqa: F401 (re-exported: the re
     is_safe,
 )
 from mixclf_ros.runtime.lipschitz_pass import LipschitzPass
+from mixclf_ros.runtime.node_parameters import CERTIFICATE_PRECISIONS
 from mixclf_ros.vision.decode import BadImageError, DecodedImage
 from mixclf_ros.vision.preprocess import (
     PreprocessConfig,
@@ -109,15 +111,20 @@ class CertifiedClassifier:
             channels). Each model may take its own size, channels, crop and resize.
         device: where preprocessing, both models and the certificate run.
         standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
-            does not depend on g). The robust model runs in float32 (smoothing) or float64
-            (Lipschitz certificate), always inside `numerics.full_precision()`.
+            does not depend on g). The robust model runs in float32 (smoothing) or in float32
+            and float64 (Lipschitz certificate), always inside `numerics.full_precision()`.
+        certificate_precision: float32 (default): a Lipschitz robust model's certificate pass runs
+            first in float32, with its own rigorous bound, and in float64 for the frames whose
+            float32 bound would change `safe` or cost radius (`runtime.lipschitz_pass`); float64:
+            float64 only. Where no float32 plan can be built, float64 (`lipschitz_pass.float32_refusal`
+            says why).
         seed: seed of the smoothing noise; None (default) draws it from the OS's entropy, so an
             attacker cannot replay the noise. A fixed seed is for tests and replay only: it voids the
             1 - beta guarantee against an attacker who knows it (`seed_is_fixed` says so).
 
     Attributes:
         forward_error: how the floating-point error of a Lipschitz robust model's forward pass is
-            accounted for: "bounded" (rigorous running error bound of a float64 forward),
+            accounted for: "bounded" (rigorous running error bound of a float32 or float64 forward),
             "estimated" (the network has layers `ErrorBoundedForward` cannot bound: a float64 copy
             of the model, with the float32/float64 disagreement taken as its error, an estimate
             with a wide safety factor, not a proof), "estimated-float32" (the model does not run
@@ -134,9 +141,14 @@ class CertifiedClassifier:
         standard_precision: str = "float32",
         seed: int | None = None,
         standard_preprocess: PreprocessConfig | None = None,
+        certificate_precision: str = "float32",
     ):
         if standard_precision not in _PRECISIONS:
             raise ValueError(f"standard_precision must be one of {sorted(_PRECISIONS)}")
+        if certificate_precision not in CERTIFICATE_PRECISIONS:
+            raise ValueError(f"certificate_precision must be one of {', '.join(CERTIFICATE_PRECISIONS)}, got "
+                             f"{certificate_precision!r}")
+        self.certificate_precision = certificate_precision
         if standard_precision != "float32" and device.type != "cuda":
             # Half-precision convolutions on the CPU are slower than float32, not faster.
             standard_precision = "float32"
@@ -163,8 +175,11 @@ class CertifiedClassifier:
                                                           plan=getattr(robust, "bound_plan", None)).to(device)
                 self.forward_error = "bounded"
                 self.forward_error_bound = self._probe_forward_error(device)
+                float32, refusal = self._float32_bounded(device)
                 self.lipschitz_pass = LipschitzPass(self.robust_bounded, robust.lipschitz_constant,
-                                                    getattr(robust, "logit_lipschitz_constant", 0.0), self.norm)
+                                                    getattr(robust, "logit_lipschitz_constant", 0.0), self.norm,
+                                                    float32)
+                self.lipschitz_pass.float32_refusal = refusal
             except UnboundedForwardError:
                 self.forward_error = "estimated"
                 try:
@@ -203,6 +218,19 @@ class CertifiedClassifier:
             "lipschitz": CertificateMethod.LIPSCHITZ,
             "smoothing": CertificateMethod.RANDOMIZED_SMOOTHING,
         }.get(self.kind, CertificateMethod.NONE)
+
+    def _float32_bounded(self, device: torch.device) -> tuple[ErrorBoundedForward | None, str]:
+        """The robust model's float32 error-bounded forward (its float64 plan recast: compiled once,
+        the same weights and operator norms), or None and why not."""
+        if self.certificate_precision != "float32":
+            return None, f"certificate_precision is {self.certificate_precision}"
+        try:
+            with covered_kernels(torch.float32, cuda=False):  # its checks run the model as the pass will
+                plan = self.robust_bounded.plan.recast(torch.float32)
+            network = getattr(self.robust, "network", self.robust)
+            return ErrorBoundedForward(network, torch.float32, plan=plan).to(device), ""
+        except UnboundedForwardError as error:
+            return None, f"no float32 plan: {error}"
 
     def _probe_forward_error(self, device: torch.device) -> float:
         """The probability error bound of the bounded robust forward at a mid-grey input: deep
@@ -251,7 +279,14 @@ class CertifiedClassifier:
                 first_ms = (time.perf_counter() - start) * 1e3
             if results[0].status != Status.OK:
                 raise RuntimeError(f"warm-up failed: {results[0].status_message}")
+        self.restart_float32_trial()
         return first_ms
+
+    def restart_float32_trial(self) -> None:
+        """The float32 route's trial starts again with the next frame (blank warm-up frames say
+        nothing of the camera's)."""
+        if self.lipschitz_pass is not None:
+            self.lipschitz_pass.restart_float32_trial()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

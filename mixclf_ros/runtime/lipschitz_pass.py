@@ -2,15 +2,23 @@
 their rounding error from one evaluation of the bound engine's plan, with the cheapest bound that
 is tight enough for the frame.
 
-The cheap pass carries only each sample's l2 error bound through the network (each layer's
-operator norm times the incoming bound, plus its own rounding through `||x||_2`): no |W| |x|
-products, about the price of the forward. Where that bound would change `safe` or lower the radius
-by more than `RADIUS_FRACTION` against the radius of the same probabilities without any error
-term (an upper bound of every sound radius), those frames alone are evaluated again with the
-componentwise bound as well; the smaller error is used. Both bounds are proofs, so either radius is
-sound. The radius is the larger of Theorem 1's on the probabilities and Lemma 1's through the
-logits where their bound is computed (`certify.best_lipschitz_radius`), each with the error taken at
-its worst.
+Routes, cheapest first; a frame goes on to the next only where the bound of the one before would
+change `safe` or lower the radius by more than `RADIUS_FRACTION` against the radius of the same
+logits without any error term (an upper bound of every sound radius):
+
+1. `float32`: the float32 plan in the cheap domain (each sample's l2 error bound carried through
+   the network by each layer's operator norm, plus its own rounding through `||x||_2`: no |W| |x|
+   products, about the price of the forward). Unit roundoff 2^-24: its bound is about 5e8 times
+   the float64 one. Given up for good (`float32_refusal`) where it keeps fewer than half of the
+   first `FLOAT32_TRIAL_FRAMES` frames: a second pass for most frames costs more than float64 alone;
+2. `float64`: the float64 plan in the cheap domain;
+3. `componentwise`: the float64 plan with the componentwise bound as well (the smaller is used).
+
+Each route's logits and bound come from one evaluation (never a bound of one evaluation for the
+logits of another), and every bound is a proof, so every radius is sound. The radius is the larger
+of Theorem 1's on the probabilities and Lemma 1's through the logits where their bound is computed
+(`certify.best_lipschitz_radius`), each with the error taken at its worst. Probabilities are the
+float64 softmax of the logits (float32 ones cast exactly).
 """
 
 from __future__ import annotations
@@ -24,54 +32,127 @@ from mixclf_ros.core.forward_error import ErrorBoundedForward
 from mixclf_ros.core.numerics import UnboundedForwardError, probabilities_with_error
 
 RADIUS_FRACTION = 1e-3
-"""The largest relative radius a frame may lose to the cheap error bound before the componentwise
-bound is computed for it."""
+"""The largest relative radius a frame may lose to a route's bound before the next route is
+computed for it."""
+
+FLOAT32_TRIAL_FRAMES = 32
+"""Frames after which (and at every batch after) the float32 route is given up where it kept fewer
+than half of the frames it was tried on."""
+
+ROUTES = ("float32", "float64", "componentwise")
+LOOSE = "its bound is too loose for this model"
 
 
 class LipschitzPass:
-    """Logits, probabilities, probability error and certified radius of a batch, from `bounded`
-    (the robust model's error-bounded forward), the probability outputs' Lipschitz constant and,
-    where computed, the logits' (0: none), both in `norm` (l2 or linf) per [0,1] pixel at the model
-    input. `componentwise_frames` counts the frames that needed the componentwise bound."""
+    """Logits, probabilities, probability error and certified radius of a batch.
+
+    Args:
+        bounded: the robust model's float64 error-bounded forward.
+        lipschitz_constant: the probability outputs' Lipschitz constant, in `norm` (l2 or linf)
+            per [0,1] pixel at the model input.
+        logit_lipschitz_constant: the logits' (0: none).
+        norm: l2 or linf.
+        float32: the same model's float32 error-bounded forward (`BoundPlan.recast`), tried
+            first; None: the float64 routes only.
+
+    `frames[route]` counts the frames whose certificate each route gave (see the module
+    docstring), `last_routes` holds the route (index in `ROUTES`) of each frame of the last batch;
+    `float32_refusal` and `cheap_refusal` say why a route is skipped, where it is."""
 
     def __init__(self, bounded: ErrorBoundedForward, lipschitz_constant: float, logit_lipschitz_constant: float = 0.0,
-                 norm: str = "l2"):
+                 norm: str = "l2", float32: ErrorBoundedForward | None = None):
         self.bounded = bounded
+        self.float32 = float32
         self.lipschitz_constant = lipschitz_constant
         self.logit_lipschitz_constant = logit_lipschitz_constant
         self.norm = norm
-        self.componentwise_frames = 0
+        self.frames = dict.fromkeys(ROUTES, 0)
+        self.last_routes = torch.zeros(0, dtype=torch.int8)
+        self.float32_trial_frames = FLOAT32_TRIAL_FRAMES
+        """0: the float32 route is never given up for its looseness."""
+        self.float32_tried = self.float32_kept = 0
+        self.float32_refusal = "" if float32 is not None else "no float32 plan"
+        """Why the float32 route is skipped (no float32 plan, it failed, or its bound is too loose
+        for this model); empty while it is tried."""
         self.cheap_refusal = ""
-        """Why the cheap bound failed on this model, where it did (every frame then gets the
+        """Why the float64 cheap bound failed on this model, where it did (frames then go on to the
         componentwise bound); empty otherwise."""
+
+    @property
+    def componentwise_frames(self) -> int:
+        """Frames that needed the componentwise bound."""
+        return self.frames["componentwise"]
 
     def __call__(self, x: torch.Tensor, alpha: float, meets_thresholds: Callable[[torch.Tensor], torch.Tensor]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, probabilities, probability error, radius) for inputs x; `meets_thresholds`
-        maps radii (N,) to whether each frame's `safe` thresholds would be met."""
-        try:
-            logits, logit_error = self.bounded(x, componentwise=self.cheap_refusal != "")
-        except UnboundedForwardError as error:
-            if self.cheap_refusal:
-                raise
-            # a rule that fails in the cheap domain alone: the componentwise bound, from now on
+        """(logits, probabilities, probability error, radius), float64, for inputs x;
+        `meets_thresholds` maps radii (N,) of the whole batch to whether each frame's `safe`
+        thresholds would be met."""
+        routes = [route for route, refusal in zip(ROUTES, (self.float32_refusal, self.cheap_refusal, ""))
+                  if not refusal]
+        rows = torch.arange(len(x), device=x.device)
+        taken = torch.zeros(len(x), dtype=torch.int8, device=x.device)
+        results: list[torch.Tensor] = []
+        for route in routes:
+            try:
+                logits, logit_error = self._evaluate(route, x if not results else x[rows])
+            except UnboundedForwardError as error:
+                if route == "componentwise":
+                    raise
+                self._refuse(route, error)  # the same frames go on to the next route, from now on
+                continue
+            taken[rows] = ROUTES.index(route)
+            probs, probability_error = probabilities_with_error(logits, logit_error)
+            radius = self._radius(logits, logit_error, probs, probability_error, alpha)
+            if not results:
+                results = [logits, probs, probability_error, radius]
+            else:
+                for held, value in zip(results, (logits, probs, probability_error, radius)):
+                    held[rows] = value
+            if route == routes[-1]:
+                self.frames[route] += len(rows)
+                break
+            best = results[3].clone()
+            best[rows] = self._radius(logits, torch.zeros_like(logit_error), probs,
+                                      torch.zeros_like(probability_error), alpha)
+            looser = ((results[3] < (1.0 - RADIUS_FRACTION) * best)
+                      | (meets_thresholds(results[3]) != meets_thresholds(best)))[rows]
+            kept = len(rows) - int(looser.sum())
+            self.frames[route] += kept
+            if route == "float32":
+                self._judge_float32(len(rows), kept)
+            if not bool(looser.any()):
+                break
+            rows = rows[looser]
+        self.last_routes = taken
+        return results[0], results[1], results[2], results[3]
+
+    def _evaluate(self, route: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, logit error bound), float64, of one route on inputs x."""
+        if route == "float32":
+            logits, logit_error = self.float32(x, componentwise=False)
+            return logits.double(), logit_error.double()  # exact
+        return self.bounded(x, componentwise=route == "componentwise")
+
+    def _refuse(self, route: str, error: UnboundedForwardError) -> None:
+        if route == "float32":
+            self.float32_refusal = f"the float32 pass failed: {error}"
+        else:
             self.cheap_refusal = str(error)
-            logits, logit_error = self.bounded(x, componentwise=True)
-        logit_error = logit_error.contiguous()  # an expanded view of the per-sample bound; rows are replaced below
-        probs, probability_error = probabilities_with_error(logits, logit_error)
-        radius = self._radius(logits, logit_error, probs, probability_error, alpha)
-        best = self._radius(logits, torch.zeros_like(logit_error), probs, torch.zeros_like(probability_error), alpha)
-        looser = (radius < (1.0 - RADIUS_FRACTION) * best) | (meets_thresholds(radius) != meets_thresholds(best))
-        if bool(looser.any()):
-            index = looser.nonzero().flatten()
-            _, tight_logit_error = self.bounded(x[index], componentwise=True)
-            _, tight_error = probabilities_with_error(logits[index], tight_logit_error)
-            probability_error[index] = torch.minimum(probability_error[index], tight_error)
-            logit_error[index] = torch.minimum(logit_error[index], tight_logit_error)
-            radius[index] = self._radius(logits[index], logit_error[index], probs[index], probability_error[index],
-                                         alpha)
-            self.componentwise_frames += len(index)
-        return logits, probs, probability_error, radius
+
+    def restart_float32_trial(self) -> None:
+        """Forgets the frames the float32 route was tried on so far (warm-up's blank frames), and
+        tries it again where it was given up for its looseness."""
+        if self.float32_refusal.startswith(LOOSE):
+            self.float32_refusal = ""
+        self.float32_tried = self.float32_kept = 0
+
+    def _judge_float32(self, tried: int, kept: int) -> None:
+        self.float32_tried += tried
+        self.float32_kept += kept
+        if 0 < self.float32_trial_frames <= self.float32_tried and 2 * self.float32_kept < self.float32_tried:
+            self.float32_refusal = (f"{LOOSE}: it kept {self.float32_kept} of {self.float32_tried} frames, the others "
+                                    "needed float64 too")
 
     def _radius(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
                 probability_error: torch.Tensor, alpha: float) -> torch.Tensor:

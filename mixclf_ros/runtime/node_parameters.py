@@ -27,6 +27,10 @@ MAX_QUEUED_FRAMES = 100
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 
+CERTIFICATE_PRECISIONS = ("float32", "float64")
+"""`certificate_precision` values (the first is the default): float32 = the Lipschitz certificate's
+float32 route first (`runtime.lipschitz_pass`), float64 = its float64 routes only."""
+
 OS_ENTROPY_SEED = -1
 """`seed` value (the default) that draws the smoothing noise seed from the OS's entropy."""
 
@@ -41,7 +45,8 @@ ROS_OWN_PREFIXES = ("qos_overrides.",)
 
 @dataclass(frozen=True)
 class NodeParameter:
-    """One node parameter; `type` is a schema type name or `BOOL`; ranges are inclusive."""
+    """One node parameter; `type` is a schema type name or `BOOL`; ranges are inclusive; `choices`:
+    the values a string parameter takes (empty: any)."""
 
     name: str
     default: Any
@@ -50,6 +55,7 @@ class NodeParameter:
     description: str
     float_range: tuple[float, float] | None = None
     integer_range: tuple[int, int] | None = None
+    choices: tuple[str, ...] = ()
 
 
 _D, _I, _S, _B, _SA = schema.DOUBLE, schema.INTEGER, schema.STRING, BOOL, schema.STRING_ARRAY
@@ -88,6 +94,11 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("device", "auto", _S, CONFIGURE, "auto (first CUDA device, else CPU), cpu, cuda:N"),
     NodeParameter("standard_precision", "float32", _S, CONFIGURE,
                   "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
+    NodeParameter("certificate_precision", CERTIFICATE_PRECISIONS[0], _S, CONFIGURE,
+                  "float32: a Lipschitz robust model's certificate pass runs in float32 with its own rigorous "
+                  "error bound, and again in float64 for the frames where that bound would change safe or cost "
+                  "radius (the float32 route is dropped where it keeps fewer than half of the first frames) | "
+                  "float64: float64 only", choices=CERTIFICATE_PRECISIONS),
     NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "0")), _I, CONFIGURE,
                   "CPU threads for torch: 0 = chosen at warm-up by timing the real path per batch size "
                   "(one frame, all cameras); N = always N",
@@ -139,16 +150,23 @@ def refused_parameters(given: Mapping[str, Any]) -> list[str]:
     refused, one line per name or misspelled section; [] when all are accepted.
 
     Refused: a name the node does not declare for any kind (a typo, a misspelled section such as
-    `standard_modle.*`, a former name: these once ran another model in silence); a model key the
-    model's kind does not use (e.g. `robust_model.sigma` for a lipschitz model: it would have no
-    effect, which is a mistake of the file, not a choice); a model key the node takes from another
-    parameter (`beta`: set `confidence`). Accepted: the node's parameters, the schema keys of each
-    model's kind, and rclpy's own parameters (`use_sim_time`, `qos_overrides.*`, ...)."""
+    `standard_modle.*`, a former name: these once ran another model in silence); a value outside
+    a parameter's `choices`; a model key the model's kind does not use (e.g. `robust_model.sigma`
+    for a lipschitz model: it would have no effect, which is a mistake of the file, not a choice);
+    a model key the node takes from another parameter (`beta`: set `confidence`). Accepted: the
+    node's parameters, the schema keys of each model's kind, and rclpy's own parameters
+    (`use_sim_time`, `qos_overrides.*`, ...)."""
     known = known_names()
     reasons: list[str] = []
     unknown_sections: dict[str, list[str]] = {}
     for name in sorted(given):
-        if _is_ros_own(name) or name in BY_NAME:
+        if name in BY_NAME:
+            choices = BY_NAME[name].choices
+            if choices and given[name] not in choices:
+                reasons.append(f"{name}: {given[name]!r} is not one of {', '.join(choices)}"
+                               f"{_nearest(str(given[name]), list(choices))}")
+            continue
+        if _is_ros_own(name):
             continue
         if name in schema.FORMER_NODE_PARAMETERS:
             reasons.append(f"{name}: moved into each model's config, since each model preprocesses the frame its own "
