@@ -68,7 +68,8 @@ def test_a_constant_quoted_for_normalised_inputs_is_refused(norm, steep_weights:
         load_model(steep_config(steep_weights, norm=norm, lipschitz_constant=normalised))
     in_pixels = lipschitz.probability_lipschitz_bound(nn.Sequential(Normalize([MEAN], [STD]), body), norm,
                                                       (1, 28, 28))
-    assert in_pixels == pytest.approx(normalised / STD, rel=1e-9)
+    # each spectral norm is a certified upper bound within a few 1e-9 of the exact one (core.spectral_norms)
+    assert in_pixels == pytest.approx(normalised / STD, rel=1e-8)
     model = load_model(steep_config(steep_weights, norm=norm, lipschitz_constant=in_pixels))
     assert (model.lipschitz_source, model.lipschitz_constant) == ("declared", in_pixels)
     assert normalised < model.lipschitz_lower_bound <= in_pixels
