@@ -5,6 +5,7 @@ bound by name."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,8 @@ from torch import nn
 from mixclf_ros.core.forward_error import ErrorBoundedForward, UnboundedForwardError
 from mixclf_ros.core.numerics import probabilities_with_error
 from mixclf_ros.models.loading import load_model, zoo_config
-from mixclf_ros.runtime.classifier import CertifiedClassifier
+from mixclf_ros.runtime.classifier import CertifiedClassifier, LiveSettings
+from mixclf_ros.vision.decode import DecodedImage
 from mixclf_ros.vision.preprocess import PreprocessConfig
 
 pytestmark = pytest.mark.usefixtures("both_rounding_domains")
@@ -176,8 +178,13 @@ def test_a_bound_that_eats_the_margins_is_a_warning_on_diagnostics(depth, weight
     classifier = CertifiedClassifier(standard, robust, PreprocessConfig(1, 8, 8), torch.device("cpu"))
     assert classifier.forward_error == "bounded"
     assert (classifier.forward_error_bound > 1e-3) == warns
+    frame = DecodedImage(np.full((8, 8, 1), 128, dtype=np.uint8), "mono", 1 / 255)
+    classifier.lipschitz_pass.frames = dict.fromkeys(classifier.lipschitz_pass.frames, 0)  # not the warm-up's
+    classifier.classify([frame], LiveSettings(alpha=0.8))
     status = CertificateMonitor(classifier, None, lambda message: None).status("mixclf")
     values = {item.key: item.value for item in status.values}
+    routes = dict(part.rsplit(" ", 1) for part in values["certificate_routes"].split(", "))
+    assert sum(int(count) for count in routes.values()) == 1  # the one frame, by whichever route certified it
     assert float(values["forward_error_bound"]) == pytest.approx(classifier.forward_error_bound, rel=1e-2)
     assert ("rounding-error bound" in status.message) == warns
     assert (status.level == DiagnosticStatus.WARN) == warns

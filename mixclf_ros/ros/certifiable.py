@@ -134,6 +134,12 @@ class CertificateMonitor:
                     problems.append(f"the robust forward's rounding-error bound is {bound:.3g} in probability"
                                     " at a grey frame and comes off every margin: few or no frames "
                                     "can be certified (the componentwise bound compounds over deep networks)")
+            certificate = classifier.lipschitz_pass
+            if certificate is not None:  # which rounding bound certified the frames so far, and why a route is off
+                frames = certificate.frames.items()
+                values["certificate_routes"] = ", ".join(f"{route} {count}" for route, count in frames)
+                refusals = {"float32": certificate.float32_refusal, "float64 cheap": certificate.cheap_refusal}
+                values.update({f"{route} route off": why for route, why in refusals.items() if why})
             if classifier.forward_error.startswith("estimated"):
                 problems.append(f"the robust model's floating-point error is {classifier.forward_error}, not bounded "
                                 "(layers the error-bounded forward does not cover)")
