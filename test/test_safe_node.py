@@ -3,6 +3,7 @@ frame can be safe, the smoothing seed, and certificates resting on a declared Li
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -110,7 +111,7 @@ class TestShippedNode:
         finally:
             assert client.set_parameters(safe_image_radius=1 / 255)[0].successful
 
-    def test_warns_when_no_frame_can_be_safe_and_stops_when_a_threshold_is_lowered(self, shipped_node, articles):
+    def test_warns_when_no_frame_can_be_safe_at_alpha_one_half_and_stops_when_raised(self, shipped_node, articles):
         from diagnostic_msgs.msg import DiagnosticStatus
 
         client, log = shipped_node
@@ -119,25 +120,22 @@ class TestShippedNode:
         assert status is not None, "no certificate diagnostics with the image's largest radius"
         largest = float(values(status)["max_certified_radius"])
         [largest_image] = [float(v) for k, v in values(status).items() if k.startswith("max_image_radius")]
-        # Theorem 1 at a one-hot output: (2 alpha - 1) / (2 alpha L), L = 0.579 for the shipped model
-        assert 0.2 < largest < 0.4 and largest_image > largest
+        # the shipped h's bound is computed, so the logit margin certifies: no ceiling at alpha > 1/2
+        assert largest == math.inf and largest_image == math.inf
         assert status.level == DiagnosticStatus.OK and "no frame can be safe" not in status.message
         try:
-            for parameter, too_large in (("safe_radius", 2 * largest), ("safe_image_radius", 2 * largest_image)):
-                assert client.set_parameters(**{parameter: too_large})[0].successful
-                warned = certificate_status(client, lambda s: "no frame can be safe" in s.message)
-                assert warned is not None, f"no warning for {parameter} {too_large}"
-                assert warned.level == DiagnosticStatus.WARN and parameter in warned.message
-                assert f"{too_large:.6g}" in warned.message
-                assert f"{largest if parameter == 'safe_radius' else largest_image:.6g}" in warned.message
-                got = classify(client, {f"too-large-{parameter}": articles[0]})[f"too-large-{parameter}"]
-                assert not got.safe
-                assert client.set_parameters(**{parameter: 1 / 255})[0].successful
-                cleared = certificate_status(client, lambda s: "no frame can be safe" not in s.message)
-                assert cleared is not None and cleared.level == DiagnosticStatus.OK, f"warning stayed ({parameter})"
-            # alpha lowered live: at 0.5 nothing can be certified
-            assert client.set_parameters(alpha=0.5)[0].successful
-            assert certificate_status(client, lambda s: "no frame can be safe" in s.message) is not None
+            assert client.set_parameters(safe_radius=5.0, safe_image_radius=50.0)[0].successful
+            quiet = certificate_status(client, lambda s: float(values(s).get("safe_radius", 0)) == 5.0)
+            assert quiet is not None and "no frame can be safe" not in quiet.message
+            # alpha lowered live: at 0.5 nothing can be certified, whatever the thresholds
+            assert client.set_parameters(alpha=0.5, safe_radius=1 / 255, safe_image_radius=1 / 255)[0].successful
+            warned = certificate_status(client, lambda s: "no frame can be safe" in s.message)
+            assert warned is not None and warned.level == DiagnosticStatus.WARN and "safe_radius" in warned.message
+            got = classify(client, {"half": articles[0]})["half"]
+            assert not got.safe and got.certified_radius == 0.0
+            assert client.set_parameters(alpha=0.6)[0].successful
+            cleared = certificate_status(client, lambda s: "no frame can be safe" not in s.message)
+            assert cleared is not None and cleared.level == DiagnosticStatus.OK, "warning stayed"
         finally:
             assert client.set_parameters(alpha=0.6, safe_radius=1 / 255, safe_image_radius=1 / 255)[0].successful
         assert "no frame can be safe" in log.read_text()  # the log says it too
@@ -148,8 +146,8 @@ def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, 
 
     from mixclf_ros.msg import CertifiedClassification as Msg
 
-    # above the sound bound the node computes (0.579), so any check of declared constants accepts it
-    with node_with_client("--params-file", str(CONFIG), *EVERY_FRAME, "-p", "robust_model.lipschitz_constant:=0.6",
+    # above the sound bound the node computes (2.507), so any check of declared constants accepts it
+    with node_with_client("--params-file", str(CONFIG), *EVERY_FRAME, "-p", "robust_model.lipschitz_constant:=2.6",
                           log_path=tmp_path / "mixclf_node.log", reliable=True) as (client, _):
         results = classify(client, {f"declared-{i}": pixels for i, pixels in enumerate(articles[:3])})
         for result in results.values():
@@ -161,6 +159,12 @@ def test_certificate_on_a_declared_constant_says_so(tmp_path, installed_prefix, 
         assert values(status)["forward_error"] == "bounded"  # the zoo model's float64 error bound
         assert float(values(status)["forward_error_bound"]) < 1e-9
         assert status.level == DiagnosticStatus.WARN and "declared Lipschitz constant" in status.message
+        # a declared constant bounds the probabilities only: Theorem 1's ceiling (2 alpha - 1) / (2 alpha L)
+        largest = float(values(status)["max_certified_radius"])
+        assert largest == pytest.approx(0.2 / (1.2 * 2.6), rel=1e-6)
+        assert client.set_parameters(safe_radius=2 * largest)[0].successful
+        warned = certificate_status(client, lambda s: "no frame can be safe" in s.message)
+        assert warned is not None and "safe_radius" in warned.message and f"{2 * largest:.6g}" in warned.message
 
 
 def smoothing_run(tmp_path, name: str, seed: int | None, frames: dict[str, np.ndarray]):

@@ -47,8 +47,9 @@ def resnet_config(weights: Path) -> dict:
 
 def robust_config() -> dict:
     from mixclf_ros.models import zoo_config
+    from mixclf_ros.runtime.node_parameters import MODELS
 
-    return {**zoo_config("robust_lipschitz"), "crop_height": 476, "crop_width": 476}
+    return {**zoo_config(MODELS["robust_model"]), "crop_height": 476, "crop_width": 476}  # the shipped h
 
 
 def offline_classifier(standard_config: dict):

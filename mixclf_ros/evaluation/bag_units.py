@@ -21,6 +21,7 @@ import torch
 from mixclf_ros.evaluation.bag_reader import Shard, TopicInfo, frame_header, read_frames
 from mixclf_ros.evaluation.units import Unit, UnitContext
 from mixclf_ros.runtime.classifier import CertifiedClassifier, FrameResult, LiveSettings, Status
+from mixclf_ros.runtime.node_parameters import CERTIFICATE_PRECISIONS
 from mixclf_ros.vision.decode import BadImageError, decode_frame
 
 RESULT_FIELDS = tuple(field for field in FrameResult.__dataclass_fields__ if field != "inference_ms")
@@ -52,7 +53,8 @@ def bag_unit(context: UnitContext, unit: Unit, dependency: Any = None) -> dict[s
     info: TopicInfo = params["topic"]
     settings: LiveSettings = params["settings"]
     alphas: tuple[float, ...] = params["alphas"]
-    classifier = _classifier(context, params["standard_precision"], params.get("certificate_precision", "float32"))
+    precision = params.get("certificate_precision", CERTIFICATE_PRECISIONS[0])
+    classifier = _classifier(context, params["standard_precision"], precision)
     seed = params["seed"] if params["seed"] is not None else context.runtime_for(unit).seed
     classifier.generator.manual_seed(int(seed))  # smoothing noise: reproducible per unit, on any worker
     frames: dict[str, list] = {name: [] for name in ("index", "log_time_ns", "stamp_sec", "stamp_nanosec",

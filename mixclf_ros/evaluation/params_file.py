@@ -9,6 +9,7 @@ from typing import Any
 
 from mixclf_ros.evaluation.settings import EvaluationError
 from mixclf_ros.runtime.frame_result import LiveSettings
+from mixclf_ros.runtime.node_parameters import CERTIFICATE_PRECISIONS
 
 
 def _flatten_parameters(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -99,7 +100,7 @@ class NodeSettings:
     input_kind: str = "intensity"
     seed: int = -1
     standard_precision: str = "float32"
-    certificate_precision: str = "float32"
+    certificate_precision: str = CERTIFICATE_PRECISIONS[0]
 
 
 def node_settings_from_parameters(path: str | Path | None) -> NodeSettings:
@@ -127,4 +128,4 @@ def node_settings_from_parameters(path: str | Path | None) -> NodeSettings:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EvaluationError(f"--params {path}: seed must be an integer, got {seed!r}")
     return NodeSettings(LiveSettings(**live), input_kind, seed, str(parameters.get("standard_precision", "float32")),
-                        str(parameters.get("certificate_precision", "float32")))
+                        str(parameters.get("certificate_precision", CERTIFICATE_PRECISIONS[0])))

@@ -113,10 +113,10 @@ class CertifiedClassifier:
         standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
             does not depend on g). The robust model runs in float32 (smoothing) or in float32
             and float64 (Lipschitz certificate), always inside `numerics.full_precision()`.
-        certificate_precision: float32 (default): a Lipschitz robust model's certificate pass runs
-            first in float32, with its own rigorous bound, and in float64 for the frames whose
-            float32 bound would change `safe` or cost radius (`runtime.lipschitz_pass`); float64:
-            float64 only. Where no float32 plan can be built, float64 (`lipschitz_pass.float32_refusal`
+        certificate_precision: float64 (default): a Lipschitz robust model's certificate pass runs
+            in float64; float32: first in float32, with its own rigorous bound, and in float64 for
+            the frames whose float32 bound could change `safe` or cost radius
+            (`runtime.lipschitz_pass`). Where no float32 plan can be built, float64 (`lipschitz_pass.float32_refusal`
             says why).
         seed: seed of the smoothing noise; None (default) draws it from the OS's entropy, so an
             attacker cannot replay the noise. A fixed seed is for tests and replay only: it voids the
@@ -141,7 +141,7 @@ class CertifiedClassifier:
         standard_precision: str = "float32",
         seed: int | None = None,
         standard_preprocess: PreprocessConfig | None = None,
-        certificate_precision: str = "float32",
+        certificate_precision: str = CERTIFICATE_PRECISIONS[0],
     ):
         if standard_precision not in _PRECISIONS:
             raise ValueError(f"standard_precision must be one of {sorted(_PRECISIONS)}")

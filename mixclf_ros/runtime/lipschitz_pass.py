@@ -2,9 +2,10 @@
 their rounding error from one evaluation of the bound engine's plan, with the cheapest bound that
 is tight enough for the frame.
 
-Routes, cheapest first; a frame goes on to the next only where the bound of the one before would
-change `safe` or lower the radius by more than `RADIUS_FRACTION` against the radius of the same
-logits without any error term (an upper bound of every sound radius):
+Routes, cheapest first; a frame goes on to the next only where the bound of the one before could
+change `safe` or lower the radius by more than `RADIUS_FRACTION` against what a tighter bound could
+give: the radius of the same logits without any error term, or of the most favourable logits
+within the bound (so a frame pushed across a threshold by the route's own rounding goes on):
 
 1. `float32`: the float32 plan in the cheap domain (each sample's l2 error bound carried through
    the network by each layer's operator norm, plus its own rounding through `||x||_2`: no |W| |x|
@@ -113,10 +114,10 @@ class LipschitzPass:
                 self.frames[route] += len(rows)
                 break
             best = results[3].clone()
-            best[rows] = self._radius(logits, torch.zeros_like(logit_error), probs,
-                                      torch.zeros_like(probability_error), alpha)
+            best[rows] = self._hopeful_radius(logits, logit_error, probs, alpha)
             looser = ((results[3] < (1.0 - RADIUS_FRACTION) * best)
                       | (meets_thresholds(results[3]) != meets_thresholds(best)))[rows]
+            looser |= ~torch.isfinite(logit_error).all(dim=1)
             kept = len(rows) - int(looser.sum())
             self.frames[route] += kept
             if route == "float32":
@@ -153,6 +154,18 @@ class LipschitzPass:
         if 0 < self.float32_trial_frames <= self.float32_tried and 2 * self.float32_kept < self.float32_tried:
             self.float32_refusal = (f"{LOOSE}: it kept {self.float32_kept} of {self.float32_tried} frames, the others "
                                     "needed float64 too")
+
+    def _hopeful_radius(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
+                        alpha: float) -> torch.Tensor:
+        """What a tighter route could give these frames: the larger of the error-free radius of these
+        logits and that of the most favourable logits within their bound (the top one raised, the
+        others lowered), so that a frame the route's own rounding pushed across a threshold goes on."""
+        zero = torch.zeros_like(logit_error)
+        top = logits.argmax(dim=1, keepdim=True)
+        toward_top = torch.full_like(logits, -1.0).scatter_(1, top, 1.0)
+        hopeful = logits + toward_top * logit_error.nan_to_num(0.0, posinf=0.0)
+        return torch.maximum(self._radius(logits, zero, probs, zero[:, 0], alpha),
+                             self._radius(hopeful, zero, torch.softmax(hopeful, dim=1), zero[:, 0], alpha))
 
     def _radius(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
                 probability_error: torch.Tensor, alpha: float) -> torch.Tensor:
