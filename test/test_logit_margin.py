@@ -189,3 +189,14 @@ def test_no_ceiling_means_every_threshold_is_reachable_in_the_node():
     half = LiveSettings(alpha=0.5, safe_radius=0.5)
     assert classifier.max_certified_radius(half) == 0.0
     assert unreachable_warning("model input", 0.0, "safe_radius", 0.5, "l2") != ""
+
+
+def test_the_logit_radius_counts_only_for_the_class_the_probabilities_name():
+    """Where rounding made the softmax name another top class than the logits, the logit radius
+    (which certifies the logits' class) is not used: Theorem 1's alone."""
+    logits = torch.tensor([[5.0, 0.0, -1.0], [0.0, 5.0, -1.0]], dtype=torch.float64)
+    probs = torch.tensor([[0.2, 0.7, 0.1], [0.01, 0.98, 0.01]], dtype=torch.float64)  # row 0 disagrees
+    theorem1 = certify.lipschitz_radius(probs, 0.5, 1.0)
+    best = certify.best_lipschitz_radius(probs, 0.0, 0.5, 1.0, logits=logits, logit_lipschitz=1.0)
+    assert best[0] == theorem1[0]
+    assert best[1] == certify.logit_margin_radius(logits[1:], 1.0, 1.0, "l2")[0] > theorem1[1]
