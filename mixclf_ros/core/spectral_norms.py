@@ -43,6 +43,8 @@ from contextlib import contextmanager
 import torch
 from scipy.linalg import lapack
 
+from mixclf_ros.core.numerics import gamma
+
 UNIT_ROUNDOFF = 2.0 ** -53
 """float64's unit roundoff u."""
 THRESHOLD_GAP = 1e-9
@@ -82,11 +84,6 @@ def _buffer(name: str, numel: int, like: torch.Tensor) -> torch.Tensor:
     if held is None or held.numel() < numel or held.dtype != like.dtype or held.device != like.device:
         held = buffers[name] = like.new_empty(numel)
     return held[:numel]
-
-
-def gamma(k: int) -> float:
-    """Higham's gamma_k = k u / (1 - k u): relative error bound of k float64 roundings."""
-    return k * UNIT_ROUNDOFF / (1.0 - k * UNIT_ROUNDOFF)
 
 
 class MaxEigenvalueBound:
@@ -157,7 +154,7 @@ def _certify(negated: torch.Tensor, threshold: float) -> tuple[torch.Tensor, tor
     rounding of the margin's own sums)."""
     negated.diagonal(dim1=-2, dim2=-1).add_(threshold)
     diagonal = negated.diagonal(dim1=-2, dim2=-1).real
-    g = gamma(4 * (negated.shape[-1] + 2))
+    g = gamma(4 * (negated.shape[-1] + 2), UNIT_ROUNDOFF)
     margin = 2.0 * (g / (1.0 - g) * diagonal.sum(dim=-1) + UNIT_ROUNDOFF * diagonal.abs().max(dim=-1).values)
     return _cholesky_completes(negated), margin + _UNDERFLOW
 
@@ -192,7 +189,7 @@ def gram_error(matrices: torch.Tensor, terms: int) -> torch.Tensor:
     the factor 4 covers sqrt(2) for complex moduli and the rounding of these sums."""
     column_sums = matrices.sum(dim=-2).max(dim=-1).values
     row_sums = matrices.sum(dim=-1).max(dim=-1).values
-    return 4.0 * gamma(terms) * column_sums * row_sums
+    return 4.0 * gamma(terms, UNIT_ROUNDOFF) * column_sums * row_sums
 
 
 def spectral_norm_bound(matrices: torch.Tensor) -> float:
