@@ -220,18 +220,26 @@ LOGIT_DIFFERENCE_FACTOR = {"l2": float(np.nextafter(math.sqrt(2.0), math.inf)), 
 """`max |u_j - u_y|` over logit changes `u` with `||u|| <= 1`: sqrt(2) in l2 (rounded up), 2 in linf."""
 
 
+def _widened_up(value: torch.Tensor, relative_error: float) -> torch.Tensor:
+    """An upper bound of the exact value of a function computed as `value` within `relative_error`."""
+    return _up(value + _up(value.abs() * relative_error))
+
+
+def _widened_down(value: torch.Tensor, relative_error: float) -> torch.Tensor:
+    """A lower bound of the exact value of a function computed as `value` within `relative_error`."""
+    return _down(value - _up(value.abs() * relative_error))
+
+
 def _exp_up(value: torch.Tensor) -> torch.Tensor:
-    return _up(torch.exp(value) * (1.0 + LOGARITHM_RELATIVE_ERROR))
+    return _widened_up(torch.exp(value), LOGARITHM_RELATIVE_ERROR)
 
 
 def _log_up(value: torch.Tensor) -> torch.Tensor:
-    logarithm = torch.log(value)
-    return _up(logarithm + _up(logarithm.abs() * LOGARITHM_RELATIVE_ERROR))
+    return _widened_up(torch.log(value), LOGARITHM_RELATIVE_ERROR)
 
 
 def _log_down(value: torch.Tensor) -> torch.Tensor:
-    logarithm = torch.log(value)
-    return _down(logarithm - _up(logarithm.abs() * LOGARITHM_RELATIVE_ERROR))
+    return _widened_down(torch.log(value), LOGARITHM_RELATIVE_ERROR)
 
 
 def logit_margin_radius(logits: torch.Tensor, logit_lipschitz: float, alpha: Alpha, norm: str,
@@ -370,8 +378,8 @@ def smoothing_radius(p_lower: torch.Tensor, p_upper: torch.Tensor, sigma: float 
         upper_arg = _up(_up(alpha * upper) + (1.0 - alpha)).clamp(max=1.0)
         lower_value = torch.special.ndtri(lower_arg)
         upper_value = torch.special.ndtri(upper_arg)
-        lower_value = _down(lower_value - _up(NDTRI_RELATIVE_ERROR * lower_value.abs()))
-        upper_value = _up(upper_value + _up(NDTRI_RELATIVE_ERROR * upper_value.abs()))
+        lower_value = _widened_down(lower_value, NDTRI_RELATIVE_ERROR)
+        upper_value = _widened_up(upper_value, NDTRI_RELATIVE_ERROR)
         gap = _down(lower_value - upper_value)
         product = sigma64 * gap
         radius = 0.5 * torch.where(torch.isfinite(product) & (product > 0), _down(product), product)
