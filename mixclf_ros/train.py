@@ -79,11 +79,14 @@ def batches(count: int, batch_size: int, generator: torch.Generator):
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+def batched_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The model's logits on x in eval mode, in batches, as float64 (cast exactly)."""
     model.eval()
-    correct = sum(int((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    return correct / len(x)
+    return torch.cat([model(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]).double()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return int((batched_logits(model, x).argmax(1) == y).sum()) / len(x)
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, steps: int,
@@ -145,12 +148,6 @@ within this of the best one: softer robust probabilities let the standard model 
 the robust model's mistakes in the mixture, at no more than this certified cost."""
 
 
-@torch.inference_mode()
-def held_out_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]).double()
-
-
 def certified_accuracy(logits: torch.Tensor, y: torch.Tensor, logit_bound: float, radius: float, alpha: float,
                        node_radius: bool = True) -> float:
     """Share of samples h classifies correctly with a certified l2 radius >= `radius` ([0,1] pixels)
@@ -173,7 +170,7 @@ def choose_temperature(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor,
     computed once: dividing the last layer by T divides both by T. With the node's radius (gnp),
     the softest temperature within `TEMPERATURE_TOLERANCE` of the best score; with Theorem 1 alone
     (robust_lipschitz, as its weights were made), the best score."""
-    logits = held_out_logits(model, x)
+    logits = batched_logits(model, x)
     bound = lipschitz.logit_lipschitz_bound(model, "l2", tuple(x.shape[1:]))
     scores = {}
     for temperature in np.geomspace(0.05, 5.0, 41):
@@ -262,7 +259,7 @@ def measure(name: str, model: nn.Module, info: dict) -> dict:
     if name in ("standard", "robust_at"):
         info["pgd20_linf_0.1_accuracy_subset1000"] = pgd_accuracy(model, x[subset], y[subset], 0.1, "linf", 20)
     if name in TEMPERATURE_HOLDOUT:  # float32 logits, no rounding bound: `mixclf-eval certify` gives the sound figures
-        logits, bound = held_out_logits(model, x), lipschitz.logit_lipschitz_bound(model, "l2", (1, 28, 28))
+        logits, bound = batched_logits(model, x), lipschitz.logit_lipschitz_bound(model, "l2", (1, 28, 28))
         info["lipschitz_l2_logit_bound"] = bound
         info["lipschitz_l2_probability_bound"] = lipschitz.probability_lipschitz_bound(model, "l2", (1, 28, 28))
         for radius, alpha in ((0.5, 1.0), (0.25, 0.75), (0.5, 0.75), (0.5, 0.6)):
