@@ -96,10 +96,10 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("standard_precision", "float32", _S, CONFIGURE,
                   "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
     NodeParameter("certificate_precision", CERTIFICATE_PRECISIONS[0], _S, CONFIGURE,
-                  "float32: a Lipschitz robust model's certificate pass runs in float32 with its own rigorous "
-                  "error bound, and again in float64 for the frames where that bound would change safe or cost "
-                  "radius (the float32 route is dropped where it keeps fewer than half of the first frames) | "
-                  "float64: float64 only", choices=CERTIFICATE_PRECISIONS),
+                  "float64: a Lipschitz robust model's certificate pass runs in float64 | float32: first in "
+                  "float32 with its own rigorous error bound, and again in float64 for the frames where that bound "
+                  "could change safe or cost radius (the float32 route is dropped where it keeps fewer than half of "
+                  "the first frames)", choices=CERTIFICATE_PRECISIONS),
     NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "0")), _I, CONFIGURE,
                   "CPU threads for torch: 0 = chosen at warm-up by timing the real path per batch size "
                   "(one frame, all cameras); N = always N",
