@@ -81,7 +81,10 @@ def test_a_frame_whose_safe_the_cheap_bound_would_change_gets_the_componentwise_
     gaps = (tight - cheap).clamp_min(0)
     frame = int(gaps.argmax())
     assert float(gaps[frame]) > 0
-    threshold = float(cheap[frame] + tight[frame]) / 2  # met by the tight radius only
+    with torch.inference_mode():  # as the pass computes it: the frame alone (float64 logits may differ in the
+        alone = float(componentwise_radius(model, bounded, frames[frame:frame + 1])[0])  # last bit with the batch)
+    threshold = float(cheap[frame] + alone) / 2  # met by the tight radius only
+    assert float(cheap[frame]) < threshold <= alone
 
     def meets(radii: torch.Tensor) -> torch.Tensor:
         return radii >= threshold
@@ -89,8 +92,8 @@ def test_a_frame_whose_safe_the_cheap_bound_would_change_gets_the_componentwise_
     switched = LipschitzPass(bounded, model.lipschitz_constant)
     with torch.inference_mode():
         _, _, _, radius = switched(frames, ALPHA, meets)
-    assert switched.componentwise_frames >= 1
-    assert float(radius[frame]) == float(tight[frame]) >= threshold
+    assert switched.componentwise_frames == 1
+    assert float(radius[frame]) == alone >= threshold
 
 
 def test_with_the_logits_bound_the_radius_is_the_larger_sound_one(frames):
@@ -196,12 +199,14 @@ def test_the_float32_route_is_sound_and_keeps_frames_only_within_the_fraction(bo
         assert (radius <= error_free["64"]).all()
         kept = certificate.last_routes == lipschitz_pass.ROUTES.index("float32")
         assert int(kept.sum()) == certificate.frames["float32"] and sum(certificate.frames.values()) == len(frames)
-        assert torch.equal(logits[kept], logits32[kept]) and torch.equal(logits[~kept], logits64[~kept])
+        assert torch.equal(logits[kept], logits32[kept])
+        # the frames that went on were evaluated as a smaller batch: float64 may differ in the last bit
+        torch.testing.assert_close(logits[~kept], logits64[~kept], rtol=1e-12, atol=1e-12)
         assert (radius[kept] >= (1 - fraction) * error_free["32"][kept]).all()
-        if fraction == 0.2:
-            assert ((radius > 0) & kept).sum() > 10
-        else:  # the float32 bound (1e-2 .. 0.5 on these logits) costs every certified frame more than 0.1 %
-            assert (radius[kept] == 0).all() and not kept.all()
+        # short partial sums (`partial_sums`) keep the float32 bound near 1e-3 on these logits: certified
+        # frames keep the float32 certificate even at 0.1 %, and some go on to float64
+        assert ((radius > 0) & kept).sum() > (10 if fraction == 0.2 else 5)
+        assert fraction == 0.2 or not kept.all()
 
 
 def test_a_frame_whose_safe_the_float32_bound_would_change_falls_back_to_float64(both_precisions, frames,
@@ -232,18 +237,22 @@ def test_a_frame_whose_safe_the_float32_bound_would_change_falls_back_to_float64
     assert float(radius[frame]) == float(alone[0]) >= threshold
 
 
-def test_the_float32_route_is_given_up_where_it_keeps_too_few_frames(both_precisions, frames):
-    """On the zoo models most frames need float64 (at alpha 1 every frame is certified in float64
-    and loses more than 0.1 % in float32): after the trial, float64 alone, one pass per frame."""
+def test_the_float32_route_is_given_up_where_it_keeps_too_few_frames(both_precisions, frames, monkeypatch):
+    """Where most frames need float64 (here: at alpha 1 every frame is certified, and with the
+    fraction at 1e-9 every one loses more than that in float32): after the trial, float64 alone, one
+    pass per frame."""
     model, bounded, float32 = both_precisions
+    monkeypatch.setattr(lipschitz_pass, "RADIUS_FRACTION", 1e-9)
     certificate = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm,
                                 float32)
     with torch.inference_mode():
         first = certificate(frames, 1.0, never)[3]
-        assert certificate.frames == {"float32": 0, "float64": len(frames), "componentwise": 0}
+        float64_frames = certificate.frames["float64"] + certificate.frames["componentwise"]
+        assert certificate.frames["float32"] == 0 and float64_frames == len(frames)
         assert certificate.float32_refusal.startswith(lipschitz_pass.LOOSE)
         again = certificate(frames, 1.0, never)[3]
-        assert certificate.frames["float64"] == 2 * len(frames) and torch.equal(first, again)
+        assert certificate.frames["float32"] == 0 and torch.equal(first, again)
+        assert certificate.frames["float64"] + certificate.frames["componentwise"] == 2 * len(frames)
         certificate.restart_float32_trial()  # as after warm-up: tried again
         assert certificate.float32_refusal == ""
         certificate(frames[:8], 1.0, never)
@@ -296,7 +305,9 @@ def test_the_float32_bound_holds_where_onednn_would_round_to_bfloat16(tmp_path):
     env = {**os.environ, "ONEDNN_DEFAULT_FPMATH_MODE": "BF16", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.split()[-3:] == ["False", "True", "True"]  # oneDNN breaks the bound; the pass holds
+    # oneDNN breaks the bound where it honours the mode (it did on the machine this test was written on,
+    # not on every CPU); the native convolutions and the pass hold everywhere
+    assert result.stdout.split()[-2:] == ["True", "True"]
 
 
 def test_on_cpus_where_torch_runs_winograd_convolutions_the_float32_route_is_refused(both_precisions, frames,

@@ -75,6 +75,9 @@ class Step:
     folded: bool = False
     shape_query: bool = False
     cache: dict = field(default_factory=dict)
+    rounding_structure: tuple[bool, bool] | None = None
+    """(whether an operand depends on the input, whether a joint l2 pattern may apply), found on the
+    first walk of the rounding domain: both follow from the graph alone, not from the values."""
 
 
 class _Sizes:
@@ -286,7 +289,11 @@ class BoundPlan:
             run = self._runner(step, args, kwargs)
             arg_bounds = fx.node.map_aggregate(node.args, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
             kwarg_bounds = fx.node.map_aggregate(node.kwargs, lambda a: bounds[a] if isinstance(a, fx.Node) else None)
-            if not (is_dependent(arg_bounds) or is_dependent(kwarg_bounds)) or step.shape_query:
+            structure = None if lipschitz else step.rounding_structure
+            dependent = structure[0] if structure else is_dependent(arg_bounds) or is_dependent(kwarg_bounds)
+            if not dependent or step.shape_query:
+                if not lipschitz:
+                    step.rounding_structure = (dependent, False)
                 values[node], bounds[node] = run(), None
                 if compiling and step.folded:
                     self._folded[node] = values[node]
@@ -300,8 +307,10 @@ class BoundPlan:
                 raise UnsupportedLayerError(f"{step.where}: {type(error).__name__}: {error}") from error
             if compiling and lipschitz and self._is_restriction(node):
                 self._record_parts(node, values, self._runner_on_first(step, args, kwargs))
-            if (lipschitz and norm == "l2") or not lipschitz:
+            if lipschitz and norm == "l2":
                 self._apply_joint(node, values, bounds, lipschitz)
+            elif not lipschitz and (structure is None or structure[1]):
+                step.rounding_structure = (True, self._apply_joint(node, values, bounds, lipschitz))
         raise UnsupportedLayerError(f"{self.name}: the traced graph has no output")
 
     @staticmethod
@@ -352,21 +361,23 @@ class BoundPlan:
             _check_batch(out, batch, where)
         return out, bound
 
-    def _apply_joint(self, node: fx.Node, values: dict, bounds: dict, lipschitz: bool) -> None:
+    def _apply_joint(self, node: fx.Node, values: dict, bounds: dict, lipschitz: bool) -> bool:
+        """Tightens the node's bound by a joint l2 pattern where one applies; whether one did."""
         bound = bounds[node]
         if lipschitz:
             if not isinstance(bound, float):
-                return
+                return False
             for joint in (graph_patterns.joint_l2(node, bounds, values, self.parts),
                           graph_patterns.gradient_step_l2(node, bounds, values, self._modules)):
                 if joint is not None:
                     bounds[node] = bound = min(bound, joint)
-            return
+            return True
         if not (isinstance(bound, tuple) and len(bound) == 2 and isinstance(bound[1], torch.Tensor)):
-            return
+            return False
         joint = graph_patterns.joint_l2(node, _Sizes(bounds), values, self.parts)
         if joint is not None:
             bounds[node] = (bound[0], torch.minimum(bound[1], joint * BOUND_SLACK))
+        return joint is not None
 
     # ------------------------------------------------------------------ the domains
 

@@ -18,6 +18,7 @@ from mixclf_ros.core import layer_bounds as lb
 from mixclf_ros.core.bound_rules import Call, Rule, register
 from mixclf_ros.core.layers import GroupSort, Normalize
 from mixclf_ros.core.numerics import BOUND_SLACK, gamma
+from mixclf_ros.core.partial_sums import FLOAT64_UNIT_ROUNDOFF, split_affine, split_error_factors
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:
@@ -63,8 +64,10 @@ class Affine(Rule):
     summary = ("l2: spectral norm, bounded within 1e-9 (dense: Gram matrix; convolution: Gram matrices of its "
                "spectrum on the zero-padded canvas, Sedghi et al. 2019; each certified by a Cholesky factorisation; "
                "circular padding: on the input's torus; strides: polyphase); linf: largest absolute row sum. "
-               "Rounding: |W| (E + gamma_n |x|) + gamma_n |b| componentwise; ||W||_2 d + gamma_n (Schur(|W|) ||x|| "
-               "+ ||b||) in l2")
+               "Rounding: |W| (E + gamma_n |x|) + gamma_n |b| componentwise; ||W||_2 d + gamma_n (|| |W| ||_2 ||x|| "
+               "+ ||b||) in l2, with || |W| ||_2 from |W|'s spectrum at frequency zero. Below float64, dot products "
+               "of more than 16 terms are split into float32 partials of at most 16 summed in float64 (`partial_sums`):"
+               " gamma_16 in place of gamma_n, plus one float32 rounding of the output")
 
     @staticmethod
     def parts(call: Call, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, dict, Any, tuple]:
@@ -140,15 +143,24 @@ class Affine(Rule):
         error, size = call.bounds[0]
         if circular:  # exact copies of entries and of their errors
             error = F.pad(error, circular, mode="circular")
-        abs_weight, abs_bias, schur, bias_norm = call.cached_for(weight, f"abs-{x.device}", lambda: (
-            weight.abs(), None if bias is None else bias.abs(), schur_bound(weight.abs()),
+        dims = weight.dim() - 2
+        abs_weight, abs_bias, magnitude, bias_norm = call.cached_for(weight, f"abs-{x.device}", lambda: (
+            weight.abs(), None if bias is None else bias.abs(),
+            lb.magnitude_l2_bound(weight, options.get("groups", 1), lb.as_tuple(options.get("stride", 1), dims),
+                                  lb.as_tuple(options.get("dilation", 1), dims)),
             0.0 if bias is None else float(bias.norm())))
-        relative = gamma(weight[0].numel() + 1, u)
-        out = op(x, weight, bias, **options)
-        # |W| E + gamma (|W| |x| + |b|), as one product: |W| (E + gamma |x|) + gamma |b|
+        # below float64, short float32 partial dot products summed in float64 (`partial_sums`)
+        split = None if u <= FLOAT64_UNIT_ROUNDOFF else call.cached_for(
+            weight, f"split-{x.device}", lambda: split_affine(weight, bias, options, op is F.linear))
+        relative, final = split_error_factors(split, weight[0].numel(), u)
+        out = op(x, weight, bias, **options) if split is None else split(x)
+        # |W| E + relative (|W| |x| + |b|), as one product: |W| (E + relative |x|) + relative |b|
         componentwise = call.componentwise_bound(lambda: op(
-            error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias, **options))
-        local = relative * (schur * l2(x) + bias_norm * repeats(out, weight.shape[0]))
+            error + relative * x.abs(), abs_weight, None if abs_bias is None else relative * abs_bias, **options)
+            + final * out.abs())
+        local = relative * (magnitude * l2(x) + bias_norm * repeats(out, weight.shape[0]))
+        if final:
+            local = local + final * l2(out)
         return out, (componentwise * BOUND_SLACK, (self.operator_norm(call, "l2") * size + local) * BOUND_SLACK)
 
 

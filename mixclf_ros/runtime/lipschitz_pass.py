@@ -104,17 +104,18 @@ class LipschitzPass:
                 continue
             taken[rows] = ROUTES.index(route)
             probs, probability_error = probabilities_with_error(logits, logit_error)
-            radius = self._radius(logits, logit_error, probs, probability_error, alpha)
+            last = route == routes[-1]
+            radius, hopeful = self._radii(logits, logit_error, probs, probability_error, alpha, not last)
             if not results:
                 results = [logits, probs, probability_error, radius]
             else:
                 for held, value in zip(results, (logits, probs, probability_error, radius)):
                     held[rows] = value
-            if route == routes[-1]:
+            if last:
                 self.frames[route] += len(rows)
                 break
             best = results[3].clone()
-            best[rows] = self._hopeful_radius(logits, logit_error, probs, alpha)
+            best[rows] = hopeful
             looser = ((results[3] < (1.0 - RADIUS_FRACTION) * best)
                       | (meets_thresholds(results[3]) != meets_thresholds(best)))[rows]
             looser |= ~torch.isfinite(logit_error).all(dim=1)
@@ -155,20 +156,29 @@ class LipschitzPass:
             self.float32_refusal = (f"{LOOSE}: it kept {self.float32_kept} of {self.float32_tried} frames, the others "
                                     "needed float64 too")
 
-    def _hopeful_radius(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
-                        alpha: float) -> torch.Tensor:
-        """What a tighter route could give these frames: the larger of the error-free radius of these
-        logits and that of the most favourable logits within their bound (the top one raised, the
-        others lowered), so that a frame the route's own rounding pushed across a threshold goes on."""
-        zero = torch.zeros_like(logit_error)
+    def _radii(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
+               probability_error: torch.Tensor, alpha: float, hopeful: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the frames' radius with their bound, and with `hopeful` what a tighter route could give
+        them, else None), from one radius computation over the stacked cases. What a tighter route
+        could give: the larger of the error-free radius of these logits and that of the most
+        favourable logits within their bound (the top one raised, the others lowered), so that a
+        frame the route's own rounding pushed across a threshold goes on."""
+        logit_error = logit_error.nan_to_num(torch.inf)
+        if not hopeful:
+            return self._radius(logits, logit_error, probs, probability_error.nan_to_num(torch.inf), alpha), None
         top = logits.argmax(dim=1, keepdim=True)
         toward_top = torch.full_like(logits, -1.0).scatter_(1, top, 1.0)
-        hopeful = logits + toward_top * logit_error.nan_to_num(0.0, posinf=0.0)
-        return torch.maximum(self._radius(logits, zero, probs, zero[:, 0], alpha),
-                             self._radius(hopeful, zero, torch.softmax(hopeful, dim=1), zero[:, 0], alpha))
+        favourable = logits + toward_top * logit_error.nan_to_num(0.0, posinf=0.0)
+        zero = torch.zeros_like(logit_error)
+        radii = self._radius(torch.cat([logits, logits, favourable]), torch.cat([logit_error, zero, zero]),
+                             torch.cat([probs, probs, torch.softmax(favourable, dim=1)]),
+                             torch.cat([probability_error.nan_to_num(torch.inf), zero[:, 0], zero[:, 0]]), alpha)
+        radius, exact, most_favourable = radii.split(len(logits))
+        return radius, torch.maximum(exact, most_favourable)
 
     def _radius(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
                 probability_error: torch.Tensor, alpha: float) -> torch.Tensor:
-        return certify.best_lipschitz_radius(probs, probability_error.nan_to_num(torch.inf), self.lipschitz_constant,
-                                             alpha, logits=logits, logit_error=logit_error.nan_to_num(torch.inf),
-                                             logit_lipschitz=self.logit_lipschitz_constant, norm=self.norm)
+        return certify.best_lipschitz_radius(probs, probability_error, self.lipschitz_constant, alpha, logits=logits,
+                                             logit_error=logit_error, logit_lipschitz=self.logit_lipschitz_constant,
+                                             norm=self.norm)
