@@ -325,9 +325,10 @@ def test_on_cpus_where_torch_runs_winograd_convolutions_the_float32_route_is_ref
 
 
 def test_certificate_precision_is_a_checked_choice():
-    """The classifier's float64 routes by default, the float32 route on request; a misspelled value
-    is refused by the classifier and by the one check of the node's (and mixclf-eval's) parameters."""
-    from mixclf_ros.runtime.classifier import CertifiedClassifier
+    """auto (the default) takes the float64 routes on the CPU and the float32 route first on CUDA;
+    float32 and float64 say which; a misspelled value is refused by the classifier and by the one
+    check of the node's (and mixclf-eval's) parameters."""
+    from mixclf_ros.runtime.classifier import CertifiedClassifier, float32_route_first
     from mixclf_ros.runtime.node_parameters import BY_NAME, CERTIFICATE_PRECISIONS, refused_parameters
     from mixclf_ros.vision.preprocess import PreprocessConfig
 
@@ -335,12 +336,16 @@ def test_certificate_precision_is_a_checked_choice():
     preprocess = PreprocessConfig(1, 28, 28, 476, 476)
     cpu = torch.device("cpu")
     default = CertifiedClassifier(standard, robust, preprocess, cpu, seed=0)
-    assert default.lipschitz_pass.float32 is None and "float64" in default.lipschitz_pass.float32_refusal
+    assert default.lipschitz_pass.float32 is None
+    assert default.lipschitz_pass.float32_refusal == "certificate_precision is auto on cpu"
+    assert [float32_route_first(precision, torch.device(kind)) for kind in ("cpu", "cuda")
+            for precision in CERTIFICATE_PRECISIONS] == [False, False, True, True, False, True]
     float32 = CertifiedClassifier(standard, robust, preprocess, cpu, seed=0, certificate_precision="float32")
     assert float32.lipschitz_pass.float32 is not None and float32.lipschitz_pass.float32_refusal == ""
-    with pytest.raises(ValueError, match="certificate_precision must be one of float64, float32, got 'flaot32'"):
+    refusal = "certificate_precision must be one of auto, float64, float32, got 'flaot32'"
+    with pytest.raises(ValueError, match=refusal):
         CertifiedClassifier(standard, robust, preprocess, cpu, seed=0, certificate_precision="flaot32")
-    assert BY_NAME["certificate_precision"].default == CERTIFICATE_PRECISIONS[0] == "float64"
+    assert BY_NAME["certificate_precision"].default == CERTIFICATE_PRECISIONS[0] == "auto"
     assert refused_parameters({"certificate_precision": "float64"}) == []
     assert refused_parameters({"certificate_precision": "flaot32"}) == [
-        "certificate_precision: 'flaot32' is not one of float64, float32 (nearest known: float32)"]
+        "certificate_precision: 'flaot32' is not one of auto, float64, float32 (nearest known: float32)"]

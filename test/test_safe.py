@@ -153,3 +153,26 @@ def test_a_result_without_a_certificate_has_certificate_method_none(standard_mod
     for result in high:
         expected = CertificateMethod.LIPSCHITZ if result.certified_radius > 0 else CertificateMethod.NONE
         assert result.certificate_method == expected
+
+
+def test_a_bad_frame_in_a_batch_fails_alone_and_the_others_are_classified_as_alone(standard_model,
+                                                                                     fashion_frames):
+    """The batch is preprocessed at once; a bad frame among good ones (too small for the crop, NaN
+    samples) gets BAD_INPUT and `safe = false` by itself, and every other frame the result it gets
+    alone."""
+    robust = load_model(zoo_config("robust_lipschitz_gnp"))
+    classifier = CertifiedClassifier(standard_model, robust, PreprocessConfig(1, 28, 28, 20, 20), torch.device("cpu"))
+    settings = LiveSettings(alpha=0.75, safe_radius=0.0)
+    tiny = DecodedImage(np.zeros((8, 8, 1), np.uint8), "mono", 1 / 255)
+    nan = DecodedImage(np.full((28, 28, 1), np.nan, np.float32), "mono", 1.0)
+    frames = [fashion_frames[0], tiny, fashion_frames[1], nan, fashion_frames[2]]
+    results = classifier.classify(frames, settings)
+    assert [r.status for r in results] == [Status.OK, Status.BAD_INPUT, Status.OK, Status.BAD_INPUT, Status.OK]
+    assert not results[1].safe and "crop" in results[1].status_message
+    assert not results[3].safe and "NaN" in results[3].status_message
+    good = classifier.classify(fashion_frames[:3], settings)  # one batch, all good
+    for index, result in enumerate([results[0], results[2], results[4]]):
+        [alone] = classifier.classify([fashion_frames[index]], settings)
+        for other in (good[index], alone):
+            assert (result.class_id, result.safe) == (other.class_id, other.safe)
+            assert result.certified_radius == pytest.approx(other.certified_radius, rel=1e-9)

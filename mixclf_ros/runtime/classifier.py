@@ -73,6 +73,11 @@ def select_device(requested: str) -> torch.device:
 _PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def float32_route_first(certificate_precision: str, device: torch.device) -> bool:
+    """Whether the Lipschitz certificate tries its float32 route first: float32, or auto on CUDA."""
+    return certificate_precision == "float32" or (certificate_precision == "auto" and device.type == "cuda")
+
+
 class _CastInput(torch.nn.Module):
     """Runs a model in a lower precision and returns float32 logits."""
 
@@ -113,11 +118,11 @@ class CertifiedClassifier:
         standard_precision: float32, float16 or bfloat16 for g only (CUDA only; the certificate
             does not depend on g). The robust model runs in float32 (smoothing) or in float32
             and float64 (Lipschitz certificate), always inside `numerics.full_precision()`.
-        certificate_precision: float64 (default): a Lipschitz robust model's certificate pass runs
-            in float64; float32: first in float32, with its own rigorous bound, and in float64 for
-            the frames whose float32 bound could change `safe` or cost radius
-            (`runtime.lipschitz_pass`). Where no float32 plan can be built, float64 (`lipschitz_pass.float32_refusal`
-            says why).
+        certificate_precision: float64: a Lipschitz robust model's certificate pass runs in
+            float64; float32: first in float32, with its own rigorous bound, and in float64 for the
+            frames whose float32 bound could change `safe` or cost radius (`runtime.lipschitz_pass`);
+            auto (default): float32 on CUDA, float64 on the CPU (`node_parameters.CERTIFICATE_PRECISIONS`).
+            Where no float32 plan can be built, float64 (`lipschitz_pass.float32_refusal` says why).
         seed: seed of the smoothing noise; None (default) draws it from the OS's entropy, so an
             attacker cannot replay the noise. A fixed seed is for tests and replay only: it voids the
             1 - beta guarantee against an attacker who knows it (`seed_is_fixed` says so).
@@ -222,8 +227,8 @@ class CertifiedClassifier:
     def _float32_bounded(self, device: torch.device) -> tuple[ErrorBoundedForward | None, str]:
         """The robust model's float32 error-bounded forward (its float64 plan recast: compiled once,
         the same weights and operator norms), or None and why not."""
-        if self.certificate_precision != "float32":
-            return None, f"certificate_precision is {self.certificate_precision}"
+        if not float32_route_first(self.certificate_precision, device):
+            return None, f"certificate_precision is {self.certificate_precision} on {device.type}"
         try:
             with covered_kernels(torch.float32, cuda=False):  # its checks run the model as the pass will
                 plan = self.robust_bounded.plan.recast(torch.float32)
@@ -297,22 +302,9 @@ class CertifiedClassifier:
         failure: those frames get BAD_INPUT or MODEL_ERROR results with `safe = false`."""
         start = time.perf_counter()
         results: list[FrameResult | None] = [None] * len(images)
-        inputs, standard_inputs, kept = [], [], []
-        shared = self.standard_preprocess is self.preprocess
-        for index, decoded in enumerate(images):
-            try:
-                robust_input = self.preprocess([decoded])
-                standard_input = robust_input if shared else self.standard_preprocess([decoded])
-            except BadImageError as error:
-                results[index] = FrameResult.failure(Status.BAD_INPUT, str(error), settings, self.norm)
-                continue
-            inputs.append(robust_input)
-            standard_inputs.append(standard_input)
-            kept.append(index)
+        x, x_standard, kept = self._preprocessed(images, settings, results)
         if kept:
             try:
-                x = torch.cat(inputs)
-                x_standard = x if shared else torch.cat(standard_inputs)
                 batch_results = self._classify_batch(x, x_standard, [images[i] for i in kept], settings)
             except Exception as error:  # a model failure must not take the node down
                 message = f"model error: {type(error).__name__}: {error}"
@@ -324,6 +316,37 @@ class CertifiedClassifier:
                 result.inference_ms = elapsed_ms
                 results[index] = result
         return results  # type: ignore[return-value]
+
+    def _preprocessed(self, images: list[DecodedImage], settings: LiveSettings, results: list[FrameResult | None]
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[int]]:
+        """(robust inputs, standard inputs, indices of the frames they hold): the whole batch at once
+        (`Preprocessor`: frames of one geometry in one pass); where a frame is bad, frame by frame, so
+        that each bad frame alone gets its BAD_INPUT result (written into `results`)."""
+        shared = self.standard_preprocess is self.preprocess
+
+        def run(batch: list[DecodedImage]) -> tuple[torch.Tensor, torch.Tensor]:
+            robust_input = self.preprocess(batch)
+            return robust_input, robust_input if shared else self.standard_preprocess(batch)
+
+        if len(images) > 1:
+            try:
+                return *run(images), list(range(len(images)))
+            except BadImageError:
+                pass  # a bad frame among them: frame by frame below
+        inputs, standard_inputs, kept = [], [], []
+        for index, decoded in enumerate(images):
+            try:
+                robust_input, standard_input = run([decoded])
+            except BadImageError as error:
+                results[index] = FrameResult.failure(Status.BAD_INPUT, str(error), settings, self.norm)
+                continue
+            inputs.append(robust_input)
+            standard_inputs.append(standard_input)
+            kept.append(index)
+        if not kept:
+            return None, None, []
+        x = torch.cat(inputs)
+        return x, x if shared else torch.cat(standard_inputs), kept
 
     def _source_radius(self, decoded: DecodedImage, certified_radius: float) -> float:
         """`image_radius` of a frame: the certificate carried into its source pixels; 0 for frames

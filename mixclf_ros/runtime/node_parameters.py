@@ -27,10 +27,11 @@ MAX_QUEUED_FRAMES = 100
 
 LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 
-CERTIFICATE_PRECISIONS = ("float64", "float32")
+CERTIFICATE_PRECISIONS = ("auto", "float64", "float32")
 """`certificate_precision` values (the first is the default): float64 = the Lipschitz certificate's
-float64 routes only, float32 = its float32 route first (`runtime.lipschitz_pass`; on the zoo models
-its bound is too loose to keep a certified frame, so it is opt-in)."""
+float64 routes only, float32 = its float32 route first (`runtime.lipschitz_pass`), auto = float32
+first on CUDA (float64 runs at 1/2 to 1/64 of float32's rate on GPUs, robot-class ones at the low
+end) and float64 on the CPU (measured faster there, docs/BENCHMARKS.md)."""
 
 OS_ENTROPY_SEED = -1
 """`seed` value (the default) that draws the smoothing noise seed from the OS's entropy."""
@@ -96,10 +97,10 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
     NodeParameter("standard_precision", "float32", _S, CONFIGURE,
                   "float32 | float16 | bfloat16 for the standard model (CUDA only)"),
     NodeParameter("certificate_precision", CERTIFICATE_PRECISIONS[0], _S, CONFIGURE,
-                  "float64: a Lipschitz robust model's certificate pass runs in float64 | float32: first in "
-                  "float32 with its own rigorous error bound, and again in float64 for the frames where that bound "
-                  "could change safe or cost radius (the float32 route is dropped where it keeps fewer than half of "
-                  "the first frames)", choices=CERTIFICATE_PRECISIONS),
+                  "auto: float32 on CUDA, float64 on the CPU | float64: a Lipschitz robust model's certificate "
+                  "pass runs in float64 | float32: first in float32 with its own rigorous error bound, and again in "
+                  "float64 for the frames where that bound could change safe or cost radius (the float32 route is "
+                  "dropped where it keeps fewer than half of the first frames)", choices=CERTIFICATE_PRECISIONS),
     NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "0")), _I, CONFIGURE,
                   "CPU threads for torch: 0 = chosen at warm-up by timing the real path per batch size "
                   "(one frame, all cameras); N = always N",
