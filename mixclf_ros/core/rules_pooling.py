@@ -14,7 +14,7 @@ from torch import nn
 
 from mixclf_ros.core import layer_bounds as lb
 from mixclf_ros.core.bound_rules import SHAPE_OR_IDENTITY, Call, Rule, register
-from mixclf_ros.core.layers import GroupSort
+from mixclf_ros.core.layers import GroupSort, MaxMin
 from mixclf_ros.core.numerics import BOUND_SLACK, gamma
 from mixclf_ros.core.rules_layers import exact_map, l2
 
@@ -224,15 +224,17 @@ register(Sorting(), GroupSort, *(f"deel.torchlip.modules.activation.{name}"
 
 
 class HalvesMaxMin(Rule):
-    """orthogonium's MaxMin: the channels (dim `axis`) split into halves a, b, then
-    `cat(max(a, b), min(a, b))` (checked against that reference at every plan)."""
+    """MaxMin, this package's (channels, dim 1) and orthogonium's (dim `axis`): the channels split
+    into halves a, b, then `cat(max(a, b), min(a, b))` (checked against that reference at every
+    plan). One step of the plan, where tracing through this package's MaxMin would give four (a
+    split, a max, a min, a cat, bounded jointly by `graph_patterns`) to walk at every frame."""
 
     summary = ("each pair (a_j, b_j) sorted: 1 in every lp norm. Rounding: exact; both outputs of a pair move by "
                "at most the pair's largest error")
 
     @staticmethod
     def halves(call: Call, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        axis = int(call.module.axis)
+        axis = int(getattr(call.module, "axis", 1))
         if axis % x.dim() == 0 or x.shape[axis] % 2:
             raise call.fail(f"MaxMin along dim {axis} of a tensor of shape {tuple(x.shape)}")
         a, b = x.split(x.shape[axis] // 2, axis)
@@ -258,7 +260,7 @@ class HalvesMaxMin(Rule):
         return self.reference(call), (call.componentwise_bound(pair_spread), size)
 
 
-register(HalvesMaxMin(), "orthogonium.layers.custom_activations.MaxMin")
+register(HalvesMaxMin(), MaxMin, "orthogonium.layers.custom_activations.MaxMin")
 
 
 class ShapeLayer(Rule):
