@@ -133,3 +133,24 @@ def test_the_magnitude_bound_is_never_below_the_norm_of_the_map_with_abs_weight(
     assert exact <= bound <= schur_bound(weight.abs()) * 1.0001
     if options.get("stride", 1) == 1 and "padding" not in options:  # valid, stride 1: within the border effect
         assert bound <= 1.5 * exact
+
+
+def test_partials_beyond_the_memory_cap_are_summed_a_run_at_a_time(monkeypatch):
+    """The same outputs within the same bound when at most a few parts are held at once."""
+    from mixclf_ros.core import partial_sums
+
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(16, 32, 3, 3, generator=generator), torch.randn(16, generator=generator)
+    x = torch.randn(2, 32, 9, 9, generator=generator)
+    linear_weight, linear_x = torch.randn(10, 200, generator=generator), torch.randn(3, 200, generator=generator)
+    whole = split_affine(weight, bias, {"padding": 1}, linear=False)(x), \
+        split_affine(linear_weight, None, {}, linear=True)(linear_x)
+    monkeypatch.setattr(partial_sums, "PARTIALS_AT_ONCE", 3 * 16 * 81 * 2)  # three parts of the convolution
+    conv = split_affine(weight, bias, {"padding": 1}, linear=False)
+    assert conv.parts == 32
+    assert_within_bound(conv, F.conv2d, x, weight, bias, {"padding": 1})
+    monkeypatch.setattr(partial_sums, "PARTIALS_AT_ONCE", 1)  # one part at a time
+    linear = split_affine(linear_weight, None, {}, linear=True)
+    assert_within_bound(linear, F.linear, linear_x, linear_weight, None, {})
+    torch.testing.assert_close(conv(x), whole[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(linear(linear_x), whole[1], rtol=1e-6, atol=1e-5)

@@ -14,13 +14,15 @@ computed one `y32 = fl32(fl64(sum_g fl32(p_g) + b))` then differ by at most
 
 with t the terms of a partial, G the partials, gamma' in float64 and u = 2^-24 (the last rounding,
 to float32, of a value at most |y32| / (1 - u) in magnitude): `split_error_factors` gives the two
-coefficients. With t = 32 the first is 1.9e-6, two hundred times smaller than gamma_6272.
+coefficients. With t = 16 the first is 9.5e-7, 390 times smaller than gamma_6272. The price is
+memory: G partial outputs per output (G = the input channels for a 3x3 convolution), which on a CPU
+costs more than a float64 pass (docs/NUMERICS.md); on GPUs float64 is the slow part.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,20 @@ PARTIAL_SUM_TERMS = 16
 channels: its channel count times its taps, at most this where one channel's taps fit)."""
 
 FLOAT64_UNIT_ROUNDOFF = 2.0**-53
+
+PARTIALS_AT_ONCE = 2**24
+"""The most float32 partials (64 MiB) held at once: more parts are computed a run at a time, each
+run's sum added to the float64 total (any order of the G additions is within gamma'_{G+1})."""
+
+
+def _summed_partials(partials: Callable[[slice], torch.Tensor], parts: int, per_part: int, dim: int) -> torch.Tensor:
+    """The float64 sum over `dim` of `partials(run)` for runs of the parts, `per_part` float32 values
+    each, at most `PARTIALS_AT_ONCE` values at once."""
+    step = max(1, PARTIALS_AT_ONCE // max(per_part, 1))
+    total = partials(slice(0, step)).sum(dim=dim, dtype=torch.float64)
+    for start in range(step, parts, step):
+        total += partials(slice(start, start + step)).sum(dim=dim, dtype=torch.float64)
+    return total
 
 
 class SplitLinear:
@@ -53,7 +69,8 @@ class SplitLinear:
         if self.padding:
             rows = F.pad(rows, (0, self.padding))
         chunks = rows.view(rows.shape[0], self.parts, self.terms).transpose(0, 1)
-        total = torch.bmm(chunks, self.weight).sum(dim=0, dtype=torch.float64)  # (parts, rows, out) summed
+        total = _summed_partials(lambda run: torch.bmm(chunks[run], self.weight[run]), self.parts,
+                                 rows.shape[0] * self.weight.shape[-1], dim=0)  # (parts, rows, out) summed
         if self.bias is not None:
             total += self.bias
         return total.to(x.dtype).view(*leading, -1)
@@ -94,7 +111,8 @@ class SplitConv:
         columns = F.unfold(x, self.kernel, dilation=self.dilation, stride=self.stride)
         groups, parts, out_per_group, terms = self.weight.shape
         columns = columns.view(x.shape[0], groups, parts, terms, columns.shape[-1])
-        total = torch.matmul(self.weight, columns).sum(dim=2, dtype=torch.float64)  # summed over the parts
+        total = _summed_partials(lambda run: torch.matmul(self.weight[:, run], columns[:, :, run]), parts,
+                                 x.shape[0] * groups * out_per_group * columns.shape[-1], dim=2)
         if self.bias is not None:
             total += self.bias
         height, width = ((size - d * (k - 1) - 1) // s + 1 for size, d, k, s in

@@ -30,8 +30,8 @@ LIVE, CONFIGURE, STARTUP = "live", "configure", "startup"
 CERTIFICATE_PRECISIONS = ("auto", "float64", "float32")
 """`certificate_precision` values (the first is the default): float64 = the Lipschitz certificate's
 float64 routes only, float32 = its float32 route first (`runtime.lipschitz_pass`), auto = float32
-first on CUDA (float64 runs at 1/2 to 1/64 of float32's rate on GPUs, robot-class ones at the low
-end) and float64 on the CPU (measured faster there, docs/BENCHMARKS.md)."""
+first on CUDA (GPUs run float64 at 1/2 of float32's rate down to 1/32 or less, robot-class ones at
+the low end) and float64 on the CPU (measured faster there, docs/BENCHMARKS.md)."""
 
 OS_ENTROPY_SEED = -1
 """`seed` value (the default) that draws the smoothing noise seed from the OS's entropy."""
