@@ -124,6 +124,7 @@ def table(rows: list[dict]) -> list[str]:
     lines = ["| target | value | goal | status | figures |", "|---|---|---|---|---|"]
     for row in rows:
         number = row["value"]
-        value = "" if math.isnan(number) else (f"{number:.3f}" if number < 10 else f"{number:.1f}")
+        value = "" if math.isnan(number) else (f"{number:.3g}" if 0 < number < 0.01 else
+                                               f"{number:.3f}" if number < 10 else f"{number:.1f}")
         lines.append(f"| {row['target']} | {value} | {row['goal']} | **{row['status']}** | {row['detail']} |")
     return lines

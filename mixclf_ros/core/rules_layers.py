@@ -144,11 +144,12 @@ class Affine(Rule):
         if circular:  # exact copies of entries and of their errors
             error = F.pad(error, circular, mode="circular")
         dims = weight.dim() - 2
-        abs_weight, abs_bias, magnitude, bias_norm = call.cached_for(weight, f"abs-{x.device}", lambda: (
-            weight.abs(), None if bias is None else bias.abs(),
-            lb.magnitude_l2_bound(weight, options.get("groups", 1), lb.as_tuple(options.get("stride", 1), dims),
-                                  lb.as_tuple(options.get("dilation", 1), dims)),
-            0.0 if bias is None else float(bias.norm())))
+        groups, stride, dilation = (options.get("groups", 1), lb.as_tuple(options.get("stride", 1), dims),
+                                    lb.as_tuple(options.get("dilation", 1), dims))
+        magnitude = call.stored_norm(weight, f"magnitude:{groups}:{stride}:{dilation}",
+                                     lambda: lb.magnitude_l2_bound(weight, groups, stride, dilation))
+        abs_weight, abs_bias, bias_norm = call.cached_for(weight, f"abs-{x.device}", lambda: (
+            weight.abs(), None if bias is None else bias.abs(), 0.0 if bias is None else float(bias.norm())))
         # below float64, short float32 partial dot products summed in float64 (`partial_sums`)
         split = None if u <= FLOAT64_UNIT_ROUNDOFF else call.cached_for(
             weight, f"split-{x.device}", lambda: split_affine(weight, bias, options, op is F.linear))
