@@ -188,13 +188,15 @@ def test_operator_norms_are_reused_across_plans_and_never_for_changed_weights(mo
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     store: dict[str, float] = {}
     first = BoundPlan(model, (1, 6, 6), norm_store=store).lipschitz("l2")
-    assert len(store) == 2  # the convolution's and the dense layer's l2 norms
+    # the convolution's and the dense layer's l2 norms, and the l2 norms of their |W| (rounding bound)
+    assert sorted(key.split(":")[3] for key in store) == ["conv2d", "linear", "magnitude", "magnitude"]
 
     def no_computing(*args, **kwargs):
         raise AssertionError("a stored norm was computed again")
 
     monkeypatch.setattr(layer_bounds, "circular_conv_spectral_norm", no_computing)
     monkeypatch.setattr(layer_bounds, "linear_bound", no_computing)
+    monkeypatch.setattr(layer_bounds, "magnitude_l2_bound", no_computing)
     assert BoundPlan(model, (1, 6, 6), norm_store=store).lipschitz("l2") == first
     with torch.no_grad():
         model[0].weight[0, 0, 1, 1] += 1.0
