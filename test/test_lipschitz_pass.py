@@ -261,6 +261,39 @@ def test_the_float32_route_is_given_up_where_it_keeps_too_few_frames(both_precis
     assert float64_only.float32_refusal == "no float32 plan"
 
 
+@pytest.mark.parametrize(("float32_ms", "float64_ms", "given_up"), [(0.1, 10.0, False), (5.0, 3.0, True)])
+def test_the_float32_route_stays_where_it_pays_on_the_device(both_precisions, frames, monkeypatch, float32_ms,
+                                                             float64_ms, given_up):
+    """The trial measures both routes on this device: float32 first stays where it costs less than
+    float64 alone (a device with slow float64: 0.1 against 10 ms a frame, though at most half the frames
+    keep it at a 1e-6 fraction), and is given up where it costs more (this CPU's 5 against 3 ms),
+    whatever share of frames it keeps. Simulated times, real passes."""
+    model, bounded, float32 = both_precisions
+    monkeypatch.setattr(lipschitz_pass, "RADIUS_FRACTION", 1e-6)
+    clock = [0.0]
+    evaluate = LipschitzPass._evaluate
+
+    def timed(self, route, x):
+        clock[0] += 1e-3 * len(x) * (float32_ms if route == "float32" else float64_ms)
+        return evaluate(self, route, x)
+
+    monkeypatch.setattr(LipschitzPass, "_evaluate", timed)
+    monkeypatch.setattr(lipschitz_pass, "_clock", lambda x: clock[0])
+    certificate = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm,
+                                float32)
+    with torch.inference_mode():
+        radius = certificate(frames, ALPHA, never)[3]
+    kept = certificate.frames["float32"]
+    assert 0 < kept <= len(frames) // 2
+    assert certificate.route_seconds["float32"] == [pytest.approx(1e-3 * float32_ms * len(frames)), len(frames)]
+    assert certificate.float32_refusal.startswith(lipschitz_pass.LOOSE) == given_up
+    if given_up:
+        assert f"{float32_ms:.2f} ms a frame, against {float64_ms:.2f} ms" in certificate.float32_refusal
+    float64_only = LipschitzPass(bounded, model.lipschitz_constant, model.logit_lipschitz_constant, model.norm)
+    with torch.inference_mode():
+        assert (radius <= float64_only(frames, ALPHA, never)[3] * (1 + 1e-9)).all()
+
+
 def test_the_float32_pass_runs_only_covered_kernels_and_restores_the_switches():
     """No oneDNN (its float32 convolutions follow ONEDNN_DEFAULT_FPMATH_MODE, bf16 included), no
     NNPACK (FFT, Winograd), no TF32: inside only; float64 passes change no CPU switch."""

@@ -9,9 +9,11 @@ within the bound (so a frame pushed across a threshold by the route's own roundi
 
 1. `float32`: the float32 plan in the cheap domain (each sample's l2 error bound carried through
    the network by each layer's operator norm, plus its own rounding through `||x||_2`: no |W| |x|
-   products, about the price of the forward). Unit roundoff 2^-24: its bound is about 5e8 times
-   the float64 one. Given up for good (`float32_refusal`) where it keeps fewer than half of the
-   first `FLOAT32_TRIAL_FRAMES` frames: a second pass for most frames costs more than float64 alone;
+   products; its affine layers sum float32 partials of at most 16 terms in float64,
+   `core.partial_sums`). Given up for good (`float32_refusal`) where, after the first
+   `FLOAT32_TRIAL_FRAMES` frames, it does not pay on this device: where its time per frame is at
+   least the float64 pass's times the share of frames it keeps (both measured on these frames,
+   `route_seconds`), float32 first costs more than float64 alone;
 2. `float64`: the float64 plan in the cheap domain;
 3. `componentwise`: the float64 plan with the componentwise bound as well (the smaller is used).
 
@@ -24,6 +26,7 @@ float64 softmax of the logits (float32 ones cast exactly).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -37,11 +40,18 @@ RADIUS_FRACTION = 1e-3
 computed for it."""
 
 FLOAT32_TRIAL_FRAMES = 32
-"""Frames after which (and at every batch after) the float32 route is given up where it kept fewer
-than half of the frames it was tried on."""
+"""Frames after which (and at every batch after) the float32 route is given up where it does not
+pay (the module docstring)."""
 
 ROUTES = ("float32", "float64", "componentwise")
-LOOSE = "its bound is too loose for this model"
+LOOSE = "it does not pay for this model on this device"
+
+
+def _clock(x: torch.Tensor) -> float:
+    """Seconds, once the device has finished the work queued so far for x."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 class LipschitzPass:
@@ -72,6 +82,8 @@ class LipschitzPass:
         self.float32_trial_frames = FLOAT32_TRIAL_FRAMES
         """0: the float32 route is never given up for its looseness."""
         self.float32_tried = self.float32_kept = 0
+        self.route_seconds = {route: [0.0, 0] for route in ROUTES}
+        """Per route, [seconds, frames] of its passes since the float32 trial began."""
         self.float32_refusal = "" if float32 is not None else "no float32 plan"
         """Why the float32 route is skipped (no float32 plan, it failed, or its bound is too loose
         for this model); empty while it is tried."""
@@ -94,9 +106,14 @@ class LipschitzPass:
         rows = torch.arange(len(x), device=x.device)
         taken = torch.zeros(len(x), dtype=torch.int8, device=x.device)
         results: list[torch.Tensor] = []
+        float32_counts = None
         for route in routes:
             try:
+                start = _clock(x)
                 logits, logit_error = self._evaluate(route, x if not results else x[rows])
+                spent = self.route_seconds[route]
+                spent[0] += _clock(x) - start
+                spent[1] += len(rows)
             except UnboundedForwardError as error:
                 if route == "componentwise":
                     raise
@@ -122,10 +139,12 @@ class LipschitzPass:
             kept = len(rows) - int(looser.sum())
             self.frames[route] += kept
             if route == "float32":
-                self._judge_float32(len(rows), kept)
+                float32_counts = (len(rows), kept)
             if not bool(looser.any()):
                 break
             rows = rows[looser]
+        if float32_counts is not None:  # after the batch's float64 passes, which it is measured against
+            self._judge_float32(*float32_counts)
         self.last_routes = taken
         return results[0], results[1], results[2], results[3]
 
@@ -148,13 +167,24 @@ class LipschitzPass:
         if self.float32_refusal.startswith(LOOSE):
             self.float32_refusal = ""
         self.float32_tried = self.float32_kept = 0
+        self.route_seconds = {route: [0.0, 0] for route in ROUTES}
 
     def _judge_float32(self, tried: int, kept: int) -> None:
+        """Gives the float32 route up after the trial where float32 first costs more than float64
+        alone: `t32 + (1 - kept share) t64 >= t64`, per frame, as measured on this device."""
         self.float32_tried += tried
         self.float32_kept += kept
-        if 0 < self.float32_trial_frames <= self.float32_tried and 2 * self.float32_kept < self.float32_tried:
-            self.float32_refusal = (f"{LOOSE}: it kept {self.float32_kept} of {self.float32_tried} frames, the others "
-                                    "needed float64 too")
+        if not 0 < self.float32_trial_frames <= self.float32_tried:
+            return
+        (seconds32, frames32), (seconds64, frames64) = self.route_seconds["float32"], self.route_seconds["float64"]
+        if not frames64:
+            return  # every frame kept: no float64 pass to save
+        per_frame32, per_frame64 = seconds32 / max(frames32, 1), seconds64 / frames64
+        share = self.float32_kept / self.float32_tried
+        if per_frame32 >= share * per_frame64:
+            self.float32_refusal = (f"{LOOSE}: it kept {self.float32_kept} of {self.float32_tried} frames at "
+                                    f"{1e3 * per_frame32:.2f} ms a frame, against {1e3 * per_frame64:.2f} ms for "
+                                    "float64, which the others needed too")
 
     def _radii(self, logits: torch.Tensor, logit_error: torch.Tensor, probs: torch.Tensor,
                probability_error: torch.Tensor, alpha: float, hopeful: bool

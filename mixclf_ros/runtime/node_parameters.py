@@ -100,7 +100,8 @@ NODE_PARAMETERS: tuple[NodeParameter, ...] = (
                   "auto: float32 on CUDA, float64 on the CPU | float64: a Lipschitz robust model's certificate "
                   "pass runs in float64 | float32: first in float32 with its own rigorous error bound, and again in "
                   "float64 for the frames where that bound could change safe or cost radius (the float32 route is "
-                  "dropped where it keeps fewer than half of the first frames)", choices=CERTIFICATE_PRECISIONS),
+                  "dropped after its first 32 frames where float32 first, measured, costs more than float64 alone)",
+                  choices=CERTIFICATE_PRECISIONS),
     NodeParameter("torch_threads", int(os.environ.get("MIXCLF_TORCH_THREADS", "0")), _I, CONFIGURE,
                   "CPU threads for torch: 0 = chosen at warm-up by timing the real path per batch size "
                   "(one frame, all cameras); N = always N",
