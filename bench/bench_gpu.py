@@ -3,7 +3,9 @@ tests. Printed as JSON.
 
 For the demo models (zoo `standard` + `robust_lipschitz`, 640x480 rgb8 frames) and for resnet18 at
 224 as both models (random weights: latency only), on `--device`:
-- latency p50/p99 of `CertifiedClassifier.classify` on one frame;
+- latency p50/p99 of `CertifiedClassifier.classify` on one frame, with `certificate_precision`
+  float64 and auto (float32 first on CUDA), the frames each route certified and why the float32
+  route was given up, where it was;
 - the robust model's cheap bounded pass in float64 and in float32 (the rounding bound is a proof in
   either; robot GPUs run float64 at a small fraction of float32 speed), against its float32 forward;
 - the radii on the device against the CPU's float64 radii for the same frames (relative, median and
@@ -59,12 +61,17 @@ def bench_pair(standard_config: dict, robust_config: dict, device: torch.device,
 
     settings = LiveSettings()
     standard, robust = load_model(standard_config), load_model(robust_config)
-    on_device = CertifiedClassifier(standard, robust, None, device, seed=0)
     on_cpu = CertifiedClassifier(load_model(standard_config), load_model(robust_config), None, torch.device("cpu"),
                                  seed=0)
-    on_device.warm_up(settings)
-    report = {"classify_ms": _percentiles(_timed(lambda: on_device.classify(frames[:1], settings), device,
-                                                 len(frames)))}
+    report: dict = {}
+    for precision in ("float64", "auto"):  # auto last: its radii are compared below
+        on_device = CertifiedClassifier(standard, robust, None, device, seed=0, certificate_precision=precision)
+        on_device.warm_up(settings)
+        times = _timed(lambda c=on_device: c.classify(frames[:1], settings), device, len(frames))
+        certificate = on_device.lipschitz_pass
+        report[f"classify_ms_{precision}"] = {
+            **_percentiles(times), "routes": dict(certificate.frames) if certificate else None,
+            "float32_refusal": certificate.float32_refusal if certificate else None}
     device_radii = [r.certified_radius for r in on_device.classify(frames, settings)]
     cpu_radii = [r.certified_radius for r in on_cpu.classify(frames, settings)]
     pairs = [(d, c) for d, c in zip(device_radii, cpu_radii) if c > 0]
