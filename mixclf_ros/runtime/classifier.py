@@ -12,8 +12,8 @@ Numerics: the robust model and the certificate run inside `numerics.full_precisi
 other reduced-precision paths), the standard model outside it (its fast paths and optional fp16
 stay). A Lipschitz robust model's certificate forward runs with a rigorous bound of its rounding
 error (`runtime.lipschitz_pass`: the bound engine's plan, one pass; float32 first where
-`certificate_precision` is float32, float64 for the frames whose float32 bound is too loose),
-subtracted from the margin. Radii in `FrameResult`
+`certificate_precision` is float32, or auto on CUDA; float64 for the frames whose float32 bound is
+too loose), subtracted from the margin. Radii in `FrameResult`
 are float32 values rounded towards zero, so the message's float32 fields carry them exactly.
 """
 

@@ -80,13 +80,13 @@ class LipschitzPass:
         self.frames = dict.fromkeys(ROUTES, 0)
         self.last_routes = torch.zeros(0, dtype=torch.int8)
         self.float32_trial_frames = FLOAT32_TRIAL_FRAMES
-        """0: the float32 route is never given up for its looseness."""
+        """0: the float32 route is never given up for its cost."""
         self.float32_tried = self.float32_kept = 0
         self.route_seconds = {route: [0.0, 0] for route in ROUTES}
         """Per route, [seconds, frames] of its passes since the float32 trial began."""
         self.float32_refusal = "" if float32 is not None else "no float32 plan"
-        """Why the float32 route is skipped (no float32 plan, it failed, or its bound is too loose
-        for this model); empty while it is tried."""
+        """Why the float32 route is skipped (no float32 plan, it failed, or it does not pay for this
+        model on this device); empty while it is tried."""
         self.cheap_refusal = ""
         """Why the float64 cheap bound failed on this model, where it did (frames then go on to the
         componentwise bound); empty otherwise."""
@@ -163,7 +163,7 @@ class LipschitzPass:
 
     def restart_float32_trial(self) -> None:
         """Forgets the frames the float32 route was tried on so far (warm-up's blank frames), and
-        tries it again where it was given up for its looseness."""
+        tries it again where it was given up for its cost."""
         if self.float32_refusal.startswith(LOOSE):
             self.float32_refusal = ""
         self.float32_tried = self.float32_kept = 0
