@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from mixclf_ros.core.layer_bounds import conv_padding
+from mixclf_ros.core.layer_bounds import as_tuple, conv_padding
 from mixclf_ros.core.numerics import gamma
 
 PARTIAL_SUM_TERMS = 16
@@ -123,9 +123,7 @@ class SplitConv:
 
 def _pair(value: int | Sequence[int], one_dimensional: bool, height: int) -> tuple[int, int]:
     """A conv option as (height, width); a conv1d's height entry is `height`."""
-    if one_dimensional:
-        return height, (value if isinstance(value, int) else int(value[0]))
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    return (height, as_tuple(value, 1)[0]) if one_dimensional else as_tuple(value, 2)  # type: ignore[return-value]
 
 
 SplitAffine = SplitLinear | SplitConv
