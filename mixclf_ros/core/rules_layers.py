@@ -18,7 +18,12 @@ from mixclf_ros.core import layer_bounds as lb
 from mixclf_ros.core.bound_rules import Call, Rule, register
 from mixclf_ros.core.layers import GroupSort, Normalize
 from mixclf_ros.core.numerics import BOUND_SLACK, gamma
-from mixclf_ros.core.partial_sums import FLOAT64_UNIT_ROUNDOFF, split_affine, split_error_factors
+from mixclf_ros.core.partial_sums import (
+    FLOAT64_UNIT_ROUNDOFF,
+    PARTIAL_SUM_TERMS,
+    split_affine,
+    split_error_factors,
+)
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +71,9 @@ class Affine(Rule):
                "circular padding: on the input's torus; strides: polyphase); linf: largest absolute row sum. "
                "Rounding: |W| (E + gamma_n |x|) + gamma_n |b| componentwise; ||W||_2 d + gamma_n (|| |W| ||_2 ||x|| "
                "+ ||b||) in l2, with || |W| ||_2 from |W|'s spectrum at frequency zero. Below float64, dot products "
-               "of more than 16 terms are split into float32 partials of at most 16 summed in float64 (`partial_sums`):"
-               " gamma_16 in place of gamma_n, plus one float32 rounding of the output")
+               f"of more than {PARTIAL_SUM_TERMS} terms are split into float32 partials of at most {PARTIAL_SUM_TERMS}"
+               f" summed in float64 (`partial_sums`): gamma_{PARTIAL_SUM_TERMS} in place of gamma_n, plus one float32 "
+               "rounding of the output")
 
     @staticmethod
     def parts(call: Call, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any, dict, Any, tuple]:
