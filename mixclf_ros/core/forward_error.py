@@ -45,9 +45,10 @@ class ErrorBoundedForward:
     Args:
         network: the robust model ([0,1] pixels -> logits). Its plan holds a copy in `dtype`
             (float64 for certificates: weights cast once, exactly), in eval mode.
-        dtype: torch.float64, or torch.float32 (a bound about 5e8 times larger: the certificate's
-            first route, `runtime.lipschitz_pass`). Below float64 every pass runs in
-            `covered_kernels`.
+        dtype: torch.float64, or torch.float32 (the certificate's first route on CUDA,
+            `runtime.lipschitz_pass`: its affine layers sum float32 partials of at most 16 terms in
+            float64, `partial_sums`; a bound about 6e6 times the float64 one on the zoo's logits).
+            Below float64 every pass runs in `covered_kernels`.
         input_shape: (C, H, W) without the batch dimension (the graph is checked against the
             forward on a dummy batch of this shape).
         plan: the network's compiled `engine.BoundPlan` in `dtype`, if one was made already.

@@ -85,6 +85,9 @@ def full_precision() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------- rounding-error bounds
 
+FLOAT64_UNIT_ROUNDOFF = 2.0 ** -53
+"""float64's unit roundoff u (float32's is 2^-24)."""
+
 
 class UnboundedForwardError(ValueError):
     """The network contains a structure whose rounding error this module cannot bound."""

@@ -28,13 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from mixclf_ros.core.layer_bounds import as_tuple, conv_padding
-from mixclf_ros.core.numerics import gamma
+from mixclf_ros.core.numerics import FLOAT64_UNIT_ROUNDOFF, gamma
 
 PARTIAL_SUM_TERMS = 16
 """The most terms of one float32 partial dot product (a convolution's partial takes whole input
 channels: its channel count times its taps, at most this where one channel's taps fit)."""
-
-FLOAT64_UNIT_ROUNDOFF = 2.0**-53
 
 PARTIALS_AT_ONCE = 2**24
 """The most float32 partials (64 MiB) held at once: more parts are computed a run at a time, each

@@ -17,13 +17,8 @@ from torch import nn
 from mixclf_ros.core import layer_bounds as lb
 from mixclf_ros.core.bound_rules import Call, Rule, register
 from mixclf_ros.core.layers import GroupSort, Normalize
-from mixclf_ros.core.numerics import BOUND_SLACK, gamma
-from mixclf_ros.core.partial_sums import (
-    FLOAT64_UNIT_ROUNDOFF,
-    PARTIAL_SUM_TERMS,
-    split_affine,
-    split_error_factors,
-)
+from mixclf_ros.core.numerics import BOUND_SLACK, FLOAT64_UNIT_ROUNDOFF, gamma
+from mixclf_ros.core.partial_sums import PARTIAL_SUM_TERMS, split_affine, split_error_factors
 
 
 def l2(x: torch.Tensor) -> torch.Tensor:

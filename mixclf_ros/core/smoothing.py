@@ -19,19 +19,12 @@ from torch import nn
 
 from mixclf_ros.core.certify import smoothing_radius
 from mixclf_ros.core.mixing import Alpha
+from mixclf_ros.core.numerics import FLOAT64_UNIT_ROUNDOFF, gamma
 
 BOUNDS = ("bernstein", "hoeffding")
 
-_UNIT_ROUNDOFF = 2.0 ** -53
-"""float64 unit roundoff: the Monte Carlo sums and bounds are computed in float64."""
-
 QUANTILE_RELATIVE_ERROR = 1e-10
 """Stated relative error bound of scipy's Beta quantile (accurate to about 1e-15 in practice)."""
-
-
-def _gamma(count: int) -> float:
-    """Higham's gamma_k = k u / (1 - k u): relative error bound of a k-term float64 sum or product."""
-    return count * _UNIT_ROUNDOFF / (1.0 - count * _UNIT_ROUNDOFF)
 
 
 # ----------------------------------------------------------------------------- confidence bounds
@@ -215,12 +208,12 @@ class Smooth:
         # and the division put `means` within gamma_{n+1} of the exact mean of the computed
         # outputs; the variance's rounding is added to it before the square root; the widths'
         # own (few-ulp) rounding is covered by a relative 1e-12.
-        rounding = _gamma(n + 1) * means.abs() + 2.0 ** -1074
+        rounding = gamma(n + 1, FLOAT64_UNIT_ROUNDOFF) * means.abs() + 2.0 ** -1074
         if bound == "hoeffding":
             width = torch.full_like(means, hoeffding_width(n, delta))
         else:
             variance = (square_sums - n * means * means) / (n - 1)
-            variance = variance + _gamma(n + 4) * (square_sums + n * means * means) / (n - 1)
+            variance = variance + gamma(n + 4, FLOAT64_UNIT_ROUNDOFF) * (square_sums + n * means * means) / (n - 1)
             width = bernstein_width(variance, n, delta)
         width = width * (1.0 + 1e-12) + rounding
         lower_all = torch.nextafter(means - width, torch.full_like(means, -math.inf)).clamp(0.0, 1.0)

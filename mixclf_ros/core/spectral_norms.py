@@ -43,10 +43,8 @@ from contextlib import contextmanager
 import torch
 from scipy.linalg import lapack
 
-from mixclf_ros.core.numerics import gamma
+from mixclf_ros.core.numerics import FLOAT64_UNIT_ROUNDOFF, gamma
 
-UNIT_ROUNDOFF = 2.0 ** -53
-"""float64's unit roundoff u."""
 THRESHOLD_GAP = 1e-9
 """Relative gap of a threshold above the computed top eigenvalue it is taken from: well above the
 certificate's rounding (about n^2 u relative) for n up to ~3000 (beyond, certificates fail and the gap
@@ -154,8 +152,9 @@ def _certify(negated: torch.Tensor, threshold: float) -> tuple[torch.Tensor, tor
     rounding of the margin's own sums)."""
     negated.diagonal(dim1=-2, dim2=-1).add_(threshold)
     diagonal = negated.diagonal(dim1=-2, dim2=-1).real
-    g = gamma(4 * (negated.shape[-1] + 2), UNIT_ROUNDOFF)
-    margin = 2.0 * (g / (1.0 - g) * diagonal.sum(dim=-1) + UNIT_ROUNDOFF * diagonal.abs().max(dim=-1).values)
+    g = gamma(4 * (negated.shape[-1] + 2), FLOAT64_UNIT_ROUNDOFF)
+    largest = diagonal.abs().max(dim=-1).values
+    margin = 2.0 * (g / (1.0 - g) * diagonal.sum(dim=-1) + FLOAT64_UNIT_ROUNDOFF * largest)
     return _cholesky_completes(negated), margin + _UNDERFLOW
 
 
@@ -189,7 +188,7 @@ def gram_error(matrices: torch.Tensor, terms: int) -> torch.Tensor:
     the factor 4 covers sqrt(2) for complex moduli and the rounding of these sums."""
     column_sums = matrices.sum(dim=-2).max(dim=-1).values
     row_sums = matrices.sum(dim=-1).max(dim=-1).values
-    return 4.0 * gamma(terms, UNIT_ROUNDOFF) * column_sums * row_sums
+    return 4.0 * gamma(terms, FLOAT64_UNIT_ROUNDOFF) * column_sums * row_sums
 
 
 def spectral_norm_bound(matrices: torch.Tensor) -> float:
@@ -212,7 +211,7 @@ def spectral_norm_bound(matrices: torch.Tensor) -> float:
         chunk = a[start:start + per_chunk]
         bound.add(lambda index, chunk=chunk: (-chunk[index].mH) @ chunk[index],
                   gram_error(chunk.abs(), chunk.shape[-2] + 2))
-    return math.ldexp(math.sqrt(bound.value) * (1.0 + 2.0 * UNIT_ROUNDOFF), exponent)
+    return math.ldexp(math.sqrt(bound.value) * (1.0 + 2.0 * FLOAT64_UNIT_ROUNDOFF), exponent)
 
 
 def circular_conv_norm_bound(weight: torch.Tensor, canvas: tuple[int, int], groups: int = 1,
@@ -268,7 +267,7 @@ def circular_conv_norm_bound(weight: torch.Tensor, canvas: tuple[int, int], grou
         bound.add(chunk_grams, error.repeat(chunk.shape[0]))
         if bound.exceeded:
             return at_most
-    return min(math.ldexp(math.sqrt(bound.value) * (1.0 + 2.0 * UNIT_ROUNDOFF), exponent), at_most)
+    return min(math.ldexp(math.sqrt(bound.value) * (1.0 + 2.0 * FLOAT64_UNIT_ROUNDOFF), exponent), at_most)
 
 
 def _phases(frequencies: torch.Tensor, offsets: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
