@@ -183,8 +183,7 @@ class CertifiedClassifier:
                 float32, refusal = self._float32_bounded(device)
                 self.lipschitz_pass = LipschitzPass(self.robust_bounded, robust.lipschitz_constant,
                                                     getattr(robust, "logit_lipschitz_constant", 0.0), self.norm,
-                                                    float32)
-                self.lipschitz_pass.float32_refusal = refusal
+                                                    float32, refusal)
             except UnboundedForwardError:
                 self.forward_error = "estimated"
                 try:

@@ -65,13 +65,14 @@ class LipschitzPass:
         norm: l2 or linf.
         float32: the same model's float32 error-bounded forward (`BoundPlan.recast`), tried
             first; None: the float64 routes only.
+        no_float32: why there is no float32 forward (where `float32` is None).
 
     `frames[route]` counts the frames whose certificate each route gave (see the module
     docstring), `last_routes` holds the route (index in `ROUTES`) of each frame of the last batch;
     `float32_refusal` and `cheap_refusal` say why a route is skipped, where it is."""
 
     def __init__(self, bounded: ErrorBoundedForward, lipschitz_constant: float, logit_lipschitz_constant: float = 0.0,
-                 norm: str = "l2", float32: ErrorBoundedForward | None = None):
+                 norm: str = "l2", float32: ErrorBoundedForward | None = None, no_float32: str = "no float32 plan"):
         self.bounded = bounded
         self.float32 = float32
         self.lipschitz_constant = lipschitz_constant
@@ -84,7 +85,7 @@ class LipschitzPass:
         self.float32_tried = self.float32_kept = 0
         self.route_seconds = {route: [0.0, 0] for route in ROUTES}
         """Per route, [seconds, frames] of its passes since the float32 trial began."""
-        self.float32_refusal = "" if float32 is not None else "no float32 plan"
+        self.float32_refusal = "" if float32 is not None else no_float32
         """Why the float32 route is skipped (no float32 plan, it failed, or it does not pay for this
         model on this device); empty while it is tried."""
         self.cheap_refusal = ""
